@@ -1,0 +1,48 @@
+# The pipeline DAG. All logic lives in the `rlhf` package; each rule is one `python -m rlhf <stage>` call.
+#   snakemake --cores 2                                  # the embedded miniature (config/miniature.yaml)
+#   snakemake --cores 8 --configfile config/other.yaml   # another experiment
+#   snakemake --cores 2 --config grpo.lr=1e-4            # overrides, forwarded to every stage
+import json
+import shlex
+
+from rlhf.config import load_config
+from rlhf.paths import Paths
+
+DEFAULT_CONFIG = "config/miniature.yaml"
+
+# Exactly one config file, loaded and validated by the same code as the CLI. (Snakemake's `configfile:`
+# directive would deep-merge the default into a --configfile, mixing two experiments.)
+if len(workflow.overwrite_configfiles) > 1:
+    raise ValueError("pass a single --configfile (one experiment per invocation)")
+CONFIG_FILE = str(workflow.overwrite_configfiles[0]) if workflow.overwrite_configfiles else DEFAULT_CONFIG
+# `--config a.b=v` arrives as a flat key "a.b"; JSON values are valid YAML for the stage CLI's parser.
+_overrides = [f"{k}={json.dumps(v)}" for k, v in (workflow.config_settings.overwrite_config or {}).items()]
+OVERRIDES = " ".join(shlex.quote(o) for o in _overrides)
+config.clear()
+config.update(load_config(CONFIG_FILE, _overrides))
+P = Paths.from_config(config)
+METHODS = list(config["methods"])
+SEEDS = config["seeds"]
+SFT_EVAL = "sft"  # evaluation of the SFT policy itself, a baseline row of the report
+
+
+def rlhf(stage, extra=""):
+    """The shell command of a rule: the stage CLI on this experiment's config, logging to {log}."""
+    return f"python -m rlhf {stage} --config {shlex.quote(CONFIG_FILE)} --threads {{threads}} {extra} {OVERRIDES} > {{log}} 2>&1"
+
+
+wildcard_constraints:
+    method="|".join([*METHODS, SFT_EVAL]),
+    seed=r"\d+",
+
+
+rule all:
+    input:
+        str(P.report),
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/preferences.smk"
+include: "workflow/rules/policy.smk"
+include: "workflow/rules/report.smk"

@@ -1,0 +1,1 @@
+"""Reward hacking in RLHF/RLVR: the pipeline's package. See README.md."""

@@ -1,0 +1,128 @@
+"""Load, override and validate experiment configs against workflow/schemas/config.schema.yaml.
+
+The schema is the single source of field names, types, defaults and help text; both the CLI and the
+Snakefile go through `validate_config`, so a typo fails the same way everywhere.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from rlhf.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _resolve(node: dict, root: dict) -> dict:
+    ref = node.get("$ref")
+    if ref:
+        for part in ref.lstrip("#/").split("/"):
+            root = root[part]
+        return root
+    return node
+
+
+def _fill_defaults(cfg: dict, node: dict, root: dict) -> None:
+    """Insert schema defaults for missing keys, recursing through declared properties only.
+
+    jsonschema does not fill defaults itself. Method overrides (`methods.*`) are deliberately not filled:
+    a method only overrides what it names, the rest comes from the `grpo` section.
+    """
+    node = _resolve(node, root)
+    for key, sub in node.get("properties", {}).items():
+        sub = _resolve(sub, root)
+        if key not in cfg and "default" in sub:
+            cfg[key] = copy.deepcopy(sub["default"])
+        if isinstance(cfg.get(key), dict) and "properties" in _resolve(sub, root):
+            _fill_defaults(cfg[key], sub, root)
+
+
+def _field(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    return path or "<top level>"
+
+
+def validate_config(cfg: dict, source: str = "config") -> dict:
+    """Validate in place (filling defaults) and return the config; raise ConfigError naming the field."""
+    schema = _schema()
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(cfg).__name__}")
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(list(e.absolute_path)), str(e.message)))
+    if not errors:
+        _fill_defaults(cfg, schema, schema)
+        errors = list(validator.iter_errors(cfg))
+    if errors:
+        e = jsonschema.exceptions.best_match(errors)
+        if e.validator == "additionalProperties":
+            extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+            allowed = ", ".join(sorted(e.schema.get("properties", {})))
+            prefix = _field(e)
+            names = ", ".join(f"{prefix}.{k}" if prefix != "<top level>" else k for k in extra)
+            raise ConfigError(f"{source}: unknown key {names} (allowed here: {allowed})")
+        if e.validator == "oneOf" and _field(e) == "model":
+            raise ConfigError(f"{source}: model: set exactly one of model.name (a hub id or folder) or model.build (a tiny model)")
+        raise ConfigError(f"{source}: {_field(e)}: {e.message}")
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def _check_semantics(cfg: dict, source: str) -> None:
+    if cfg["data"]["source"] == "jsonl":
+        for key in ("train_file", "test_file"):
+            if key not in cfg["data"]:
+                raise ConfigError(f"{source}: data.{key} is required when data.source is 'jsonl'")
+    if cfg["gold"]["type"] == "reward_model" and "name" not in cfg["gold"]:
+        raise ConfigError(f"{source}: gold.name is required when gold.type is 'reward_model'")
+    if cfg["data"]["source"] == "miniature" and "build" not in cfg["model"]:
+        raise ConfigError(f"{source}: the miniature task needs model.build (its vocabulary is the task's own)")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, value = text.split("=", 1)
+    if not key or any(not k for k in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    return key.split("."), yaml.safe_load(value) if value else ""
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = cfg
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': {k} is not a section")
+        node[keys[-1]] = value
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = apply_overrides(cfg or {}, overrides or [])
+    return validate_config(cfg, source=str(path))
+
+
+def grpo_settings(cfg: dict, method: str) -> dict:
+    """The grpo section with the method's overrides applied."""
+    if method not in cfg["methods"]:
+        raise ConfigError(f"method '{method}' is not in config.methods (have: {', '.join(cfg['methods'])})")
+    return {**cfg["grpo"], **cfg["methods"][method]}

@@ -1,0 +1,39 @@
+"""Win rate against references judged by the gold, plus gold/proxy reward, KL to a reference and length.
+
+Used by the evaluate stage (final policy, all test prompts) and inside GRPO (held-out prompts every k steps).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rlhf.generation import sample
+from rlhf.policy import sequence_kl
+from rlhf.stats import winrate_ci
+
+
+@torch.no_grad()
+def evaluate_policy(policy, tokenizer, rows: list[dict], gold, proxy=None, kl_reference=None, *,
+                    temperature: float, max_new_tokens: int, batch_size: int = 64) -> tuple[dict, list[dict]]:
+    prompts = [r["prompt"] for r in rows]
+    references = [r["reference"] for r in rows]
+    rollout = sample(policy, tokenizer, prompts, 1, max_new_tokens, temperature, batch_size)
+    outcomes = gold.judge(prompts, rollout.texts, references)
+    win, lo, hi = winrate_ci(outcomes)
+    metrics = {"win_rate": win, "win_rate_ci_low": lo, "win_rate_ci_high": hi, "n": len(rows),
+               "length": float(rollout.lengths.float().mean())}
+    per_row = {"prompt": prompts, "completion": rollout.texts, "reference": references, "outcome": outcomes.tolist()}
+    gold_scores = gold.score(prompts, rollout.texts)
+    if gold_scores is not None:
+        metrics["gold_reward"] = float(np.mean(gold_scores))
+        per_row["gold_reward"] = gold_scores.tolist()
+    if proxy is not None:
+        proxy_rewards = proxy(prompts, rollout.texts).rewards
+        metrics["proxy_reward"] = float(proxy_rewards.mean())
+        per_row["proxy_reward"] = proxy_rewards.tolist()
+    if kl_reference is not None:
+        kl = sequence_kl(policy, kl_reference, rollout)
+        metrics["kl"] = float(kl.mean())
+        per_row["kl"] = kl.tolist()
+    completions = [dict(zip(per_row, values)) for values in zip(*per_row.values())]
+    return metrics, completions

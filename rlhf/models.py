@@ -1,0 +1,130 @@
+"""Tokenizers, policies and reward models: the same loading code for the tiny miniature model and a hub model.
+
+The tiny model is built from a transformers config and saved with `save_pretrained`, so every later stage
+loads it exactly like `Qwen/Qwen2.5-1.5B`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GPTNeoXConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config)
+
+from rlhf.errors import ConfigError, DataError
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+# Classes under which a tokenizer.json is the whole truth. AutoTokenizer on a folder whose config.json says
+# qwen2 rebuilds such a word-level tokenizer as byte-level BPE that encodes everything to [] (transformers 5),
+# so these are loaded through PreTrainedTokenizerFast directly.
+_VERBATIM_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def device_from_config(cfg: dict) -> torch.device:
+    name = cfg["resources"]["device"]
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over a closed vocabulary; whitespace-split, decoded with single spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate([PAD, EOS, UNK] + [w for w in dict.fromkeys(words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # no word carries the prefix: this joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+def _is_local(path: str | Path) -> bool:
+    return Path(path).exists()
+
+
+def load_tokenizer(path: str | Path, pad_token: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer, make sure it has a pad token and that it actually encodes text."""
+    path = str(path)
+    if _is_local(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        raise DataError(f"{path}: no tokenizer_config.json (is this a saved model folder?)")
+    tok_class = None
+    if _is_local(path):
+        tok_class = json.loads((Path(path) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    try:
+        if tok_class in _VERBATIM_CLASSES:
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise DataError(f"cannot load tokenizer from {path}: {e}") from None
+    if tok.pad_token is None:
+        if pad_token is None:
+            raise ConfigError(f"tokenizer at {path} has no pad token; set model.pad_token in the config "
+                              "(a token of its vocabulary, e.g. '<|padding|>' for Pythia)")
+        tok.pad_token = pad_token
+    if tok.eos_token is None:
+        raise ConfigError(f"tokenizer at {path} has no eos token; completions could never end")
+    probe = " ".join(tok.convert_ids_to_tokens(list(range(min(8, len(tok))))))
+    if not tok(probe, add_special_tokens=False)["input_ids"] or not tok("summary", add_special_tokens=False)["input_ids"]:
+        raise DataError(f"tokenizer at {path} encodes text to an empty sequence (a word-level tokenizer rebuilt "
+                        f"as BPE?); its class is {type(tok).__name__}")
+    return tok
+
+
+def build_tiny_causal_lm(build: dict, tokenizer: PreTrainedTokenizerBase, seed: int):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=build["hidden_size"],
+                  num_hidden_layers=build["num_layers"], num_attention_heads=build["num_heads"],
+                  intermediate_size=build["intermediate_size"],
+                  max_position_embeddings=build["max_position_embeddings"], tie_word_embeddings=True,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.eos_token_id)
+    if build["arch"] == "qwen2":
+        config = Qwen2Config(num_key_value_heads=build["num_heads"], **common)
+    else:
+        config = GPTNeoXConfig(**common)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _check_model_dir(path: str | Path) -> None:
+    if _is_local(path) and not (Path(path) / "config.json").is_file():
+        raise DataError(f"{path}: not a saved model folder (no config.json)")
+    if not _is_local(path) and str(path).startswith((".", "/", "results")):
+        raise DataError(f"model folder not found: {path} (run the stage that produces it first)")
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu"):
+    _check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
+    return model.to(device)
+
+
+def load_reward_model(path: str | Path, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32",
+                      device: torch.device | str = "cpu"):
+    """A sequence-classification model with one output. From a causal-LM folder this adds a fresh scalar head."""
+    _check_model_dir(path)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=_dtype(dtype))
+    # The reward is read at the last non-pad token; the model finds it through pad_token_id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device)
+
+
+# --- text <-> tokens, shared by SFT, RM training and scoring so the three always agree ---
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_completion(tokenizer, completion: str) -> list[int]:
+    """Completions are stored stripped; they follow the prompt after one space (BPE merges it into the token)."""
+    return tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"]
+
+
+def rm_input_ids(tokenizer, prompt: str, completion: str) -> list[int]:
+    """Prompt + completion + EOS: the reward is read at the EOS, as in TRL's RewardTrainer."""
+    return encode_prompt(tokenizer, prompt) + encode_completion(tokenizer, completion) + [tokenizer.eos_token_id]

@@ -1,0 +1,49 @@
+"""Where every artifact lives: one place, used by the stages and by the Snakefile."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Paths":
+        return cls(Path(cfg["results_dir"]) / cfg["experiment"])
+
+    # stage outputs; models are plain Hugging Face folders
+    @property
+    def data(self) -> Path: return self.root / "data"
+    @property
+    def train(self) -> Path: return self.data / "train.jsonl"
+    @property
+    def test(self) -> Path: return self.data / "test.jsonl"
+    @property
+    def base(self) -> Path: return self.root / "base"
+    @property
+    def sft(self) -> Path: return self.root / "sft"
+    @property
+    def samples(self) -> Path: return self.root / "pairs" / "samples.jsonl"
+    @property
+    def labels(self) -> Path: return self.root / "pairs" / "labels.jsonl"
+    @property
+    def rm(self) -> Path: return self.root / "rm"
+    @property
+    def report(self) -> Path: return self.root / "report"
+
+    def grpo(self, method: str, seed) -> Path:
+        return self.root / "grpo" / str(method) / f"seed{seed}"
+
+    def policy(self, method: str, seed) -> Path:
+        return self.grpo(method, seed) / "policy"
+
+    def grpo_metrics(self, method: str, seed) -> Path:
+        return self.grpo(method, seed) / "metrics.jsonl"
+
+    def evaluation(self, method: str, seed) -> Path:
+        return self.root / "eval" / str(method) / f"seed{seed}"
+
+    def logs(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"

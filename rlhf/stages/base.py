@@ -1,0 +1,25 @@
+"""base (miniature only): a word-level tokenizer and a tiny causal LM, saved as a plain HF folder.
+
+Paper-scale configs name a hub model instead (model.name) and skip this stage; nothing downstream changes.
+"""
+from rlhf.data.miniature import MiniatureSpec
+from rlhf.errors import ConfigError
+from rlhf.io import atomic_dir
+from rlhf.models import build_tiny_causal_lm, build_word_tokenizer, load_tokenizer
+from rlhf.paths import Paths
+from rlhf.stages.common import setup
+
+
+def run(cfg, args):
+    if "build" not in cfg["model"]:
+        raise ConfigError("the base stage builds a tiny model from model.build; this config names model.name instead")
+    setup(cfg, args)
+    tokenizer = build_word_tokenizer(MiniatureSpec.from_config(cfg).vocabulary())
+    model = build_tiny_causal_lm(cfg["model"]["build"], tokenizer, cfg["seed"])
+    P = Paths.from_config(cfg)
+    with atomic_dir(P.base) as out:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        load_tokenizer(out)  # the saved folder must load back through the project's loader and encode text
+    n = sum(p.numel() for p in model.parameters())
+    print(f"base: {type(model).__name__} with {n / 1e6:.2f}M parameters, vocabulary {len(tokenizer)} -> {P.base}")

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from rlhf.models import device_from_config, load_tokenizer
+from rlhf.paths import Paths
+
+
+def setup(cfg: dict, args, seed: int | None = None) -> torch.device:
+    """Threads, seeds and device for a stage process."""
+    threads = getattr(args, "threads", None) or cfg["resources"]["threads"]
+    torch.set_num_threads(threads)
+    seed = cfg["seed"] if seed is None else seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return device_from_config(cfg)
+
+
+def base_model_path(cfg: dict) -> str:
+    """The model SFT starts from: the tiny model the base stage built, or a hub id / folder."""
+    return str(Paths.from_config(cfg).base) if "build" in cfg["model"] else cfg["model"]["name"]
+
+
+def sft_tokenizer(cfg: dict):
+    return load_tokenizer(Paths.from_config(cfg).sft, pad_token=cfg["model"]["pad_token"])
+
+
+def hf_trainer_kwargs(section: dict, seed: int, use_cpu: bool) -> dict:
+    """Arguments shared by the SFT and RM trainers (TRL configs derive from transformers' TrainingArguments).
+
+    transformers 5 reads a warmup_steps below 1 as a fraction of the training steps (warmup_ratio is gone).
+    """
+    return dict(learning_rate=section["lr"], num_train_epochs=section["epochs"],
+                per_device_train_batch_size=section["batch_size"], lr_scheduler_type=section["lr_scheduler"],
+                warmup_steps=section["warmup_ratio"], logging_steps=10, save_strategy="no", report_to=[],
+                seed=seed, use_cpu=use_cpu, dataloader_num_workers=0, max_length=section["max_length"])

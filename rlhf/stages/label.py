@@ -1,0 +1,27 @@
+"""label: the gold's preference for every sampled pair, written as chosen/rejected."""
+import numpy as np
+
+from rlhf.io import read_jsonl, write_jsonl
+from rlhf.paths import Paths
+from rlhf.rewards.gold import make_gold
+from rlhf.stages.common import setup
+
+
+def run(cfg, args):
+    device = setup(cfg, args)
+    P = Paths.from_config(cfg)
+    pairs = read_jsonl(P.samples, required=("prompt", "a", "b"))
+    gold = make_gold(cfg, device)
+    prompts, a, b = ([p[k] for p in pairs] for k in ("prompt", "a", "b"))
+    prefer_a = gold.prefer(prompts, a, b, np.random.default_rng(cfg["seed"]))
+    scores_a, scores_b = gold.score(prompts, a), gold.score(prompts, b)
+    rows = []
+    for i, pair in enumerate(pairs):
+        first = prefer_a[i] == 1.0
+        row = {"prompt": pair["prompt"], "chosen": pair["a"] if first else pair["b"],
+               "rejected": pair["b"] if first else pair["a"]}
+        if scores_a is not None:
+            row["gold_chosen"], row["gold_rejected"] = (scores_a[i], scores_b[i]) if first else (scores_b[i], scores_a[i])
+        rows.append(row)
+    write_jsonl(P.labels, rows)
+    print(f"label: {len(rows)} pairs labeled by gold '{cfg['gold']['type']}' -> {P.labels}")

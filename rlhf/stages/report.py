@@ -1,0 +1,114 @@
+"""report: the method x metric table (mean +- 95% CI over seeds) and the plots, under results/<exp>/report/.
+
+Files:
+  table.csv / table.md     one row per method: <metric>_mean, <metric>_ci (t interval half-width over seeds), n_seeds
+  overoptimization.csv     one row per (method, seed): peak held-out win rate during training, its step,
+                           final win rate, drop from peak, final proxy reward
+  rewards_vs_step.png      proxy reward (train batches) and gold win rate (held-out) against the step
+  gold_vs_kl.png           held-out gold win rate against KL from the initial policy
+"""
+from __future__ import annotations
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from rlhf.io import atomic_dir, read_json  # noqa: E402
+from rlhf.paths import Paths  # noqa: E402
+from rlhf.stages.evaluate import SFT  # noqa: E402
+from rlhf.stats import mean_ci  # noqa: E402
+
+TABLE_METRICS = ["win_rate", "gold_reward", "proxy_reward", "kl", "length"]
+
+
+def read_metrics(path) -> pd.DataFrame:
+    df = pd.read_json(path, lines=True)
+    return df.groupby("step", as_index=False).first()  # a step's train and eval lines are merged
+
+
+def summarize(evals: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for method, g in evals.groupby("method", sort=False):
+        row = {"method": method, "n_seeds": len(g)}
+        for m in TABLE_METRICS:
+            if m in g:
+                row[f"{m}_mean"], row[f"{m}_ci"] = mean_ci(g[m])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def overoptimization(curves: dict) -> pd.DataFrame:
+    rows = []
+    for (method, seed), df in curves.items():
+        ev = df.dropna(subset=["eval/win_rate"])
+        peak = ev.loc[ev["eval/win_rate"].idxmax()]
+        final = ev.iloc[-1]
+        rows.append({"method": method, "seed": seed, "peak_win_rate": peak["eval/win_rate"], "peak_step": int(peak["step"]),
+                     "final_win_rate": final["eval/win_rate"], "drop_from_peak": peak["eval/win_rate"] - final["eval/win_rate"],
+                     "final_proxy_reward": df["proxy_reward"].dropna().tail(10).mean()})
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame, over: pd.DataFrame) -> str:
+    def cell(row, m):
+        mean, ci = row.get(f"{m}_mean"), row.get(f"{m}_ci")
+        if mean is None or pd.isna(mean):
+            return "–"
+        return f"{mean:.3f}" if pd.isna(ci) else f"{mean:.3f} ± {ci:.3f}"
+    cols = [m for m in TABLE_METRICS if f"{m}_mean" in table]
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for _, row in table.iterrows():
+        lines.append(f"| {row['method']} | {row['n_seeds']} | " + " | ".join(cell(row, m) for m in cols) + " |")
+    lines += ["", "Mean ± half-width of the 95% t interval over seeds; win rate against the references, judged by the gold.",
+              "", "Over-optimization during training (held-out prompts):", "",
+              "| method | seed | peak win rate | at step | final win rate | drop | final proxy reward |",
+              "|---|---|---|---|---|---|---|"]
+    for _, r in over.iterrows():
+        lines.append(f"| {r['method']} | {r['seed']} | {r['peak_win_rate']:.3f} | {r['peak_step']} | "
+                     f"{r['final_win_rate']:.3f} | {r['drop_from_peak']:.3f} | {r['final_proxy_reward']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict, out) -> None:
+    methods = list(dict.fromkeys(m for m, _ in curves))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for (method, seed), df in curves.items():
+        proxy = df.dropna(subset=["proxy_reward"])
+        ax1.plot(proxy["step"], proxy["proxy_reward"].rolling(10, min_periods=1).mean(), color=colors[method],
+                 alpha=0.8, label=method if seed == min(s for m, s in curves if m == method) else None)
+        ev = df.dropna(subset=["eval/win_rate"])
+        ax2.plot(ev["step"], ev["eval/win_rate"], color=colors[method], alpha=0.8, marker=".")
+    ax1.set(xlabel="step", ylabel="proxy reward (train batch, smoothed)", title="Proxy reward")
+    ax2.set(xlabel="step", ylabel="gold win rate vs reference (held-out)", title="Gold win rate")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(out / "rewards_vs_step.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (method, seed), df in curves.items():
+        ev = df.dropna(subset=["eval/win_rate"])
+        ax.plot(ev["eval/kl"], ev["eval/win_rate"], color=colors[method], alpha=0.8, marker=".",
+                label=method if seed == min(s for m, s in curves if m == method) else None)
+    ax.set(xlabel="KL(policy || initial) per completion", ylabel="gold win rate (held-out)", title="Gold vs KL")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "gold_vs_kl.png", dpi=120)
+    plt.close(fig)
+
+
+def run(cfg, args):
+    P = Paths.from_config(cfg)
+    runs = [(m, s) for m in cfg["methods"] for s in cfg["seeds"]]
+    evals = pd.DataFrame([read_json(P.evaluation(SFT, cfg["seed"]) / "metrics.json")] +
+                         [read_json(P.evaluation(m, s) / "metrics.json") for m, s in runs])
+    curves = {(m, s): read_metrics(P.grpo_metrics(m, s)) for m, s in runs}
+    table, over = summarize(evals), overoptimization(curves)
+    with atomic_dir(P.report) as out:
+        table.to_csv(out / "table.csv", index=False)
+        over.to_csv(out / "overoptimization.csv", index=False)
+        (out / "table.md").write_text(markdown(table, over))
+        plot_curves(curves, out)
+    print((P.report / "table.md").read_text())

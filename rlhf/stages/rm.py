@@ -1,0 +1,63 @@
+"""rm: the proxy reward model, SFT weights + a fresh scalar head, Bradley-Terry loss (TRL RewardTrainer).
+
+Held-out accuracy is reported against the gold labels and, where the gold has scores, against the
+noise-free gold order (the quantity that tells how exploitable the proxy is).
+"""
+import json
+import random
+import shutil
+
+import numpy as np
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+
+from rlhf.errors import DataError
+from rlhf.io import atomic_dir, read_jsonl, write_json
+from rlhf.models import load_reward_model, rm_input_ids
+from rlhf.paths import Paths
+from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.stages.common import hf_trainer_kwargs, setup, sft_tokenizer
+
+
+def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
+    prompts = [r["prompt"] for r in rows]
+    chosen = scorer(prompts, [r["chosen"] for r in rows]).rewards.numpy()
+    rejected = scorer(prompts, [r["rejected"] for r in rows]).rewards.numpy()
+    margin = chosen - rejected
+    out = {"n_heldout": len(rows), "accuracy_vs_labels": float(np.mean(margin > 0)),
+           "bt_loss_vs_labels": float(np.mean(np.logaddexp(0.0, -margin)))}
+    if "gold_chosen" in rows[0]:
+        gold_margin = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows])
+        decided = gold_margin != 0
+        out["accuracy_vs_gold_order"] = float(np.mean((margin[decided] > 0) == (gold_margin[decided] > 0)))
+        out["n_gold_decided"] = int(decided.sum())
+    return out
+
+
+def run(cfg, args):
+    device = setup(cfg, args)
+    r, P = cfg["rm"], Paths.from_config(cfg)
+    rows = read_jsonl(P.labels, required=("prompt", "chosen", "rejected"))
+    random.Random(cfg["seed"]).shuffle(rows)
+    n_eval = max(1, int(len(rows) * r["eval_fraction"]))
+    if len(rows) - n_eval < 1:
+        raise DataError(f"{P.labels}: {len(rows)} labeled pairs leave nothing to train on after holding out {n_eval}")
+    heldout, train = rows[:n_eval], rows[n_eval:]
+    tokenizer = sft_tokenizer(cfg)
+    model = load_reward_model(P.sft, tokenizer, cfg["model"]["dtype"], device)
+    dataset = Dataset.from_list([{"chosen_ids": rm_input_ids(tokenizer, x["prompt"], x["chosen"]),
+                                  "rejected_ids": rm_input_ids(tokenizer, x["prompt"], x["rejected"])} for x in train])
+    with atomic_dir(P.rm) as out:
+        trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                                args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r["weight_decay"],
+                                                  **hf_trainer_kwargs(r, cfg["seed"], device.type == "cpu")))
+        trainer.train()
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        metrics = {"n_train": len(train), **heldout_accuracy(RewardScorer(model, tokenizer, r["batch_size_scoring"]), heldout)}
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        write_json(out / "metrics.json", metrics)
+        with open(out / "train_log.jsonl", "w") as f:
+            for entry in trainer.state.log_history:
+                f.write(json.dumps(entry) + "\n")
+    print("rm: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

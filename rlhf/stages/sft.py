@@ -1,0 +1,46 @@
+"""sft: supervised fine-tuning on the references with a completion-only loss (TRL SFTTrainer).
+
+The data is tokenized here by the same functions the RM and GRPO use (prompt ids + completion ids + EOS),
+so the three stages agree on where a completion starts and that it ends with EOS.
+"""
+import json
+import shutil
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from rlhf.io import atomic_dir, read_jsonl
+from rlhf.models import encode_completion, encode_prompt, load_causal_lm, load_tokenizer
+from rlhf.paths import Paths
+from rlhf.stages.common import base_model_path, hf_trainer_kwargs, setup
+
+
+def tokenize(tokenizer, rows: list[dict]) -> Dataset:
+    def encode(row):
+        prompt = encode_prompt(tokenizer, row["prompt"])
+        completion = encode_completion(tokenizer, row["reference"]) + [tokenizer.eos_token_id]
+        return {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+    return Dataset.from_list([encode(r) for r in rows])
+
+
+def run(cfg, args):
+    device = setup(cfg, args)
+    P = Paths.from_config(cfg)
+    train = read_jsonl(P.train, required=("prompt", "reference"))
+    base = base_model_path(cfg)
+    tokenizer = load_tokenizer(base, pad_token=cfg["model"]["pad_token"])
+    model = load_causal_lm(base, cfg["model"]["dtype"], device)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(P.sft) as out:
+        args_ = SFTConfig(output_dir=str(out / "trainer"), completion_only_loss=True,
+                          **hf_trainer_kwargs(cfg["sft"], cfg["seed"], device.type == "cpu"))
+        trainer = SFTTrainer(model=model, args=args_, train_dataset=tokenize(tokenizer, train),
+                             processing_class=tokenizer)
+        trainer.train()
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        with open(out / "train_log.jsonl", "w") as f:
+            for entry in trainer.state.log_history:
+                f.write(json.dumps(entry) + "\n")
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+    print(f"sft: {trainer.state.global_step} steps -> {P.sft}")

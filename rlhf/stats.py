@@ -1,0 +1,33 @@
+"""Confidence intervals used in evaluation and the report."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the t confidence interval (over seeds); half-width NaN for a single value."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size == 1:
+        return float(x[0]), math.nan
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean()), float(half)
+
+
+def winrate_ci(outcomes, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Win rate and its normal-approximation interval over per-prompt outcomes in {0, 0.5, 1} (ties count half).
+
+    With ties the outcomes are not Bernoulli, so the interval uses their sample variance; clipped to [0, 1].
+    """
+    x = np.asarray(outcomes, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("win rate of zero outcomes")
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    half = z * x.std(ddof=1) / math.sqrt(x.size) if x.size > 1 else math.nan
+    m = float(x.mean())
+    return m, max(0.0, m - half), min(1.0, m + half)

@@ -1,0 +1,25 @@
+rule grpo:
+    input:
+        train=str(P.train),
+        test=str(P.test),
+        sft=str(P.sft),
+        rm=str(P.rm),
+    output:
+        directory(str(P.policy("{method}", "{seed}"))),
+    log:
+        str(P.logs("grpo_{method}_seed{seed}")),
+    shell:
+        rlhf("grpo", "--method {wildcards.method} --seed {wildcards.seed}")
+
+
+rule evaluate:
+    input:
+        policy=lambda w: str(P.sft) if w.method == SFT_EVAL else str(P.policy(w.method, w.seed)),
+        test=str(P.test),
+        rm=str(P.rm),
+    output:
+        directory(str(P.evaluation("{method}", "{seed}"))),
+    log:
+        str(P.logs("evaluate_{method}_seed{seed}")),
+    shell:
+        rlhf("evaluate", "--method {wildcards.method} --seed {wildcards.seed}")
