@@ -1,11 +1,10 @@
 # The pipeline DAG. All logic lives in the `rlhf` package; each rule is one `python -m rlhf <stage>` call.
 #   snakemake --cores 2                                  # the embedded miniature (config/miniature.yaml)
 #   snakemake --cores 8 --configfile config/other.yaml   # another experiment
-#   snakemake --cores 2 --config grpo.lr=1e-4            # overrides, forwarded to every stage
-import json
+#   snakemake --cores 2 --config 'grpo={lr: 1e-4}'       # overrides, merged and forwarded to every stage
 import shlex
 
-from rlhf.config import load_config
+from rlhf.config import load_config, overrides_from_snakemake
 from rlhf.paths import Paths
 
 DEFAULT_CONFIG = "config/miniature.yaml"
@@ -15,9 +14,10 @@ DEFAULT_CONFIG = "config/miniature.yaml"
 if len(workflow.overwrite_configfiles) > 1:
     raise ValueError("pass a single --configfile (one experiment per invocation)")
 CONFIG_FILE = str(workflow.overwrite_configfiles[0]) if workflow.overwrite_configfiles else DEFAULT_CONFIG
-# `--config a.b=v` arrives as a flat key "a.b"; JSON values are valid YAML for the stage CLI's parser.
-_overrides = [f"{k}={json.dumps(v)}" for k, v in (workflow.config_settings.overwrite_config or {}).items()]
-OVERRIDES = " ".join(shlex.quote(o) for o in _overrides)
+# `--config grpo='{steps: 5}'` is forwarded to every stage as an override (braces doubled: shell strings
+# of rules are format templates).
+_overrides = overrides_from_snakemake(dict(workflow.config_settings.config))
+OVERRIDES = " ".join(shlex.quote(o) for o in _overrides).replace("{", "{{").replace("}", "}}")
 config.clear()
 config.update(load_config(CONFIG_FILE, _overrides))
 P = Paths.from_config(config)

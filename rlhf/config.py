@@ -6,6 +6,8 @@ Snakefile go through `validate_config`, so a typo fails the same way everywhere.
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,24 @@ import jsonschema
 import yaml
 
 from rlhf.errors import ConfigError
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a float, as YAML 1.2 does (PyYAML's YAML 1.1 wants 1.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -93,7 +113,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     if not key or any(not k for k in key.split(".")):
         raise ConfigError(f"override '{text}': empty key")
-    return key.split("."), yaml.safe_load(value) if value else ""
+    return key.split("."), yaml_load(value) if value else ""
+
+
+def _merge(node: dict, key: str, value: Any) -> None:
+    """A mapping merges into an existing section (grpo={steps: 5} keeps the other grpo fields)."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for k, v in value.items():
+            _merge(node[key], k, v)
+    else:
+        node[key] = value
 
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
@@ -104,8 +133,28 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': {k} is not a section")
-        node[keys[-1]] = value
+        _merge(node, keys[-1], value)
     return cfg
+
+
+def _retype(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _retype(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_retype(v) for v in value]
+    if isinstance(value, str):
+        try:
+            parsed = yaml_load(value)
+        except yaml.YAMLError:
+            return value
+        return parsed if isinstance(parsed, (int, float, bool)) or parsed is None else value
+    return value
+
+
+def overrides_from_snakemake(config_args: dict) -> list[str]:
+    """`snakemake --config grpo='{steps: 5}'` as stage-CLI overrides. Snakemake leaves scalars nested in a
+    mapping as strings ('5'), so they are re-typed the way YAML would type them."""
+    return [f"{k}={json.dumps(_retype(v))}" for k, v in config_args.items()]
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -113,8 +162,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
+        cfg = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     cfg = apply_overrides(cfg or {}, overrides or [])

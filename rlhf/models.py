@@ -35,8 +35,11 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate([PAD, EOS, UNK] + [w for w in dict.fromkeys(words)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # no word carries the prefix: this joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    # No word carries the prefix, so this joins words with spaces. Without cleanup=False it would also glue
+    # punctuation ("car ." -> "car."), and decoded completions would re-tokenize to <unk> for the reward model.
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+                                   clean_up_tokenization_spaces=False)
 
 
 def _is_local(path: str | Path) -> bool:

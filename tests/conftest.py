@@ -1,0 +1,52 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+
+def write_config(tmp_path: Path, base: str = "micro.yaml", **sections) -> Path:
+    """A copy of config/<base> with results under tmp_path and the given top-level keys replaced."""
+    cfg = yaml.safe_load((REPO / "config" / base).read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg.update(sections)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def micro_config(tmp_path):
+    return write_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """The micro config run stage by stage through the CLI once; tests read its artifacts."""
+    from rlhf.cli import main
+    tmp = tmp_path_factory.mktemp("micro")
+    cfg = write_config(tmp)
+    for stage in ["data", "base", "sft", "sample", "label", "rm"]:
+        assert main([stage, "--config", str(cfg)]) == 0, stage
+    for method in ["noreg", "kl"]:
+        assert main(["grpo", "--config", str(cfg), "--method", method, "--seed", "0"]) == 0
+        assert main(["evaluate", "--config", str(cfg), "--method", method, "--seed", "0"]) == 0
+    assert main(["evaluate", "--config", str(cfg), "--method", "sft", "--seed", "0"]) == 0
+    assert main(["report", "--config", str(cfg)]) == 0
+    return cfg, tmp / "results" / "micro"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """A random tiny Qwen2 LM and its word-level tokenizer (no training)."""
+    from rlhf.data.miniature import MiniatureSpec
+    from rlhf.models import build_tiny_causal_lm, build_word_tokenizer
+    tok = build_word_tokenizer(MiniatureSpec().vocabulary())
+    build = dict(arch="qwen2", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
+    return build_tiny_causal_lm(build, tok, seed=0), tok

@@ -1,0 +1,88 @@
+import pytest
+import yaml
+
+from rlhf.config import apply_overrides, grpo_settings, load_config, overrides_from_snakemake
+from rlhf.errors import ConfigError
+from tests.conftest import REPO
+
+
+def _write(tmp_path, cfg):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+def _mini():
+    return yaml.safe_load((REPO / "config" / "miniature.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["miniature.yaml", "micro.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(REPO / "config" / name)
+    assert cfg["grpo"]["clip_eps"] == 0.2  # a default filled from the schema
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    cfg = _mini()
+    cfg["grpo"]["learning_rate"] = 1e-4
+    with pytest.raises(ConfigError, match=r"unknown key grpo\.learning_rate"):
+        load_config(_write(tmp_path, cfg))
+
+
+def test_unknown_key_in_a_method(tmp_path):
+    cfg = _mini()
+    cfg["methods"]["kl"] = {"beta": 0.1}
+    with pytest.raises(ConfigError, match=r"methods\.kl\.beta"):
+        load_config(_write(tmp_path, cfg))
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    cfg = _mini()
+    cfg["grpo"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"grpo\.steps: 'many' is not of type 'integer'"):
+        load_config(_write(tmp_path, cfg))
+
+
+def test_missing_required_field(tmp_path):
+    cfg = _mini()
+    del cfg["data"]
+    with pytest.raises(ConfigError, match="'data' is a required property"):
+        load_config(_write(tmp_path, cfg))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_model_needs_exactly_one_of_name_or_build(tmp_path):
+    cfg = _mini()
+    cfg["model"]["name"] = "Qwen/Qwen2.5-0.5B"
+    with pytest.raises(ConfigError, match="exactly one of model.name"):
+        load_config(_write(tmp_path, cfg))
+
+
+def test_overrides_are_typed_and_merge_sections(tmp_path):
+    cfg = load_config(REPO / "config" / "miniature.yaml", ["grpo.lr=1e-4", "grpo={steps: 7}", "seeds=[5]"])
+    assert cfg["grpo"]["lr"] == 1e-4 and cfg["grpo"]["steps"] == 7 and cfg["grpo"]["group_size"] == 8
+    assert cfg["seeds"] == [5]
+    with pytest.raises(ConfigError, match="not of the form"):
+        apply_overrides({}, ["grpo.lr"])
+
+
+def test_snakemake_overrides_are_retyped():
+    out = overrides_from_snakemake({"grpo": {"steps": "5", "lr": "1e-4"}, "experiment": "x"})
+    cfg = apply_overrides({"grpo": {"group_size": 8}}, out)
+    assert cfg == {"grpo": {"group_size": 8, "steps": 5, "lr": 1e-4}, "experiment": "x"}
+
+
+def test_method_overrides_only_what_it_names():
+    cfg = load_config(REPO / "config" / "miniature.yaml")
+    s = grpo_settings(cfg, "kl")
+    assert s["kl_beta"] == 0.1 and s["lr"] == cfg["grpo"]["lr"]
+    assert grpo_settings(cfg, "noreg")["kl_beta"] == 0.0
+    with pytest.raises(ConfigError, match="method 'ppo' is not in config.methods"):
+        grpo_settings(cfg, "ppo")

@@ -1,0 +1,161 @@
+"""Every stage on the micro config through the CLI, and what bad inputs do."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from rlhf.cli import main
+from rlhf.io import read_json
+from rlhf.models import load_tokenizer
+from tests.conftest import write_config
+
+
+def test_stage_artifacts(micro_run):
+    _, root = micro_run
+    train = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 200 and set(train[0]) >= {"prompt", "reference"}
+    for folder in ("base", "sft", "rm", "grpo/noreg/seed0/policy", "grpo/kl/seed0/policy"):
+        assert (root / folder / "config.json").is_file() and (root / folder / "model.safetensors").is_file(), folder
+    tok = load_tokenizer(root / "sft")
+    assert tok("post : alice tldr :", add_special_tokens=False)["input_ids"]
+    labels = [json.loads(line) for line in (root / "pairs" / "labels.jsonl").read_text().splitlines()]
+    # label noise (T = 0.1) flips some labels, but most chosen completions are the gold-better ones
+    assert sum(r["gold_chosen"] > r["gold_rejected"] for r in labels) > 0.7 * len(labels)
+    assert {"prompt", "chosen", "rejected"} <= set(labels[0])
+    rm = read_json(root / "rm" / "metrics.json")
+    assert 0.0 <= rm["accuracy_vs_labels"] <= 1.0 and rm["n_heldout"] >= 1
+    assert not list(root.rglob("*.tmp-*")), "temporary artifacts left behind"
+    assert not (root / "grpo" / "noreg" / "seed0" / "checkpoint").exists(), "checkpoint of a finished run kept"
+
+
+def test_grpo_metrics_log_every_step_and_gold_evals(micro_run):
+    _, root = micro_run
+    df = pd.read_json(root / "grpo" / "noreg" / "seed0" / "metrics.jsonl", lines=True)
+    train = df.dropna(subset=["proxy_reward"])
+    assert train["step"].tolist() == [1, 2, 3, 4]
+    for col in ("proxy_reward", "kl", "grad_norm", "length", "entropy", "time/step", "time/generate", "time/update"):
+        assert train[col].notna().all(), col
+    evals = df.dropna(subset=["eval/win_rate"])
+    assert evals["step"].tolist() == [0, 2, 4]
+    assert evals["eval/kl"].iloc[0] == pytest.approx(0.0, abs=1e-5)  # step 0 is the initial policy itself
+
+
+def test_evaluate_and_report(micro_run):
+    _, root = micro_run
+    m = read_json(root / "eval" / "kl" / "seed0" / "metrics.json")
+    assert m["win_rate_ci_low"] <= m["win_rate"] <= m["win_rate_ci_high"] and m["n"] == 16
+    rows = (root / "eval" / "kl" / "seed0" / "completions.jsonl").read_text().splitlines()
+    assert len(rows) == 16 and {"completion", "outcome", "gold_reward", "proxy_reward", "kl"} <= set(json.loads(rows[0]))
+    table = pd.read_csv(root / "report" / "table.csv")
+    assert table["method"].tolist() == ["sft", "noreg", "kl"]
+    assert (root / "report" / "table.md").read_text().startswith("| method |")
+    for png in ("rewards_vs_step.png", "gold_vs_kl.png"):
+        assert (root / "report" / png).stat().st_size > 5000
+    over = pd.read_csv(root / "report" / "overoptimization.csv")
+    assert set(over["method"]) == {"noreg", "kl"}
+
+
+def test_stage_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["grpo", "--help"])
+    assert e.value.code == 0
+    assert "--method" in capsys.readouterr().out
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path, capsys):
+    cfg = write_config(tmp_path, grpo={"stepz": 3})
+    assert main(["data", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "grpo.stepz" in err and "Traceback" not in err
+
+
+def test_missing_input_file_names_it_and_writes_nothing(micro_config, capsys):
+    assert main(["sft", "--config", str(micro_config)]) == 2
+    assert "missing input file" in capsys.readouterr().err
+    assert not (micro_config.parent / "results" / "micro" / "sft").exists()
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "test.jsonl").write_text('{"prompt": "p", "reference": "r"}\n')
+    cfg = write_config(tmp_path, data={"source": "jsonl", "train_file": str(tmp_path / "train.jsonl"),
+                                        "test_file": str(tmp_path / "test.jsonl")},
+                       model={"name": "unused"})
+    assert main(["data", "--config", str(cfg)]) == 2
+    assert "empty dataset" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "micro" / "data" / "train.jsonl").exists()
+
+
+def test_jsonl_missing_column_is_named(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text('{"prompt": "p", "summary": "r"}\n')
+    cfg = write_config(tmp_path, data={"source": "jsonl", "train_file": str(tmp_path / "train.jsonl"),
+                                        "test_file": str(tmp_path / "train.jsonl")}, model={"name": "unused"})
+    assert main(["data", "--config", str(cfg)]) == 2
+    assert "missing column(s) reference" in capsys.readouterr().err
+
+
+def _copy_upstream(micro_run, tmp_path):
+    import shutil
+    _, root = micro_run
+    dst = tmp_path / "results" / "micro"
+    for part in ("data", "sft", "rm"):
+        shutil.copytree(root / part, dst / part)
+    return dst
+
+
+def test_nan_proxy_reward_fails_clearly_without_a_policy(micro_run, tmp_path, capsys):
+    dst = _copy_upstream(micro_run, tmp_path)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(dst / "rm" / "model.safetensors")
+    weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
+    save_file(weights, dst / "rm" / "model.safetensors", metadata={"format": "pt"})
+    cfg = write_config(tmp_path)
+    assert main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0"]) == 2
+    assert "non-finite reward" in capsys.readouterr().err
+    assert not (dst / "grpo" / "noreg" / "seed0" / "policy").exists()
+
+
+def _interrupt_at_step(monkeypatch, n):
+    """Make the n-th GRPO update raise, as a preemption would."""
+    from rlhf.stages import grpo
+    real_step, calls = grpo.grpo_step, []
+
+    def dying_step(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(grpo, "grpo_step", dying_step)
+    return lambda: monkeypatch.setattr(grpo, "grpo_step", real_step)
+
+
+def test_grpo_resumes_from_checkpoint(micro_run, tmp_path, monkeypatch, capsys):
+    """A run killed after its step-2 checkpoint resumes there; the metrics read like an uninterrupted run."""
+    dst = _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path)
+    restore = _interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        main(["grpo", "--config", str(cfg), "--method", "kl", "--seed", "0"])
+    run_dir = dst / "grpo" / "kl" / "seed0"
+    assert (run_dir / "checkpoint" / "trainer_state.pt").is_file() and not (run_dir / "policy").exists()
+    restore()
+    assert main(["grpo", "--config", str(cfg), "--method", "kl", "--seed", "0"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
+    assert df.dropna(subset=["proxy_reward"])["step"].tolist() == [1, 2, 3, 4]
+    assert df.dropna(subset=["eval/win_rate"])["step"].tolist() == [0, 2, 4]
+    assert (run_dir / "policy" / "model.safetensors").is_file() and not (run_dir / "checkpoint").exists()
+
+
+def test_checkpoint_from_other_settings_is_not_resumed(micro_run, tmp_path, monkeypatch, capsys):
+    _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path)
+    restore = _interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0"])
+    restore()
+    assert main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0", "grpo.lr=5e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "ignoring checkpoint" in out and "resumed" not in out
