@@ -74,8 +74,9 @@ def load_checkpoint(path: Path, policy, optimizer, stamp: str) -> int:
         print(f"grpo: ignoring checkpoint {path}: trained from other inputs or settings")
         shutil.rmtree(path)
         return 0
-    from safetensors.torch import load_file
-    policy.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    # from_pretrained re-ties shared embeddings that save_pretrained stored once; then a strict copy.
+    saved = type(policy).from_pretrained(path, dtype=next(policy.parameters()).dtype)
+    policy.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["python_rng"])
     torch.set_rng_state(state["torch_rng"])
