@@ -15,7 +15,8 @@ def token_logprobs(model, rollout: Rollout, with_entropy: bool = False):
     input_ids, mask = rollout.input_ids.to(device), rollout.attention_mask.to(device)
     P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    logits = logits[:, P - 1:P - 1 + T].float()
+    logits = logits[:, P - 1:P - 1 + T]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; float64 stays
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, rollout.completion_ids.to(device).unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
