@@ -103,6 +103,14 @@ def _check_semantics(cfg: dict, source: str) -> None:
                 raise ConfigError(f"{source}: data.{key} is required when data.source is 'jsonl'")
     if cfg["gold"]["type"] == "reward_model" and "name" not in cfg["gold"]:
         raise ConfigError(f"{source}: gold.name is required when gold.type is 'reward_model'")
+    if "sft" in cfg["methods"]:
+        raise ConfigError(f"{source}: methods.sft: 'sft' names the SFT-policy baseline; choose another method name")
+    for method in cfg["methods"]:
+        m = {**cfg["grpo"], **cfg["methods"][method]}
+        if m["reset_every"] and not m["kl_beta"]:
+            raise ConfigError(f"{source}: methods.{method}: reset_every needs kl_beta > 0 (resets act on the KL reference)")
+        if m["reset_every"] and m["kl_beta_decay_every"]:
+            raise ConfigError(f"{source}: methods.{method}: reset_every and kl_beta_decay_every are alternatives; set one")
     if cfg["data"]["source"] == "miniature" and "build" not in cfg["model"]:
         raise ConfigError(f"{source}: the miniature task needs model.build (its vocabulary is the task's own)")
 

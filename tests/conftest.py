@@ -34,7 +34,7 @@ def micro_run(tmp_path_factory):
     cfg = write_config(tmp)
     for stage in ["data", "base", "sft", "sample", "label", "rm"]:
         assert main([stage, "--config", str(cfg)]) == 0, stage
-    for method in ["noreg", "kl"]:
+    for method in ["noreg", "kl", "resets", "gr", "signcert"]:
         assert main(["grpo", "--config", str(cfg), "--method", method, "--seed", "0"]) == 0
         assert main(["evaluate", "--config", str(cfg), "--method", method, "--seed", "0"]) == 0
     assert main(["evaluate", "--config", str(cfg), "--method", "sft", "--seed", "0"]) == 0

@@ -48,12 +48,12 @@ def test_evaluate_and_report(micro_run):
     rows = (root / "eval" / "kl" / "seed0" / "completions.jsonl").read_text().splitlines()
     assert len(rows) == 16 and {"completion", "outcome", "gold_reward", "proxy_reward", "kl"} <= set(json.loads(rows[0]))
     table = pd.read_csv(root / "report" / "table.csv")
-    assert table["method"].tolist() == ["sft", "noreg", "kl"]
+    assert table["method"].tolist() == ["sft", "noreg", "kl", "resets", "gr", "signcert"]
     assert (root / "report" / "table.md").read_text().startswith("| method |")
     for png in ("rewards_vs_step.png", "gold_vs_kl.png"):
         assert (root / "report" / png).stat().st_size > 5000
     over = pd.read_csv(root / "report" / "overoptimization.csv")
-    assert set(over["method"]) == {"noreg", "kl"}
+    assert set(over["method"]) == {"noreg", "kl", "resets", "gr", "signcert"}
 
 
 def test_stage_help_exits_cleanly(capsys):
@@ -159,3 +159,46 @@ def test_checkpoint_from_other_settings_is_not_resumed(micro_run, tmp_path, monk
     assert main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0", "grpo.lr=5e-4"]) == 0
     out = capsys.readouterr().out
     assert "ignoring checkpoint" in out and "resumed" not in out
+
+
+def _metrics(root, method):
+    return pd.read_json(root / "grpo" / method / "seed0" / "metrics.jsonl", lines=True)
+
+
+def test_regularizer_diagnostics_are_logged(micro_run):
+    _, root = micro_run
+    train = lambda m: _metrics(root, m).dropna(subset=["proxy_reward"])  # noqa: E731
+    resets = train("resets")
+    assert resets.loc[resets["reference_reset"] == 1, "step"].tolist() == [2, 4]  # exactly at multiples of R = 2
+    gr = train("gr")
+    assert gr["g2_norm"].notna().all() and (gr["g1_norm"] > 0).all()
+    assert "g2_norm" not in train("noreg")
+    sc = train("signcert")
+    assert sc["signcert/zeroed"].between(0, 1).all() and sc["signcert/log10_radius_p50"].notna().all()
+    assert (train("kl")["kl_beta"] == 0.1).all() and (train("noreg")["kl_beta"] == 0).all()
+    evals = _metrics(root, "noreg").dropna(subset=["eval/win_rate"])
+    assert evals["onpolicy/bt_loss"].notna().any() and evals["onpolicy/rm_accuracy"].between(0, 1).any()
+    sharp = _metrics(root, "noreg").dropna(subset=["sharpness"])
+    assert sharp["step"].tolist() == [0, 4]
+
+
+def test_scheduled_beta_and_contradictory_settings(micro_run, tmp_path, capsys):
+    _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path, methods={"sched": {"kl_beta": 0.2, "kl_beta_decay_every": 2}})
+    assert main(["grpo", "--config", str(cfg), "--method", "sched", "--seed", "0"]) == 0
+    df = _metrics(tmp_path / "results" / "micro", "sched").dropna(subset=["proxy_reward"])
+    assert df["kl_beta"].tolist() == pytest.approx([0.2, 0.2, 0.1, 0.1])
+    bad = write_config(tmp_path, methods={"x": {"reset_every": 2}})
+    assert main(["grpo", "--config", str(bad), "--method", "x", "--seed", "0"]) == 2
+    assert "reset_every needs kl_beta" in capsys.readouterr().err
+
+
+def test_training_trajectory_does_not_depend_on_evaluation_frequency(micro_run, tmp_path):
+    """Diagnostics use their own RNG streams: evaluating more often must not change what is trained."""
+    _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path, methods={"a": {"eval_every": 1, "sharpness_every": 0}, "b": {"eval_every": 4}})
+    for m in ("a", "b"):
+        assert main(["grpo", "--config", str(cfg), "--method", m, "--seed", "0"]) == 0
+    root = tmp_path / "results" / "micro"
+    a, b = (_metrics(root, m).dropna(subset=["proxy_reward"]) for m in ("a", "b"))
+    assert a["proxy_reward"].tolist() == pytest.approx(b["proxy_reward"].tolist(), rel=1e-6)

@@ -2,8 +2,15 @@
 
 Each step: B prompts -> G completions each -> proxy reward -> group-mean advantages -> per-token loss summed
 over tokens / (B*G*T_max) (+ beta * k3 KL to a reference) -> clip the gradient norm -> AdamW step.
-A regularizer is a short local addition in `grpo_step`. Every step is logged to metrics.jsonl; every
-`eval_every` steps the gold judges the policy on held-out prompts; checkpoints make the run resumable.
+
+The regularizers are local additions, each switched on by its config field and combinable:
+  kl_beta              KL penalty to pi_ref (pi_init, or the current policy after each reset)
+  reset_every          Reference Resets: pi_ref <- pi_phi after updates R, 2R, ...
+  kl_beta_decay_every  scheduled-beta ablation: beta / i in iteration i, pi_ref fixed
+  gr_gamma             finite-difference gradient regularization (second pass on the same rollouts)
+  signcert_quantile    SignCert-PO: advantages scaled by rho from the proxy RM's certified radii
+Every step is logged to metrics.jsonl; every `eval_every` steps the gold judges the policy on held-out
+prompts (plus on-policy proxy-RM accuracy); checkpoints make the run resumable.
 """
 from __future__ import annotations
 
@@ -19,8 +26,12 @@ import torch
 from tqdm import trange
 
 from rlhf.algorithms.advantages import dr_grpo_advantages
+from rlhf.algorithms.gr import finite_difference_gr
 from rlhf.algorithms.losses import dr_grpo_loss
+from rlhf.algorithms.resets import is_reset_step, reset_reference, scheduled_beta
+from rlhf.algorithms.signcert import signcert_weights
 from rlhf.config import grpo_settings
+from rlhf.diagnostics import onpolicy_rm_accuracy, sharpness, signcert_stats
 from rlhf.evaluation import evaluate_policy
 from rlhf.generation import sample
 from rlhf.io import atomic_dir, read_jsonl
@@ -33,20 +44,42 @@ from rlhf.rewards.proxy_rm import RewardScorer
 from rlhf.stages.common import setup, sft_tokenizer
 
 
-def grpo_step(policy, optimizer, rollout, rewards, ref_logprobs, s: dict) -> dict:
+def grpo_step(policy, optimizer, rollout, scores, ref_logprobs, kl_beta: float, s: dict) -> dict:
     """One Dr.GRPO update on one batch of rollouts; returns the step's statistics."""
-    advantages = dr_grpo_advantages(rewards, s["group_size"]).to(rollout.completion_ids.device)
-    mask = rollout.completion_mask.to(next(policy.parameters()).device).float()
-    logprobs, entropy = token_logprobs(policy, rollout, with_entropy=True)
-    loss = dr_grpo_loss(logprobs, logprobs.detach(), advantages, mask, s["max_new_tokens"], s["clip_eps"],
-                        ref_logprobs, s["kl_beta"])
+    G = s["group_size"]
+    advantages = dr_grpo_advantages(scores.rewards, G)
+    stats = {}
+    if s["signcert_quantile"] is not None:
+        # SignCert-PO: down-weight completions whose advantage sign a small change of the RM head could flip.
+        rho = signcert_weights(advantages, scores.features, G, s["signcert_quantile"],
+                               epsilon_from=s["signcert_epsilon_from"], clip_negative=s["signcert_clip_negative"])
+        stats.update(signcert_stats(advantages, scores.features, G, rho))
+        advantages = rho * advantages
+    device = next(policy.parameters()).device
+    advantages, mask = advantages.to(device), rollout.completion_mask.to(device).float()
+    at_phi = {}  # log-probs and entropy of the unperturbed policy (GR runs the closure twice)
+
+    def loss_closure():
+        logprobs, entropy = token_logprobs(policy, rollout, with_entropy=True)
+        loss = dr_grpo_loss(logprobs, logprobs.detach(), advantages, mask, s["max_new_tokens"], s["clip_eps"],
+                            ref_logprobs, kl_beta)
+        loss.backward()
+        at_phi.setdefault("logprobs", logprobs.detach())
+        at_phi.setdefault("entropy", ((entropy.detach() * mask).sum() / mask.sum()).item())
+        return loss
+
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s["max_grad_norm"])
+    if s["gr_gamma"] > 0:
+        # GR: grad of L + (gamma/2)||grad L||^2 by a finite difference along g1 (a second backward pass).
+        gr = finite_difference_gr(policy, loss_closure, gamma=s["gr_gamma"], eps=s["gr_eps"], g1_clip=s["gr_g1_clip"],
+                                  g2_clip=s["gr_g2_clip"], excluded_grad=s["gr_excluded_grad"])
+        stats.update({"g1_norm": gr.g1_norm, "g2_norm": gr.g2_norm, "loss": gr.loss})
+    else:
+        stats["loss"] = loss_closure().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s["max_grad_norm"]).item()
+    stats.setdefault("g1_norm", grad_norm)  # without GR the final gradient is g1
     optimizer.step()
-    return {"loss": loss.item(), "grad_norm": grad_norm.item(),
-            "entropy": ((entropy.detach() * mask).sum() / mask.sum()).item(),
-            "logprobs": logprobs.detach()}
+    return {**stats, "grad_norm": grad_norm, "entropy": at_phi["entropy"], "logprobs": at_phi["logprobs"]}
 
 
 def fingerprint(cfg: dict, settings: dict, seed: int, inputs: list[Path]) -> str:
@@ -57,14 +90,16 @@ def fingerprint(cfg: dict, settings: dict, seed: int, inputs: list[Path]) -> str
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(path: Path, policy, optimizer, step: int, stamp: str) -> None:
+def save_checkpoint(path: Path, policy, optimizer, step: int, stamp: str, reference=None) -> None:
     with atomic_dir(path) as out:
         policy.save_pretrained(out)
+        if reference is not None:  # after Reference Resets pi_ref is neither pi_init nor pi_phi
+            reference.save_pretrained(out / "reference")
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "fingerprint": stamp,
                     "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, out / "trainer_state.pt")
 
 
-def load_checkpoint(path: Path, policy, optimizer, stamp: str) -> int:
+def load_checkpoint(path: Path, policy, optimizer, stamp: str, reference=None) -> int:
     """Restore a matching checkpoint and return its step (0 when there is none or it is stale)."""
     state_file = path / "trainer_state.pt"
     if not state_file.is_file():
@@ -75,8 +110,10 @@ def load_checkpoint(path: Path, policy, optimizer, stamp: str) -> int:
         shutil.rmtree(path)
         return 0
     # from_pretrained re-ties shared embeddings that save_pretrained stored once; then a strict copy.
-    saved = type(policy).from_pretrained(path, dtype=next(policy.parameters()).dtype)
-    policy.load_state_dict(saved.state_dict())
+    for module, folder in ((policy, path), (reference, path / "reference")):
+        if module is not None:
+            saved = type(module).from_pretrained(folder, dtype=next(module.parameters()).dtype)
+            module.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["python_rng"])
     torch.set_rng_state(state["torch_rng"])
@@ -96,47 +133,66 @@ def run(cfg, args):
     tokenizer = sft_tokenizer(cfg)
     policy = load_causal_lm(P.sft, cfg["model"]["dtype"], device)
     initial = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_init: KL reference and KL-from-init metric
-    reference = initial
+    # Reference Resets need their own pi_ref; otherwise pi_ref is pi_init (shared, one forward pass for both).
+    reference = copy.deepcopy(initial) if s["reset_every"] else initial
     proxy = RewardScorer(load_reward_model(P.rm, tokenizer, cfg["model"]["dtype"], device).requires_grad_(False),
                          tokenizer, cfg["rm"]["batch_size_scoring"])
     gold = make_gold(cfg, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
 
     stamp = fingerprint(cfg, s, seed, [P.sft, P.rm])
-    start = load_checkpoint(ckpt_dir, policy, optimizer, stamp)
+    start = load_checkpoint(ckpt_dir, policy, optimizer, stamp, reference if s["reset_every"] else None)
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
                      run_config={"method": method, "seed": seed, **s})
     eval_kwargs = dict(temperature=s["temperature"], max_new_tokens=s["max_new_tokens"])
 
-    def gold_eval(step: int) -> None:
-        metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, proxy, initial, **eval_kwargs)
-        log.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    heldout_prompts = [r["prompt"] for r in heldout]
+
+    def diagnose(step: int) -> None:
+        """Gold evaluation and diagnostics; own RNG streams, so they never change the training trajectory."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed * 1_000_003 + step)
+            metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, proxy, initial, **eval_kwargs)
+        out = {f"eval/{k}": v for k, v in metrics.items()}
+        out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, proxy, seed=seed + step, **eval_kwargs))
+        if s["sharpness_every"] and step % s["sharpness_every"] == 0:
+            out.update(sharpness(policy, tokenizer, heldout_prompts[: s["sharpness_prompts"]], proxy,
+                                 perturbations=s["sharpness_perturbations"], radius=s["sharpness_radius"],
+                                 seed=seed + step, **eval_kwargs))
+        log.write(step, out)
 
     if start == 0:
-        gold_eval(0)
+        diagnose(0)
     B, G = s["prompts_per_step"], s["group_size"]
     for step in trange(start, s["steps"], desc=f"grpo {method} seed{seed}", initial=start, total=s["steps"]):
         t0 = time.perf_counter()
         batch = random.sample(prompts, B)
         rollout = sample(policy, tokenizer, batch, G, s["max_new_tokens"], s["temperature"], batch_size=B * G)
         t1 = time.perf_counter()
-        rewards = proxy([p for p in batch for _ in range(G)], rollout.texts).rewards
+        scores = proxy([p for p in batch for _ in range(G)], rollout.texts)  # rewards and RM features
         t2 = time.perf_counter()
+        update = step + 1  # 1-based index of this optimizer update
+        kl_beta = scheduled_beta(s["kl_beta"], update, s["kl_beta_decay_every"])
         with torch.no_grad():  # the KL-from-init metric needs these anyway; the KL penalty reuses them
             init_logprobs = token_logprobs(initial, rollout)
-            ref_logprobs = init_logprobs if reference is initial else token_logprobs(reference, rollout)
+            ref_logprobs = None
+            if kl_beta > 0:
+                ref_logprobs = init_logprobs if reference is initial else token_logprobs(reference, rollout)
         policy.train()
-        stats = grpo_step(policy, optimizer, rollout, rewards, ref_logprobs, s)
+        stats = grpo_step(policy, optimizer, rollout, scores, ref_logprobs, kl_beta, s)
         t3 = time.perf_counter()
         kl = ((stats.pop("logprobs") - init_logprobs) * rollout.completion_mask.to(device)).sum(1).mean().item()
-        log.write(step + 1, {"proxy_reward": rewards.mean().item(), "kl": kl,
-                             "length": rollout.lengths.float().mean().item(), **stats,
-                             "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-                             "time/step": time.perf_counter() - t0})
-        if (step + 1) % s["eval_every"] == 0 or step + 1 == s["steps"]:
-            gold_eval(step + 1)
-        if (step + 1) % s["checkpoint_every"] == 0 and step + 1 < s["steps"]:
-            save_checkpoint(ckpt_dir, policy, optimizer, step + 1, stamp)
+        if is_reset_step(update, s["reset_every"]):
+            reset_reference(reference, policy)
+            stats["reference_reset"] = 1
+        log.write(update, {"proxy_reward": scores.rewards.mean().item(), "kl": kl, "kl_beta": kl_beta,
+                           "length": rollout.lengths.float().mean().item(), **stats,
+                           "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+                           "time/step": time.perf_counter() - t0})
+        if update % s["eval_every"] == 0 or update == s["steps"]:
+            diagnose(update)
+        if update % s["checkpoint_every"] == 0 and update < s["steps"]:
+            save_checkpoint(ckpt_dir, policy, optimizer, update, stamp, reference if s["reset_every"] else None)
 
     with atomic_dir(P.policy(method, seed)) as out:
         policy.save_pretrained(out)
