@@ -16,6 +16,7 @@ STAGES = {
     "rm": "proxy reward model (Bradley-Terry) and its held-out accuracy",
     "grpo": "Dr.GRPO against the proxy RM for one method and seed",
     "evaluate": "gold win rate against references for one method and seed (or 'sft')",
+    "certify": "certified-radius validation of the proxy RM (SignCert Fig. 4)",
     "report": "table and plots over methods x seeds",
 }
 PER_RUN = {"grpo", "evaluate"}

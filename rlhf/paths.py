@@ -31,6 +31,8 @@ class Paths:
     @property
     def rm(self) -> Path: return self.root / "rm"
     @property
+    def certify(self) -> Path: return self.root / "certify"
+    @property
     def report(self) -> Path: return self.root / "report"
 
     def grpo(self, method: str, seed) -> Path:

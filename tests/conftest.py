@@ -38,6 +38,7 @@ def micro_run(tmp_path_factory):
         assert main(["grpo", "--config", str(cfg), "--method", method, "--seed", "0"]) == 0
         assert main(["evaluate", "--config", str(cfg), "--method", method, "--seed", "0"]) == 0
     assert main(["evaluate", "--config", str(cfg), "--method", "sft", "--seed", "0"]) == 0
+    assert main(["certify", "--config", str(cfg)]) == 0
     assert main(["report", "--config", str(cfg)]) == 0
     return cfg, tmp / "results" / "micro"
 

@@ -50,8 +50,12 @@ def test_evaluate_and_report(micro_run):
     table = pd.read_csv(root / "report" / "table.csv")
     assert table["method"].tolist() == ["sft", "noreg", "kl", "resets", "gr", "signcert"]
     assert (root / "report" / "table.md").read_text().startswith("| method |")
-    for png in ("rewards_vs_step.png", "gold_vs_kl.png"):
+    for png in ("rewards_vs_step.png", "gold_vs_kl.png", "diagnostics.png", "radius_validation.png"):
         assert (root / "report" / png).stat().st_size > 5000
+    assert "Certified-radius validation" in (root / "report" / "table.md").read_text()
+    deciles = pd.read_csv(root / "certify" / "deciles.csv")
+    assert deciles["n"].sum() > 0 and deciles["radius_mean"].is_monotonic_increasing
+    assert deciles[["model_noise", "embedding_noise"]].stack().between(0, 1).all()
     over = pd.read_csv(root / "report" / "overoptimization.csv")
     assert set(over["method"]) == {"noreg", "kl", "resets", "gr", "signcert"}
 

@@ -29,7 +29,7 @@ def test_whole_dag_on_micro_config(tmp_path):
     dry = snakemake(cfg, "-n")
     assert dry.returncode == 0, dry.stderr
     assert jobs(dry.stdout) == {"data": 1, "base": 1, "sft": 1, "sample": 1, "label": 1, "rm": 1,
-                                "grpo": 5, "evaluate": 6, "report": 1, "all": 1}
+                                "grpo": 5, "evaluate": 6, "certify": 1, "report": 1, "all": 1}
     start = time.perf_counter()
     run = snakemake(cfg)
     elapsed = time.perf_counter() - start
@@ -43,7 +43,7 @@ def test_whole_dag_on_micro_config(tmp_path):
 
     forced = snakemake(cfg, "-n", "--forcerun", "rm")
     assert forced.returncode == 0, forced.stderr
-    assert jobs(forced.stdout) == {"rm": 1, "grpo": 5, "evaluate": 6, "report": 1, "all": 1}
+    assert jobs(forced.stdout) == {"rm": 1, "grpo": 5, "evaluate": 6, "certify": 1, "report": 1, "all": 1}
 
 
 def test_snakemake_config_error_names_the_field(tmp_path):

@@ -6,8 +6,13 @@ Files:
                            final win rate, drop from peak, final proxy reward
   rewards_vs_step.png      proxy reward (train batches) and gold win rate (held-out) against the step
   gold_vs_kl.png           held-out gold win rate against KL from the initial policy
+  diagnostics.png          gradient norm ||g1|| and sharpness against the step, on-policy BT loss against the
+                           step and against ||g1||, on-policy proxy-RM accuracy against KL, SignCert's zeroed fraction
+  radius_validation.png    copied from the certify stage (sign robustness by decile of the certified radius)
 """
 from __future__ import annotations
+
+import shutil
 
 import matplotlib
 matplotlib.use("Agg")
@@ -50,6 +55,20 @@ def overoptimization(curves: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def certify_markdown(folder) -> str:
+    deciles, summary = pd.read_csv(folder / "deciles.csv"), read_json(folder / "summary.json")
+    cols = [c for c in ("model_noise", "embedding_noise", "gold_agreement") if c in deciles]
+    lines = ["", "Certified-radius validation (SFT-policy completions, proxy RM; rate of advantage signs preserved "
+             "or agreeing with the gold, by decile of the radius):", "",
+             "| decile | mean radius | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    for _, r in deciles.iterrows():
+        lines.append(f"| {int(r['bin']) + 1} | {r['radius_mean']:.4f} | {int(r['n'])} | " +
+                     " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    lines += ["", "Spearman correlation with the radius: " +
+              ", ".join(f"{k.removeprefix('spearman_radius_')} {v:.2f}" for k, v in summary.items() if k.startswith("spearman"))]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table: pd.DataFrame, over: pd.DataFrame) -> str:
     def cell(row, m):
         mean, ci = row.get(f"{m}_mean"), row.get(f"{m}_ci")
@@ -77,7 +96,7 @@ def plot_curves(curves: dict, out) -> None:
     for (method, seed), df in curves.items():
         proxy = df.dropna(subset=["proxy_reward"])
         ax1.plot(proxy["step"], proxy["proxy_reward"].rolling(10, min_periods=1).mean(), color=colors[method],
-                 alpha=0.8, label=method if seed == min(s for m, s in curves if m == method) else None)
+                 alpha=0.8, label=_label_once(curves, method, seed))
         ev = df.dropna(subset=["eval/win_rate"])
         ax2.plot(ev["step"], ev["eval/win_rate"], color=colors[method], alpha=0.8, marker=".")
     ax1.set(xlabel="step", ylabel="proxy reward (train batch, smoothed)", title="Proxy reward")
@@ -91,11 +110,51 @@ def plot_curves(curves: dict, out) -> None:
     for (method, seed), df in curves.items():
         ev = df.dropna(subset=["eval/win_rate"])
         ax.plot(ev["eval/kl"], ev["eval/win_rate"], color=colors[method], alpha=0.8, marker=".",
-                label=method if seed == min(s for m, s in curves if m == method) else None)
+                label=_label_once(curves, method, seed))
     ax.set(xlabel="KL(policy || initial) per completion", ylabel="gold win rate (held-out)", title="Gold vs KL")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "gold_vs_kl.png", dpi=120)
+    plt.close(fig)
+
+
+def _label_once(curves: dict, method: str, seed) -> str | None:
+    return method if seed == min(s for m, s in curves if m == method) else None
+
+
+def plot_diagnostics(curves: dict, out) -> None:
+    methods = list(dict.fromkeys(m for m, _ in curves))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    (a_norm, a_sharp, a_bt), (a_bt_norm, a_acc, a_sc) = axes
+    for (method, seed), df in curves.items():
+        kw = dict(color=colors[method], alpha=0.8, label=_label_once(curves, method, seed))
+        train = df.dropna(subset=["g1_norm"])
+        smooth = train.set_index("step")["g1_norm"].rolling(10, min_periods=1).mean()
+        a_norm.plot(smooth.index, smooth.values, **kw)
+        if "sharpness" in df:
+            sh = df.dropna(subset=["sharpness"])
+            a_sharp.plot(sh["step"], sh["sharpness"], marker="o", **kw)
+        if "onpolicy/bt_loss" in df:
+            ev = df.dropna(subset=["onpolicy/bt_loss"])
+            a_bt.plot(ev["step"], ev["onpolicy/bt_loss"], marker=".", **kw)
+            a_bt_norm.scatter(smooth.reindex(ev["step"], method="nearest").values, ev["onpolicy/bt_loss"], s=12,
+                              color=colors[method], alpha=0.7, label=kw["label"])
+            a_acc.plot(ev["eval/kl"], ev["onpolicy/rm_accuracy"], marker=".", **kw)
+        if "signcert/zeroed" in df:
+            z = df.dropna(subset=["signcert/zeroed"])
+            a_sc.plot(z["step"], z["signcert/zeroed"].rolling(10, min_periods=1).mean(), **kw)
+    a_norm.set(xlabel="step", ylabel="||g1|| (smoothed)", title="Gradient norm")
+    a_sharp.set(xlabel="step", ylabel="max_i J(phi) - J(phi + e_i)", title="Sharpness")
+    a_bt.set(xlabel="step", ylabel="BT loss of the proxy on policy samples", title="On-policy BT loss")
+    a_bt_norm.set(xlabel="||g1|| (smoothed)", ylabel="on-policy BT loss", title="Gradient norm vs BT loss")
+    a_acc.set(xlabel="KL(policy || initial)", ylabel="proxy accuracy vs gold (on-policy pairs)", title="Proxy accuracy vs KL")
+    a_sc.set(xlabel="step", ylabel="fraction with rho = 0", title="SignCert: completions zeroed")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "diagnostics.png", dpi=110)
     plt.close(fig)
 
 
@@ -111,4 +170,8 @@ def run(cfg, args):
         over.to_csv(out / "overoptimization.csv", index=False)
         (out / "table.md").write_text(markdown(table, over))
         plot_curves(curves, out)
+        plot_diagnostics(curves, out)
+        if (P.certify / "radius_validation.png").is_file():
+            shutil.copy(P.certify / "radius_validation.png", out / "radius_validation.png")
+            (out / "table.md").write_text(markdown(table, over) + certify_markdown(P.certify))
     print((P.report / "table.md").read_text())

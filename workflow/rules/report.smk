@@ -1,8 +1,23 @@
+rule certify:
+    input:
+        test=str(P.test),
+        sft=str(P.sft),
+        rm=str(P.rm),
+    output:
+        directory(str(P.certify)),
+    threads: 2
+    log:
+        str(P.logs("certify")),
+    shell:
+        rlhf("certify")
+
+
 rule report:
     input:
         evals=[str(P.evaluation(SFT_EVAL, config["seed"]))]
         + [str(P.evaluation(m, s)) for m in METHODS for s in SEEDS],
         policies=[str(P.policy(m, s)) for m in METHODS for s in SEEDS],
+        certify=str(P.certify),
     output:
         directory(str(P.report)),
     log:
