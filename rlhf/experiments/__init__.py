@@ -1,0 +1,1 @@
+"""Small self-contained experiments from the papers, run with the pipeline's algorithm functions."""
