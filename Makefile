@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo test env clean-results
+.PHONY: demo test bench env clean-results
 
 env: $(STAMP)
 
@@ -19,7 +19,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile $(CONFIG)
+	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile $(CONFIG) && cat results/miniature/report/table.md
+
+# Times GRPO steps on the miniature (builds SFT and RM first if needed); prints and writes results/miniature/bench/.
+bench: $(STAMP)
+	. $(VENV)/bin/activate && snakemake --cores $(CORES) --configfile $(CONFIG) results/miniature/rm \
+		&& python -m rlhf bench --config $(CONFIG)
 
 test: $(STAMP)
 	. $(VENV)/bin/activate && python -m pytest -q

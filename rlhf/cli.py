@@ -18,6 +18,7 @@ STAGES = {
     "evaluate": "gold win rate against references for one method and seed (or 'sft')",
     "certify": "certified-radius validation of the proxy RM (SignCert Fig. 4)",
     "report": "table and plots over methods x seeds",
+    "bench": "seconds per GRPO step: noreg, gr, signcert and TRL's GRPOTrainer as Dr.GRPO",
 }
 PER_RUN = {"grpo", "evaluate"}
 
@@ -32,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
         if name in PER_RUN:
             s.add_argument("--method", required=True, help="a key of config.methods" + (" or 'sft'" if name == "evaluate" else ""))
             s.add_argument("--seed", type=int, required=True, help="policy-optimization seed")
+        if name == "bench":
+            s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+            s.add_argument("--timed", type=int, default=20, help="timed steps (mean reported)")
         s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. grpo.lr=1e-4")
     return p
 

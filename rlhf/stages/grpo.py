@@ -20,6 +20,7 @@ import json
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,6 +83,59 @@ def grpo_step(policy, optimizer, rollout, scores, ref_logprobs, kl_beta: float, 
     return {**stats, "grad_norm": grad_norm, "entropy": at_phi["entropy"], "logprobs": at_phi["logprobs"]}
 
 
+@dataclass
+class GRPORun:
+    policy: torch.nn.Module
+    initial: torch.nn.Module     # pi_init, frozen
+    reference: torch.nn.Module   # pi_ref: pi_init itself, or its own copy when reset
+    proxy: RewardScorer
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    settings: dict
+
+
+def load_run(cfg: dict, s: dict, device) -> GRPORun:
+    """The SFT policy (trained), pi_init and pi_ref (frozen), the proxy RM and the optimizer."""
+    P = Paths.from_config(cfg)
+    tokenizer = sft_tokenizer(cfg)
+    policy = load_causal_lm(P.sft, cfg["model"]["dtype"], device)
+    initial = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_init: KL reference and KL-from-init metric
+    # Reference Resets need their own pi_ref; otherwise pi_ref is pi_init (shared, one forward pass for both).
+    reference = copy.deepcopy(initial) if s["reset_every"] else initial
+    proxy = RewardScorer(load_reward_model(P.rm, tokenizer, cfg["model"]["dtype"], device).requires_grad_(False),
+                         tokenizer, cfg["rm"]["batch_size_scoring"])
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    return GRPORun(policy, initial, reference, proxy, tokenizer, optimizer, s)
+
+
+def train_step(run: GRPORun, batch: list[str], update: int) -> dict:
+    """Sample G completions per prompt, score them with the proxy RM, update once; the step's metrics."""
+    s, G = run.settings, run.settings["group_size"]
+    t0 = time.perf_counter()
+    rollout = sample(run.policy, run.tokenizer, batch, G, s["max_new_tokens"], s["temperature"], batch_size=len(batch) * G)
+    t1 = time.perf_counter()
+    scores = run.proxy([p for p in batch for _ in range(G)], rollout.texts)  # rewards and RM features
+    t2 = time.perf_counter()
+    kl_beta = scheduled_beta(s["kl_beta"], update, s["kl_beta_decay_every"])
+    with torch.no_grad():  # the KL-from-init metric needs these anyway; the KL penalty reuses them
+        init_logprobs = token_logprobs(run.initial, rollout)
+        ref_logprobs = None
+        if kl_beta > 0:
+            ref_logprobs = init_logprobs if run.reference is run.initial else token_logprobs(run.reference, rollout)
+    run.policy.train()
+    stats = grpo_step(run.policy, run.optimizer, rollout, scores, ref_logprobs, kl_beta, s)
+    t3 = time.perf_counter()
+    mask = rollout.completion_mask.to(init_logprobs.device)
+    kl = ((stats.pop("logprobs") - init_logprobs) * mask).sum(1).mean().item()
+    if is_reset_step(update, s["reset_every"]):
+        reset_reference(run.reference, run.policy)
+        stats["reference_reset"] = 1
+    return {"proxy_reward": scores.rewards.mean().item(), "kl": kl, "kl_beta": kl_beta,
+            "length": rollout.lengths.float().mean().item(), **stats,
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+            "time/step": time.perf_counter() - t0}
+
+
 def fingerprint(cfg: dict, settings: dict, seed: int, inputs: list[Path]) -> str:
     """Identifies what a checkpoint was trained from, so a rerun with another RM or config starts afresh."""
     stamp = {"settings": settings, "seed": seed, "experiment": cfg["experiment"],
@@ -130,15 +184,10 @@ def run(cfg, args):
     prompts = [r["prompt"] for r in read_jsonl(P.train, required=("prompt",))]
     heldout = read_jsonl(P.test, required=("prompt", "reference"))[: s["eval_prompts"]]
 
-    tokenizer = sft_tokenizer(cfg)
-    policy = load_causal_lm(P.sft, cfg["model"]["dtype"], device)
-    initial = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_init: KL reference and KL-from-init metric
-    # Reference Resets need their own pi_ref; otherwise pi_ref is pi_init (shared, one forward pass for both).
-    reference = copy.deepcopy(initial) if s["reset_every"] else initial
-    proxy = RewardScorer(load_reward_model(P.rm, tokenizer, cfg["model"]["dtype"], device).requires_grad_(False),
-                         tokenizer, cfg["rm"]["batch_size_scoring"])
+    ctx = load_run(cfg, s, device)
+    policy, initial, reference, proxy, tokenizer, optimizer = (
+        ctx.policy, ctx.initial, ctx.reference, ctx.proxy, ctx.tokenizer, ctx.optimizer)
     gold = make_gold(cfg, device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
 
     stamp = fingerprint(cfg, s, seed, [P.sft, P.rm])
     start = load_checkpoint(ckpt_dir, policy, optimizer, stamp, reference if s["reset_every"] else None)
@@ -163,32 +212,9 @@ def run(cfg, args):
 
     if start == 0:
         diagnose(0)
-    B, G = s["prompts_per_step"], s["group_size"]
     for step in trange(start, s["steps"], desc=f"grpo {method} seed{seed}", initial=start, total=s["steps"]):
-        t0 = time.perf_counter()
-        batch = random.sample(prompts, B)
-        rollout = sample(policy, tokenizer, batch, G, s["max_new_tokens"], s["temperature"], batch_size=B * G)
-        t1 = time.perf_counter()
-        scores = proxy([p for p in batch for _ in range(G)], rollout.texts)  # rewards and RM features
-        t2 = time.perf_counter()
         update = step + 1  # 1-based index of this optimizer update
-        kl_beta = scheduled_beta(s["kl_beta"], update, s["kl_beta_decay_every"])
-        with torch.no_grad():  # the KL-from-init metric needs these anyway; the KL penalty reuses them
-            init_logprobs = token_logprobs(initial, rollout)
-            ref_logprobs = None
-            if kl_beta > 0:
-                ref_logprobs = init_logprobs if reference is initial else token_logprobs(reference, rollout)
-        policy.train()
-        stats = grpo_step(policy, optimizer, rollout, scores, ref_logprobs, kl_beta, s)
-        t3 = time.perf_counter()
-        kl = ((stats.pop("logprobs") - init_logprobs) * rollout.completion_mask.to(device)).sum(1).mean().item()
-        if is_reset_step(update, s["reset_every"]):
-            reset_reference(reference, policy)
-            stats["reference_reset"] = 1
-        log.write(update, {"proxy_reward": scores.rewards.mean().item(), "kl": kl, "kl_beta": kl_beta,
-                           "length": rollout.lengths.float().mean().item(), **stats,
-                           "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-                           "time/step": time.perf_counter() - t0})
+        log.write(update, train_step(ctx, random.sample(prompts, s["prompts_per_step"]), update))
         if update % s["eval_every"] == 0 or update == s["steps"]:
             diagnose(update)
         if update % s["checkpoint_every"] == 0 and update < s["steps"]:

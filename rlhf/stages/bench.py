@@ -1,0 +1,106 @@
+"""bench: seconds per GRPO step (generation / scoring / update) for noreg, gr and signcert, and for TRL's
+GRPOTrainer configured as Dr.GRPO on the same model, reward model, batch, G and lengths.
+
+Each timing is the mean over `--timed` steps after `--warmup` steps, from the SFT policy, in this process.
+Ours runs exactly the stage's `train_step` (which also computes the KL-from-init metric every step).
+Writes results/<experiment>/bench/bench.{json,md} and prints the table.
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+
+import numpy as np
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from rlhf.config import grpo_settings
+from rlhf.io import atomic_dir, read_jsonl, write_json
+from rlhf.paths import Paths
+from rlhf.stages.common import setup
+from rlhf.stages.grpo import load_run, train_step
+
+# Settings used when the config does not define a method of that name (timing does not depend on them).
+METHODS = {"noreg": {}, "gr": {"gr_gamma": 0.1}, "signcert": {"signcert_quantile": 0.4}}
+
+
+def time_ours(cfg, s: dict, prompts: list[str], device, warmup: int, timed: int) -> dict:
+    run = load_run(cfg, s, device)
+    rows = []
+    for update in range(1, warmup + timed + 1):
+        rows.append(train_step(run, random.sample(prompts, s["prompts_per_step"]), update))
+    keys = ("time/generate", "time/score", "time/update", "time/step")
+    return {k.removeprefix("time/"): float(np.mean([r[k] for r in rows[warmup:]])) for k in keys}
+
+
+class _StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self._t = [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def time_trl(cfg, s: dict, prompts: list[str], device, warmup: int, timed: int) -> dict:
+    """TRL's GRPOTrainer as Dr.GRPO: loss_type='dr_grpo', scale_rewards='none', beta=0, one update per batch."""
+    from trl import GRPOConfig, GRPOTrainer
+    run = load_run(cfg, s, device)
+    run.tokenizer.padding_side = "left"
+    B, G = s["prompts_per_step"], s["group_size"]
+
+    def proxy_reward(prompts, completions, **kwargs):
+        return run.proxy(prompts, [c.strip() for c in completions]).rewards.tolist()
+
+    timer = _StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(output_dir=tmp, loss_type="dr_grpo", scale_rewards="none", beta=0.0, num_iterations=1,
+                          num_generations=G, per_device_train_batch_size=B * G, gradient_accumulation_steps=1,
+                          max_completion_length=s["max_new_tokens"], temperature=s["temperature"], top_k=0, top_p=1.0,
+                          learning_rate=s["lr"], max_grad_norm=s["max_grad_norm"], epsilon=s["clip_eps"],
+                          max_steps=warmup + timed, logging_steps=1, save_strategy="no", report_to=[],
+                          use_cpu=device.type == "cpu", seed=cfg["seed"], dataloader_num_workers=0, disable_tqdm=True)
+        trainer = GRPOTrainer(model=run.policy, reward_funcs=proxy_reward, args=args,
+                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                              processing_class=run.tokenizer, callbacks=[timer])
+        trainer.train()
+    return {"step": float(np.mean(timer.times[warmup:]))}
+
+
+def markdown(results: dict, ratios: dict, s: dict, threads: int) -> str:
+    lines = [f"Seconds per GRPO step, B={s['prompts_per_step']} prompts x G={s['group_size']} completions, "
+             f"T_max={s['max_new_tokens']}, {threads} CPU thread(s):", "",
+             "| method | generate | score | update | step |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        cells = " | ".join(f"{r[k]:.3f}" if k in r else "–" for k in ("generate", "score", "update", "step"))
+        lines.append(f"| {name} | {cells} |")
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    targets = {"gr_update / noreg_update": "<= 2.2", "signcert_step / noreg_step": "<= 1.05", "ours_noreg_step / trl_step": "<= 1.0"}
+    lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg, args):
+    device = setup(cfg, args)
+    P = Paths.from_config(cfg)
+    prompts = [r["prompt"] for r in read_jsonl(P.train, required=("prompt",))]
+    warmup, timed = args.warmup, args.timed
+    results = {}
+    for name, overrides in METHODS.items():
+        s = grpo_settings(cfg, name) if name in cfg["methods"] else {**cfg["grpo"], **overrides}
+        random.seed(cfg["seed"])
+        results[name] = time_ours(cfg, s, prompts, device, warmup, timed)
+        print(f"bench: {name}: {results[name]}")
+    results["trl_grpotrainer"] = time_trl(cfg, cfg["grpo"], prompts, device, warmup, timed)
+    print(f"bench: trl: {results['trl_grpotrainer']}")
+    ratios = {"gr_update / noreg_update": results["gr"]["update"] / results["noreg"]["update"],
+              "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"],
+              "ours_noreg_step / trl_step": results["noreg"]["step"] / results["trl_grpotrainer"]["step"]}
+    text = markdown(results, ratios, cfg["grpo"], args.threads or cfg["resources"]["threads"])
+    with atomic_dir(P.root / "bench") as out:
+        write_json(out / "bench.json", {"results": results, "ratios": ratios, "warmup": warmup, "timed": timed})
+        (out / "bench.md").write_text(text)
+    print(text)

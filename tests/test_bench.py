@@ -1,0 +1,15 @@
+import json
+
+from rlhf.cli import main
+
+
+def test_bench_times_ours_and_trl(micro_run, capsys):
+    cfg, root = micro_run
+    assert main(["bench", "--config", str(cfg), "--warmup", "1", "--timed", "2"]) == 0
+    result = json.loads((root / "bench" / "bench.json").read_text())
+    for name in ("noreg", "gr", "signcert"):
+        r = result["results"][name]
+        assert 0 < r["generate"] < r["step"] and 0 < r["update"] < r["step"]
+    assert result["results"]["trl_grpotrainer"]["step"] > 0
+    assert set(result["ratios"]) == {"gr_update / noreg_update", "signcert_step / noreg_step", "ours_noreg_step / trl_step"}
+    assert "| ratio | value | target |" in capsys.readouterr().out
