@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # Times GRPO steps on the miniature (builds SFT and RM first if needed); prints and writes results/miniature/bench/.
 bench: $(STAMP)
-	. $(VENV)/bin/activate && snakemake --cores $(CORES) --configfile $(CONFIG) results/miniature/rm \
+	. $(VENV)/bin/activate && snakemake results/miniature/rm --cores $(CORES) --configfile $(CONFIG) \
 		&& python -m rlhf bench --config $(CONFIG)
 
 test: $(STAMP)

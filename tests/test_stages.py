@@ -200,6 +200,17 @@ def test_scheduled_beta_and_contradictory_settings(micro_run, tmp_path, capsys):
     assert "reset_every needs kl_beta" in capsys.readouterr().err
 
 
+def test_kl_metric_every_k_steps(micro_run, tmp_path):
+    _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path, methods={"a": {"kl_metric_every": 2}, "b": {"kl_metric_every": 2, "kl_beta": 0.1}})
+    root = tmp_path / "results" / "micro"
+    for m in ("a", "b"):
+        assert main(["grpo", "--config", str(cfg), "--method", m, "--seed", "0"]) == 0
+    a, b = (_metrics(root, m).dropna(subset=["proxy_reward"]) for m in ("a", "b"))
+    assert a.dropna(subset=["kl"])["step"].tolist() == [2, 4]
+    assert b["kl"].notna().all()  # the KL penalty computes pi_init log-probs anyway, so the metric is free
+
+
 def test_training_trajectory_does_not_depend_on_evaluation_frequency(micro_run, tmp_path):
     """Diagnostics use their own RNG streams: evaluating more often must not change what is trained."""
     _copy_upstream(micro_run, tmp_path)

@@ -117,20 +117,24 @@ def train_step(run: GRPORun, batch: list[str], update: int) -> dict:
     scores = run.proxy([p for p in batch for _ in range(G)], rollout.texts)  # rewards and RM features
     t2 = time.perf_counter()
     kl_beta = scheduled_beta(s["kl_beta"], update, s["kl_beta_decay_every"])
-    with torch.no_grad():  # the KL-from-init metric needs these anyway; the KL penalty reuses them
-        init_logprobs = token_logprobs(run.initial, rollout)
+    penalty_uses_init = kl_beta > 0 and run.reference is run.initial
+    with torch.no_grad():  # pi_init log-probs serve the KL-from-init metric and, when pi_ref is pi_init, the penalty
+        init_logprobs = None
+        if penalty_uses_init or update % s["kl_metric_every"] == 0:
+            init_logprobs = token_logprobs(run.initial, rollout)
         ref_logprobs = None
         if kl_beta > 0:
-            ref_logprobs = init_logprobs if run.reference is run.initial else token_logprobs(run.reference, rollout)
+            ref_logprobs = init_logprobs if penalty_uses_init else token_logprobs(run.reference, rollout)
     run.policy.train()
     stats = grpo_step(run.policy, run.optimizer, rollout, scores, ref_logprobs, kl_beta, s)
     t3 = time.perf_counter()
-    mask = rollout.completion_mask.to(init_logprobs.device)
-    kl = ((stats.pop("logprobs") - init_logprobs) * mask).sum(1).mean().item()
+    logprobs = stats.pop("logprobs")
+    if init_logprobs is not None:
+        stats["kl"] = ((logprobs - init_logprobs) * rollout.completion_mask.to(logprobs.device)).sum(1).mean().item()
     if is_reset_step(update, s["reset_every"]):
         reset_reference(run.reference, run.policy)
         stats["reference_reset"] = 1
-    return {"proxy_reward": scores.rewards.mean().item(), "kl": kl, "kl_beta": kl_beta,
+    return {"proxy_reward": scores.rewards.mean().item(), "kl_beta": kl_beta,
             "length": rollout.lengths.float().mean().item(), **stats,
             "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
             "time/step": time.perf_counter() - t0}
