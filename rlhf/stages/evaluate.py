@@ -21,8 +21,8 @@ def run(cfg, args):
     rows = read_jsonl(P.test, required=("prompt", "reference"))[: e["num_prompts"]]
     tokenizer = sft_tokenizer(cfg)
     dtype = cfg["model"]["dtype"]
-    policy = load_causal_lm(P.sft if method == SFT else P.policy(method, seed), dtype, device)
     sft = load_causal_lm(P.sft, dtype, device)
+    policy = sft if method == SFT else load_causal_lm(P.policy(method, seed), dtype, device)
     proxy = RewardScorer(load_reward_model(P.rm, tokenizer, dtype, device), tokenizer, cfg["rm"]["batch_size_scoring"])
     metrics, completions = evaluate_policy(policy, tokenizer, rows, make_gold(cfg, device), proxy, sft,
                                            temperature=e["temperature"], max_new_tokens=e["max_new_tokens"],
