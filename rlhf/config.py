@@ -101,6 +101,11 @@ def _check_semantics(cfg: dict, source: str) -> None:
         for key in ("train_file", "test_file"):
             if key not in cfg["data"]:
                 raise ConfigError(f"{source}: data.{key} is required when data.source is 'jsonl'")
+    if cfg["data"]["source"] in ("tldr", "alpaca_farm") and "hub_name" not in cfg["data"]:
+        raise ConfigError(f"{source}: data.hub_name is required when data.source is '{cfg['data']['source']}'")
+    if cfg["data"]["source"] == "alpaca_farm" and ("name" not in cfg["model"] or not cfg["data"]["num_test"]):
+        raise ConfigError(f"{source}: data.source alpaca_farm needs model.name (its tokenizer filters by length) "
+                          "and a data.num_test")
     if cfg["gold"]["type"] == "reward_model" and "name" not in cfg["gold"]:
         raise ConfigError(f"{source}: gold.name is required when gold.type is 'reward_model'")
     if "sft" in cfg["methods"]:
@@ -111,6 +116,8 @@ def _check_semantics(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: methods.{method}: reset_every needs kl_beta > 0 (resets act on the KL reference)")
         if m["reset_every"] and m["kl_beta_decay_every"]:
             raise ConfigError(f"{source}: methods.{method}: reset_every and kl_beta_decay_every are alternatives; set one")
+    if cfg["data"]["source"] == "miniature" and not (cfg["data"]["num_train"] and cfg["data"]["num_test"]):
+        raise ConfigError(f"{source}: the miniature generates data.num_train and data.num_test examples; set both")
     if cfg["data"]["source"] == "miniature" and "build" not in cfg["model"]:
         raise ConfigError(f"{source}: the miniature task needs model.build (its vocabulary is the task's own)")
 

@@ -27,6 +27,18 @@ def load_splits(cfg: dict) -> tuple[list[dict], list[dict]]:
         from rlhf.data.miniature import MiniatureSpec, generate_splits
         train, test = generate_splits(MiniatureSpec.from_config(cfg), data["num_train"], data["num_test"], cfg["seed"])
         return _check(train, "miniature train"), _check(test, "miniature test")
+    if data["source"] == "tldr":
+        from rlhf.data.hub import tldr_rows
+        train = tldr_rows(data["hub_name"], data["train_split"])[: data["num_train"]]
+        test = tldr_rows(data["hub_name"], data["test_split"])[: data["num_test"]]
+        return _check(train, f"{data['hub_name']}:{data['train_split']}"), _check(test, f"{data['hub_name']}:{data['test_split']}")
+    if data["source"] == "alpaca_farm":
+        from rlhf.data.hub import alpaca_rows
+        from rlhf.models import load_tokenizer
+        tokenizer = load_tokenizer(cfg["model"]["name"], pad_token=cfg["model"]["pad_token"])
+        train, test = alpaca_rows(data["hub_name"], data.get("hub_config"), tokenizer, data["max_tokens"], cfg["seed"],
+                                  data["num_test"])
+        return _check(train[: data["num_train"]], data["hub_name"]), _check(test, data["hub_name"])
     if data["source"] == "jsonl":
         train = read_jsonl(data["train_file"], required=SCHEMA_COLUMNS)[: data["num_train"]]
         test = read_jsonl(data["test_file"], required=SCHEMA_COLUMNS)[: data["num_test"]]
