@@ -9,6 +9,7 @@ import torch
 from rlhf.algorithms.gr import default_perturbed_parameters
 from rlhf.algorithms.signcert import certified_radius
 from rlhf.generation import sample
+from rlhf.stats import preference_metrics
 
 
 @torch.no_grad()
@@ -26,8 +27,8 @@ def onpolicy_rm_accuracy(policy, tokenizer, prompts: list[str], gold, proxy, *, 
     prefer_a = gold.prefer(ps, a, b, np.random.default_rng(seed))
     margin = (proxy(ps, a).rewards - proxy(ps, b).rewards).numpy()
     signed = np.where(prefer_a == 1.0, margin, -margin)  # proxy margin of the gold-preferred completion
-    return {"onpolicy/rm_accuracy": float(np.mean(signed > 0)),
-            "onpolicy/bt_loss": float(np.mean(np.logaddexp(0.0, -signed))), "onpolicy/pairs": len(keep)}
+    accuracy, bt_loss = preference_metrics(signed)
+    return {"onpolicy/rm_accuracy": accuracy, "onpolicy/bt_loss": bt_loss, "onpolicy/pairs": len(keep)}
 
 
 @torch.no_grad()

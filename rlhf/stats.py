@@ -7,6 +7,12 @@ import numpy as np
 from scipy import stats
 
 
+def preference_metrics(margin) -> tuple[float, float]:
+    """Accuracy and Bradley-Terry loss -log sigmoid(m) of reward margins m = r(preferred) - r(other)."""
+    m = np.asarray(margin, dtype=np.float64)
+    return float(np.mean(m > 0)), float(np.mean(np.logaddexp(0.0, -m)))
+
+
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
     """Mean and half-width of the t confidence interval (over seeds); half-width NaN for a single value."""
     x = np.asarray(values, dtype=np.float64)

@@ -2,13 +2,12 @@
 import numpy as np
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForSequenceClassification
 
 from rlhf.config import load_config
 from rlhf.errors import RewardError
 from rlhf.rewards.gold import ProgrammaticGold, RewardModelGold, make_gold
-from tests.conftest import REPO, write_config
+from tests.conftest import write_config
 
 PROMPT = "post : grace stole the chair . oscar sold the lamp . tldr :"
 

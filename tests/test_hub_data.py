@@ -2,7 +2,6 @@
 import json
 
 import pandas as pd
-import pytest
 
 from rlhf.cli import main
 from rlhf.data.hub import TLDR_PROMPT

@@ -6,7 +6,6 @@ model, e.g. Skywork-Reward-Llama-3.1-8B-v0.2). An API judge (GPT-4.1-nano) plugs
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import numpy as np

@@ -24,11 +24,11 @@ from rlhf.algorithms.advantages import dr_grpo_advantages  # noqa: E402
 from rlhf.algorithms.signcert import certified_radius  # noqa: E402
 from rlhf.generation import sample  # noqa: E402
 from rlhf.io import atomic_dir, read_jsonl, write_json, write_jsonl  # noqa: E402
-from rlhf.models import load_causal_lm, load_reward_model  # noqa: E402
+from rlhf.models import load_causal_lm  # noqa: E402
 from rlhf.paths import Paths  # noqa: E402
 from rlhf.rewards.gold import make_gold  # noqa: E402
 from rlhf.rewards.proxy_rm import RewardScorer  # noqa: E402
-from rlhf.stages.common import setup, sft_tokenizer  # noqa: E402
+from rlhf.stages.common import load_proxy, setup, sft_tokenizer  # noqa: E402
 
 RATES = {"model_noise": "whole-model noise", "embedding_noise": "input-embedding noise", "gold_agreement": "agreement with gold"}
 
@@ -82,10 +82,11 @@ def run(cfg, args):
     rows = read_jsonl(P.test, required=("prompt",))[: c["num_prompts"]]
     tokenizer = sft_tokenizer(cfg)
     policy = load_causal_lm(P.sft, cfg["model"]["dtype"], device)
-    rm = load_reward_model(P.rm, tokenizer, cfg["model"]["dtype"], device).eval()
+    proxy = load_proxy(cfg, tokenizer, device)
+    rm = proxy.model
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     texts = sample(policy, tokenizer, [r["prompt"] for r in rows], G, c["max_new_tokens"], c["temperature"]).texts
-    scores = RewardScorer(rm, tokenizer, bs)(prompts, texts)
+    scores = proxy(prompts, texts)
     advantages = dr_grpo_advantages(scores.rewards, G)
     radius = certified_radius(advantages, scores.features, G)
     sign = advantages.sign()

@@ -5,8 +5,9 @@ import random
 import numpy as np
 import torch
 
-from rlhf.models import device_from_config, load_tokenizer
+from rlhf.models import device_from_config, load_reward_model, load_tokenizer
 from rlhf.paths import Paths
+from rlhf.rewards.proxy_rm import RewardScorer
 
 
 def setup(cfg: dict, args, seed: int | None = None) -> torch.device:
@@ -27,6 +28,12 @@ def base_model_path(cfg: dict) -> str:
 
 def sft_tokenizer(cfg: dict):
     return load_tokenizer(Paths.from_config(cfg).sft, pad_token=cfg["model"]["pad_token"])
+
+
+def load_proxy(cfg: dict, tokenizer, device) -> RewardScorer:
+    """The trained proxy RM (frozen) behind the scorer that returns rewards and features."""
+    model = load_reward_model(Paths.from_config(cfg).rm, tokenizer, cfg["model"]["dtype"], device)
+    return RewardScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"])
 
 
 def hf_trainer_kwargs(section: dict, seed: int, use_cpu: bool) -> dict:

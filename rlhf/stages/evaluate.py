@@ -3,11 +3,10 @@ with mean gold and proxy reward, KL to the SFT policy and length. `--method sft`
 from rlhf.config import grpo_settings
 from rlhf.evaluation import evaluate_policy
 from rlhf.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from rlhf.models import load_causal_lm, load_reward_model
+from rlhf.models import load_causal_lm
 from rlhf.paths import Paths
 from rlhf.rewards.gold import make_gold
-from rlhf.rewards.proxy_rm import RewardScorer
-from rlhf.stages.common import setup, sft_tokenizer
+from rlhf.stages.common import load_proxy, setup, sft_tokenizer
 
 SFT = "sft"
 
@@ -23,7 +22,7 @@ def run(cfg, args):
     dtype = cfg["model"]["dtype"]
     sft = load_causal_lm(P.sft, dtype, device)
     policy = sft if method == SFT else load_causal_lm(P.policy(method, seed), dtype, device)
-    proxy = RewardScorer(load_reward_model(P.rm, tokenizer, dtype, device), tokenizer, cfg["rm"]["batch_size_scoring"])
+    proxy = load_proxy(cfg, tokenizer, device)
     metrics, completions = evaluate_policy(policy, tokenizer, rows, make_gold(cfg, device), proxy, sft,
                                            temperature=e["temperature"], max_new_tokens=e["max_new_tokens"],
                                            batch_size=e["batch_size"])

@@ -37,12 +37,12 @@ from rlhf.evaluation import evaluate_policy
 from rlhf.generation import sample
 from rlhf.io import atomic_dir, read_jsonl
 from rlhf.metrics_log import MetricsLog
-from rlhf.models import load_causal_lm, load_reward_model
+from rlhf.models import load_causal_lm
 from rlhf.paths import Paths
 from rlhf.policy import token_logprobs
 from rlhf.rewards.gold import make_gold
 from rlhf.rewards.proxy_rm import RewardScorer
-from rlhf.stages.common import setup, sft_tokenizer
+from rlhf.stages.common import load_proxy, setup, sft_tokenizer
 
 
 def grpo_step(policy, optimizer, rollout, scores, ref_logprobs, kl_beta: float, s: dict) -> dict:
@@ -102,8 +102,7 @@ def load_run(cfg: dict, s: dict, device) -> GRPORun:
     initial = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_init: KL reference and KL-from-init metric
     # Reference Resets need their own pi_ref; otherwise pi_ref is pi_init (shared, one forward pass for both).
     reference = copy.deepcopy(initial) if s["reset_every"] else initial
-    proxy = RewardScorer(load_reward_model(P.rm, tokenizer, cfg["model"]["dtype"], device).requires_grad_(False),
-                         tokenizer, cfg["rm"]["batch_size_scoring"])
+    proxy = load_proxy(cfg, tokenizer, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     return GRPORun(policy, initial, reference, proxy, tokenizer, optimizer, s)
 

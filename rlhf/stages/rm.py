@@ -17,6 +17,7 @@ from rlhf.models import load_reward_model, rm_input_ids
 from rlhf.paths import Paths
 from rlhf.rewards.proxy_rm import RewardScorer
 from rlhf.stages.common import hf_trainer_kwargs, setup, sft_tokenizer
+from rlhf.stats import preference_metrics
 
 
 def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
@@ -24,8 +25,8 @@ def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
     chosen = scorer(prompts, [r["chosen"] for r in rows]).rewards.numpy()
     rejected = scorer(prompts, [r["rejected"] for r in rows]).rewards.numpy()
     margin = chosen - rejected
-    out = {"n_heldout": len(rows), "accuracy_vs_labels": float(np.mean(margin > 0)),
-           "bt_loss_vs_labels": float(np.mean(np.logaddexp(0.0, -margin)))}
+    accuracy, bt_loss = preference_metrics(margin)
+    out = {"n_heldout": len(rows), "accuracy_vs_labels": accuracy, "bt_loss_vs_labels": bt_loss}
     if "gold_chosen" in rows[0]:
         gold_margin = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows])
         decided = gold_margin != 0
