@@ -59,6 +59,8 @@ def _fill_defaults(cfg: dict, node: dict, root: dict) -> None:
     """
     node = _resolve(node, root)
     for key, sub in node.get("properties", {}).items():
+        if key not in cfg and "default" in sub:  # a default beside a $ref belongs to the referring field
+            cfg[key] = copy.deepcopy(sub["default"])
         sub = _resolve(sub, root)
         if key not in cfg and "default" in sub:
             cfg[key] = copy.deepcopy(sub["default"])

@@ -25,10 +25,13 @@ def onpolicy_rm_accuracy(policy, tokenizer, prompts: list[str], gold, proxy, *, 
         return {"onpolicy/pairs": 0}
     ps, a, b = [prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep]
     prefer_a = gold.prefer(ps, a, b, np.random.default_rng(seed))
-    margin = (proxy(ps, a).rewards - proxy(ps, b).rewards).numpy()
-    signed = np.where(prefer_a == 1.0, margin, -margin)  # proxy margin of the gold-preferred completion
+    decided = ~np.isnan(prefer_a)  # an unparseable judge answer labels nothing
+    if not decided.any():
+        return {"onpolicy/pairs": 0}
+    margin = (proxy(ps, a).rewards - proxy(ps, b).rewards).numpy()[decided]
+    signed = np.where(prefer_a[decided] == 1.0, margin, -margin)  # proxy margin of the gold-preferred completion
     accuracy, bt_loss = preference_metrics(signed)
-    return {"onpolicy/rm_accuracy": accuracy, "onpolicy/bt_loss": bt_loss, "onpolicy/pairs": len(keep)}
+    return {"onpolicy/rm_accuracy": accuracy, "onpolicy/bt_loss": bt_loss, "onpolicy/pairs": int(decided.sum())}
 
 
 @torch.no_grad()

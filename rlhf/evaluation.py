@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rlhf.errors import RewardError
 from rlhf.generation import sample
 from rlhf.policy import sequence_kl
 from rlhf.stats import winrate_ci
@@ -19,10 +20,14 @@ def evaluate_policy(policy, tokenizer, rows: list[dict], gold, proxy=None, kl_re
     references = [r["reference"] for r in rows]
     rollout = sample(policy, tokenizer, prompts, 1, max_new_tokens, temperature, batch_size)
     outcomes = gold.judge(prompts, rollout.texts, references)
-    win, lo, hi = winrate_ci(outcomes)
-    metrics = {"win_rate": win, "win_rate_ci_low": lo, "win_rate_ci_high": hi, "n": len(rows),
-               "length": float(rollout.lengths.float().mean())}
-    per_row = {"prompt": prompts, "completion": rollout.texts, "reference": references, "outcome": outcomes.tolist()}
+    decided = np.isfinite(outcomes)  # NaN: the judge's answer was unparseable; excluded and counted, not guessed
+    if not decided.any():
+        raise RewardError(f"the gold decided none of the {len(rows)} comparisons (every judge answer unparseable)")
+    win, lo, hi = winrate_ci(outcomes[decided])
+    metrics = {"win_rate": win, "win_rate_ci_low": lo, "win_rate_ci_high": hi, "n": int(decided.sum()),
+               "unparseable": int((~decided).sum()), "length": float(rollout.lengths.float().mean())}
+    per_row = {"prompt": prompts, "completion": rollout.texts, "reference": references,
+               "outcome": [float(o) if d else None for o, d in zip(outcomes, decided)]}
     gold_scores = gold.score(prompts, rollout.texts)
     if gold_scores is not None:
         metrics["gold_reward"] = float(np.mean(gold_scores))

@@ -108,13 +108,15 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", device: torch.devic
 
 
 def load_reward_model(path: str | Path, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32",
-                      device: torch.device | str = "cpu"):
-    """A sequence-classification model with one output. From a causal-LM folder this adds a fresh scalar head."""
+                      device: torch.device | str = "cpu", device_map: str | None = None):
+    """A sequence-classification model with one output. From a causal-LM folder this adds a fresh scalar head.
+    device_map ('auto') shards the model over the visible GPUs instead of moving it to `device`."""
     _check_model_dir(path)
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=_dtype(dtype))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=_dtype(dtype),
+                                                               device_map=device_map)
     # The reward is read at the last non-pad token; the model finds it through pad_token_id.
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device)
+    return model if device_map else model.to(device)
 
 
 # --- text <-> tokens, shared by SFT, RM training and scoring so the three always agree ---

@@ -34,6 +34,8 @@ class Paths:
     def certify(self) -> Path: return self.root / "certify"
     @property
     def report(self) -> Path: return self.root / "report"
+    @property
+    def judge_cache(self) -> Path: return self.root / "judge_cache.sqlite"  # every paid API answer, shared by stages
 
     def grpo(self, method: str, seed) -> Path:
         return self.root / "grpo" / str(method) / f"seed{seed}"

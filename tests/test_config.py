@@ -86,3 +86,17 @@ def test_method_overrides_only_what_it_names():
     assert grpo_settings(cfg, "noreg")["kl_beta"] == 0.0
     with pytest.raises(ConfigError, match="method 'ppo' is not in config.methods"):
         grpo_settings(cfg, "ppo")
+
+
+def test_sections_behind_a_ref_get_their_defaults(tmp_path):
+    """grpo and gold.judge are declared by $ref with a default beside it: omitted, they are still filled."""
+    cfg = yaml.safe_load((REPO / "config" / "micro.yaml").read_text())
+    del cfg["grpo"]
+    cfg["gold"] = {"type": "openai"}
+    cfg["results_dir"] = str(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_config(path)
+    assert loaded["grpo"]["steps"] == 1000 and loaded["grpo"]["group_size"] == 8
+    assert loaded["gold"]["judge"]["model"] == "gpt-4.1-nano"
+    assert loaded["gold"]["judge"]["prices"]["gpt-4.1-nano"] == {"input": 0.10, "output": 0.40}

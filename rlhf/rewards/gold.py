@@ -1,11 +1,16 @@
 """The gold: the preference oracle that labels pairs and judges win rates.
 
-Backends: `programmatic` (the miniature's true reward) and `reward_model` (any HF sequence-classification
-model, e.g. Skywork-Reward-Llama-3.1-8B-v0.2). An API judge (GPT-4.1-nano) plugs in by implementing
-`prefer` and `judge` directly; score-based golds get both from `score`.
+Backends: `programmatic` (the miniature's true reward), `reward_model` (any HF sequence-classification
+model, e.g. Skywork-Reward-Llama-3.1-8B-v0.2) and `openai` (a pairwise LLM judge such as GPT-4.1-nano behind
+any OpenAI-compatible API). Score-based golds get `prefer` and `judge` from `score`; the judge implements them
+directly and has no `score`.
+
+Pairwise outcomes may be NaN: the judge's answer could not be parsed. Callers count those explicitly
+(labels drop the pair, win rates exclude it and report how many); nothing defaults silently.
 """
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -15,7 +20,8 @@ from rlhf.errors import ConfigError, RewardError
 
 
 class Gold(ABC):
-    """prefer: 1.0 where a is preferred to b, else 0.0. judge: 1 win, 0.5 tie, 0 loss of candidate vs reference."""
+    """prefer: 1.0 where a is preferred to b, else 0.0. judge: 1 win, 0.5 tie, 0 loss of candidate vs reference.
+    Either may hold NaN for a pair the gold could not decide (an unparseable judge answer)."""
 
     @abstractmethod
     def prefer(self, prompts: list[str], a: list[str], b: list[str], rng: np.random.Generator) -> np.ndarray: ...
@@ -77,8 +83,11 @@ class RewardModelGold(ScoreGold):
         from rlhf.models import load_reward_model, load_tokenizer
         g = cfg["gold"]
         self.tokenizer = load_tokenizer(g["name"], pad_token=cfg["model"]["pad_token"])
-        self.model = load_reward_model(g["name"], self.tokenizer, dtype=cfg["model"]["dtype"], device=device).eval()
-        self.batch_size, self.max_length, self.device = g["batch_size"], g["max_length"], device
+        # An 8B RM in bf16 is 16 GB: device_map 'auto' spreads its layers over every visible GPU.
+        self.model = load_reward_model(g["name"], self.tokenizer, dtype=cfg["model"]["dtype"], device=device,
+                                       device_map=g["device_map"]).eval()
+        self.device = self.model.device if g["device_map"] else device
+        self.batch_size, self.max_length = g["batch_size"], g["max_length"]
 
     def _format(self, prompt: str, completion: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -102,10 +111,48 @@ class RewardModelGold(ScoreGold):
         return scores
 
 
+class JudgeGold(Gold):
+    """A pairwise LLM judge (GPT-4.1-nano in the papers) through the cached, rate-limited ChatClient.
+
+    The order of the two responses is a per-pair coin fixed by a hash (prompt.swapped), so reruns send
+    identical requests and hit the cache. `both_orders` judges each evaluation pair in both orders and
+    averages the parseable verdicts (0.5 where they disagree).
+    """
+
+    def __init__(self, cfg: dict):
+        from rlhf.judge.client import ChatClient
+        from rlhf.paths import Paths
+        self.cfg, self.seed = cfg["gold"]["judge"], cfg["seed"]
+        self.client = ChatClient(self.cfg, self.cfg["cache"] or Paths.from_config(cfg).judge_cache)
+
+    def _first_wins(self, prompts, first, second, flip: bool, desc: str) -> np.ndarray:
+        from rlhf.judge import prompt as jp
+        shown_swapped = [jp.swapped(self.seed, p, x, y) != flip for p, x, y in zip(prompts, first, second)]
+        requests = [self.client.request(jp.messages(p, y, x) if s else jp.messages(p, x, y))
+                    for p, x, y, s in zip(prompts, first, second, shown_swapped)]
+        picks = [jp.parse(c) for c in self.client.answers(requests, desc=desc)]
+        return np.array([np.nan if pick is None else float((pick == "a") != s)
+                         for pick, s in zip(picks, shown_swapped)])
+
+    def prefer(self, prompts, a, b, rng):
+        return self._first_wins(prompts, a, b, flip=False, desc="judge labels")
+
+    def judge(self, prompts, candidates, references):
+        outcome = self._first_wins(prompts, candidates, references, flip=False, desc="judge win rate")
+        if not self.cfg["both_orders"]:
+            return outcome
+        other = self._first_wins(prompts, candidates, references, flip=True, desc="judge win rate (swapped)")
+        with warnings.catch_warnings():  # nanmean of two NaNs is NaN (unparseable both ways), not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.stack([outcome, other]), axis=0)
+
+
 def make_gold(cfg: dict, device: torch.device | None = None) -> Gold:
     kind = cfg["gold"]["type"]
     if kind == "programmatic":
         return ProgrammaticGold(cfg)
     if kind == "reward_model":
         return RewardModelGold(cfg, device or torch.device("cpu"))
+    if kind == "openai":
+        return JudgeGold(cfg)
     raise ConfigError(f"gold.type {kind!r} is not implemented")

@@ -1,6 +1,7 @@
 """label: the gold's preference for every sampled pair, written as chosen/rejected."""
 import numpy as np
 
+from rlhf.errors import RewardError
 from rlhf.io import read_jsonl, write_jsonl
 from rlhf.paths import Paths
 from rlhf.rewards.gold import make_gold
@@ -15,8 +16,13 @@ def run(cfg, args):
     prompts, a, b = ([p[k] for p in pairs] for k in ("prompt", "a", "b"))
     prefer_a = gold.prefer(prompts, a, b, np.random.default_rng(cfg["seed"]))
     scores_a, scores_b = gold.score(prompts, a), gold.score(prompts, b)
+    undecided = np.isnan(prefer_a)  # unparseable judge answers: such a pair has no label, so it is left out
+    if undecided.all():
+        raise RewardError(f"label: the gold decided none of the {len(pairs)} pairs (every judge answer unparseable)")
     rows = []
     for i, pair in enumerate(pairs):
+        if undecided[i]:
+            continue
         first = prefer_a[i] == 1.0
         row = {"prompt": pair["prompt"], "chosen": pair["a"] if first else pair["b"],
                "rejected": pair["b"] if first else pair["a"]}
@@ -24,4 +30,5 @@ def run(cfg, args):
             row["gold_chosen"], row["gold_rejected"] = (scores_a[i], scores_b[i]) if first else (scores_b[i], scores_a[i])
         rows.append(row)
     write_jsonl(P.labels, rows)
-    print(f"label: {len(rows)} pairs labeled by gold '{cfg['gold']['type']}' -> {P.labels}")
+    dropped = f"; {int(undecided.sum())} left out, the judge's answer unparseable" if undecided.any() else ""
+    print(f"label: {len(rows)} of {len(pairs)} pairs labeled by gold '{cfg['gold']['type']}'{dropped} -> {P.labels}")

@@ -1,0 +1,306 @@
+"""The GPT-4.1-nano judge against a real local HTTP server speaking the OpenAI protocol, with injected faults.
+
+Checked: parsing with an explicit unparseable outcome, retries on 429 (Retry-After honoured) / 500 / timeouts /
+malformed bodies, the durable cache (resume without re-sending), the budget cap, the RPM limit, the Batch API
+(submit, poll, resume by id, find a batch whose id was never recorded), the key never leaking, and the label
+and evaluate stages running with `gold: openai` on the miniature.
+"""
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rlhf.config import load_config
+from rlhf.errors import ConfigError, RewardError
+from rlhf.io import read_json, read_jsonl
+from rlhf.judge import prompt as jp
+from rlhf.judge.client import BudgetExhausted, ChatClient
+from rlhf.rewards.gold import JudgeGold, make_gold
+from tests.conftest import REPO, write_config
+from tests.fake_openai import FakeOpenAI
+
+KEY = "sk-test-DO-NOT-LEAK-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+def judge_cfg(tmp_path, url, **judge):
+    base = {"base_url": url, "timeout": 1.0, "max_backoff": 2.0, "concurrency": 4, "requests_per_minute": 6000}
+    return load_config(write_config(tmp_path, gold={"type": "openai", "judge": {**base, **judge}}))
+
+
+def pairs(n):
+    prompts = [f"instruction number {i}: say something" for i in range(n)]
+    return prompts, ["x" * (i % 7 + 1) for i in range(n)], ["y" * (8 - i % 7) for i in range(n)]  # never a tie
+
+
+def expected_prefer(a, b):
+    return np.array([1.0 if len(x) >= len(y) else 0.0 for x, y in zip(a, b)])
+
+
+# --- the prompt --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,want", [
+    ("Output (a)", "a"), ("output (B).", "b"), ("Output(b)", "b"), ("(a)", "a"), ("b", "b"), (" A. ", "a"),
+    ("Output (a) is better than Output (b)", None), ("I find both equally good.", None), ("", None), (None, None),
+    ("Both are bad", None)])
+def test_parse_names_exactly_one_output_or_none(text, want):
+    assert jp.parse(text) == want
+
+
+def test_order_coin_is_deterministic_and_fair():
+    coins = [jp.swapped(0, f"p{i}", "x", "y") for i in range(2000)]
+    assert coins == [jp.swapped(0, f"p{i}", "x", "y") for i in range(2000)]
+    assert 0.45 < np.mean(coins) < 0.55
+    assert coins != [jp.swapped(1, f"p{i}", "x", "y") for i in range(2000)]
+
+
+# --- the client against faults -----------------------------------------------------------------------------
+
+def bucket_fault(key, attempt):
+    """One request in ten per kind; each transient fault only on the first attempt."""
+    kind = {0: "429", 1: "500", 2: "timeout", 3: "badjson", 4: "slow", 5: "malformed"}.get(int(key[:8], 16) % 10)
+    return kind if kind in ("malformed",) or attempt == 1 else None
+
+
+def test_faults_are_retried_and_each_request_answered_once(tmp_path):
+    prompts, a, b = pairs(60)
+    with FakeOpenAI(fault=bucket_fault, retry_after=0.3, timeout_sleep=1.5) as server:
+        gold = make_gold(judge_cfg(tmp_path, server.url))
+        assert isinstance(gold, JudgeGold)
+        prefer = gold.prefer(prompts, a, b, np.random.default_rng(0))
+        seen = {k: [f for _, f in v] for k, v in server.attempts.items()}
+        kinds = {f for fs in seen.values() for f in fs}
+        assert {"429", "500", "timeout", "badjson", "slow", "malformed"} <= kinds  # every fault was exercised
+        assert server.duplicates() == {}
+        assert len(server.answered) == 60
+        for key, attempts in server.attempts.items():  # Retry-After honoured before the second try
+            if attempts[0][1] == "429":
+                assert attempts[1][0] - attempts[0][0] >= 0.3
+        malformed = [k for k, fs in seen.items() if fs[0] == "malformed"]
+    # unparseable answers are NaN, never a default; everything else matches the server's verdict
+    assert np.isnan(prefer).sum() == len(malformed) > 0
+    ok = ~np.isnan(prefer)
+    np.testing.assert_array_equal(prefer[ok], expected_prefer(a, b)[ok])
+
+
+def test_rerun_is_served_from_the_cache_without_sending(tmp_path):
+    prompts, a, b = pairs(20)
+    with FakeOpenAI() as server:
+        cfg = judge_cfg(tmp_path, server.url)
+        first = make_gold(cfg).prefer(prompts, a, b, None)
+        sent = sum(len(v) for v in server.attempts.values())
+        again = make_gold(cfg).prefer(prompts, a, b, None)  # a new process would read the same sqlite file
+        assert sum(len(v) for v in server.attempts.values()) == sent == 20
+    np.testing.assert_array_equal(first, again)
+
+
+def test_budget_stops_cleanly_before_exceeding_and_resumes(tmp_path):
+    prompts, a, b = pairs(40)
+    with FakeOpenAI() as server:
+        cfg = judge_cfg(tmp_path, server.url, concurrency=2)
+        client = make_gold(cfg).client
+        per_request = client.worst_case_cost(client.request(jp.messages(prompts[0], a[0], b[0])))
+        cfg["gold"]["judge"]["budget_usd"] = 5.5 * per_request
+        with pytest.raises(BudgetExhausted, match="raise the budget and rerun"):
+            make_gold(cfg).prefer(prompts, a, b, None)
+        cache = sqlite3.connect(tmp_path / "results" / "micro" / "judge_cache.sqlite")
+        n, spent = cache.execute("SELECT COUNT(*), SUM(cost_usd) FROM answers").fetchone()
+        assert 5 <= n < 40 and spent <= cfg["gold"]["judge"]["budget_usd"]
+        cfg["gold"]["judge"]["budget_usd"] = 1.0
+        prefer = make_gold(cfg).prefer(prompts, a, b, None)
+        assert server.duplicates() == {} and len(server.answered) == 40
+    np.testing.assert_array_equal(prefer, expected_prefer(a, b))
+
+
+def test_requests_per_minute_is_a_ceiling(tmp_path):
+    prompts, a, b = pairs(13)
+    with FakeOpenAI() as server:
+        gold = make_gold(judge_cfg(tmp_path, server.url, requests_per_minute=1200, concurrency=8))
+        start = time.monotonic()
+        gold.prefer(prompts, a, b, None)
+        elapsed = time.monotonic() - start
+        starts = sorted(t for v in server.attempts.values() for t, _ in v)
+    assert elapsed >= 12 * 0.05 * 0.95
+    assert min(np.diff(starts)) >= 0.04  # 20 per second, evenly spaced (not bursts)
+
+
+def test_both_orders_average_and_disagreement_is_a_tie(tmp_path):
+    prompts = ["p1", "p2", "p3"]
+    cand, ref = ["good", "bad", "first"], ["bad", "good", "second"]
+
+    def decide(instruction, x, y):  # p3: a position-biased judge always answers (a)
+        if instruction == "p3":
+            return "a"
+        return "a" if x == "good" else "b"
+    with FakeOpenAI(decide=decide) as server:
+        gold = make_gold(judge_cfg(tmp_path, server.url, both_orders=True))
+        assert gold.judge(prompts, cand, ref).tolist() == [1.0, 0.0, 0.5]
+        assert len(server.answered) == 6
+
+
+def test_key_stays_out_of_errors_cache_and_output(tmp_path, capfd):
+    prompts, a, b = pairs(3)
+
+    class Unauthorized(FakeOpenAI):
+        def _chat(self, handler, body):
+            handler._json(401, {"error": {"message": f"Incorrect API key provided: {KEY}", "code": "invalid_api_key"}})
+    with Unauthorized() as server:
+        with pytest.raises(RewardError) as err:
+            make_gold(judge_cfg(tmp_path, server.url)).prefer(prompts, a, b, None)
+    assert "HTTP 401" in str(err.value) and "OPENAI_API_KEY" in str(err.value)
+    assert KEY not in str(err.value) and "sk-test" not in str(err.value)
+    with FakeOpenAI() as server:
+        make_gold(judge_cfg(tmp_path, server.url)).prefer(prompts, a, b, None)
+        assert server.auth_headers == {f"Bearer {KEY}"}  # the key did reach the server, as a header only
+    out, errtext = capfd.readouterr()
+    assert KEY not in out + errtext
+    for path in (tmp_path / "results").rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_missing_key_and_unpriced_model_are_config_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    cfg = load_config(write_config(tmp_path, gold={"type": "openai"}))
+    with pytest.raises(ConfigError, match="set the environment variable OPENAI_API_KEY"):
+        make_gold(cfg)
+    cfg = judge_cfg(tmp_path, "http://127.0.0.1:9/v1", model="my-open-judge")
+    with pytest.raises(ConfigError, match="gold.judge.prices has no entry for model 'my-open-judge'"):
+        make_gold(cfg)
+
+
+# --- Batch API ---------------------------------------------------------------------------------------------
+
+def test_batch_api_submits_polls_and_resumes_by_id(tmp_path, monkeypatch):
+    prompts, a, b = pairs(25)
+    with FakeOpenAI(polls_to_complete=3) as server:
+        cfg = judge_cfg(tmp_path, server.url, batch_api=True, batch_poll_seconds=0.01, batch_max_requests=10)
+
+        def killed(self, *args):
+            raise KeyboardInterrupt  # the job dies while it waits for its batches
+        monkeypatch.setattr(ChatClient, "_collect", killed)
+        with pytest.raises(KeyboardInterrupt):
+            make_gold(cfg).prefer(prompts, a, b, None)
+        assert server.batches_created == 3  # 25 requests in batches of at most 10
+        monkeypatch.undo()
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        prefer = make_gold(cfg).prefer(prompts, a, b, None)
+        assert server.batches_created == 3 and server.duplicates() == {}
+        cache = sqlite3.connect(tmp_path / "results" / "micro" / "judge_cache.sqlite")
+        vias = {v for (v,) in cache.execute("SELECT via FROM answers")}
+        costs = cache.execute("SELECT SUM(cost_usd) FROM answers").fetchone()[0]
+    np.testing.assert_array_equal(prefer, expected_prefer(a, b))
+    assert len(vias) == 3 and all(v.startswith("batch:") for v in vias)
+    client = make_gold(cfg).client
+    full = sum(client.cost(len(jp.messages(p, x, y)[1]["content"]) // 4 + 20, 3)
+               for p, x, y in zip(prompts, a, b))
+    assert costs == pytest.approx(0.5 * full, rel=1e-6)  # the Batch API discount is booked
+
+
+def test_batch_whose_id_was_never_recorded_is_found_by_metadata(tmp_path, monkeypatch):
+    from rlhf.judge.cache import AnswerCache
+    prompts, a, b = pairs(8)
+    with FakeOpenAI(polls_to_complete=1) as server:
+        cfg = judge_cfg(tmp_path, server.url, batch_api=True, batch_poll_seconds=0.01)
+        real = AnswerCache.set_batch
+
+        def die_before_recording(self, submission, batch_id, state):
+            if state == "open":
+                raise KeyboardInterrupt  # killed between batches.create and writing its id down
+            return real(self, submission, batch_id, state)
+        monkeypatch.setattr(AnswerCache, "set_batch", die_before_recording)
+        with pytest.raises(KeyboardInterrupt):
+            make_gold(cfg).prefer(prompts, a, b, None)
+        monkeypatch.setattr(AnswerCache, "set_batch", real)
+        prefer = make_gold(cfg).prefer(prompts, a, b, None)
+        assert server.batches_created == 1 and server.duplicates() == {}
+    np.testing.assert_array_equal(prefer, expected_prefer(a, b))
+
+
+# --- stages with gold: openai on the miniature -------------------------------------------------------------
+
+def true_reward_judge():
+    from rlhf.data.miniature import MiniatureSpec, true_reward
+    spec = MiniatureSpec.from_config(load_config(REPO / "config" / "micro.yaml"))
+    return lambda instruction, x, y: "a" if true_reward(instruction, x, spec) >= true_reward(instruction, y, spec) else "b"
+
+
+def openai_micro(tmp_path, micro_run, url, **judge):
+    """The micro config with gold: openai, reusing the micro run's samples, SFT and RM."""
+    _, results = micro_run
+    target = tmp_path / "results" / "micro"
+    for name in ("data", "pairs", "sft", "rm"):
+        shutil.copytree(results / name, target / name)
+    (target / "pairs" / "labels.jsonl").unlink()
+    judge = {"base_url": url, "timeout": 2.0, "max_backoff": 1.0, "concurrency": 4, **judge}
+    return write_config(tmp_path, gold={"type": "openai", "judge": judge})
+
+
+def run_stage(stage, config, *extra, **popen):
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "rlhf", stage, "--config", str(config), *extra], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_label_stage_killed_and_resumed_labels_every_pair_once(tmp_path, micro_run):
+    with FakeOpenAI(decide=true_reward_judge(), delay=0.05, fault=bucket_fault, timeout_sleep=2.5) as server:
+        config = openai_micro(tmp_path, micro_run, server.url)
+        cache = tmp_path / "results" / "micro" / "judge_cache.sqlite"
+        samples = read_jsonl(tmp_path / "results" / "micro" / "pairs" / "samples.jsonl")
+        proc = run_stage("label", config)
+        deadline = time.monotonic() + 60
+        answered_before_kill = 0
+        while time.monotonic() < deadline:  # SIGKILL once about a third of the pairs are answered
+            if cache.exists():
+                try:
+                    answered_before_kill = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+                except sqlite3.OperationalError:
+                    pass
+            if answered_before_kill >= len(samples) // 3:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        persisted = {k for (k,) in sqlite3.connect(cache).execute("SELECT key FROM answers")}
+        assert 0 < len(persisted) < len(samples)
+        assert not (tmp_path / "results" / "micro" / "pairs" / "labels.jsonl").exists()  # nothing half-written
+        out, _ = run_stage("label", config).communicate(timeout=120)
+        assert "pairs labeled by gold 'openai'" in out, out
+        dupes = server.duplicates()
+        assert not set(dupes) & persisted  # no answered-and-saved request was ever sent again
+        assert len(dupes) <= 4  # at most the requests in flight at the kill (concurrency 4)
+        assert KEY not in out
+    labels = read_jsonl(tmp_path / "results" / "micro" / "pairs" / "labels.jsonl")
+    malformed = sum(1 for k, v in server.attempts.items() if v[0][1] == "malformed")
+    assert len(labels) + malformed == len(samples)  # every pair labeled exactly once, except unparseable ones
+    assert len({(r["prompt"], frozenset([r["chosen"], r["rejected"]])) for r in labels}) == len(labels)
+    assert f"{malformed} left out, the judge's answer unparseable" in out
+
+
+@pytest.mark.slow
+def test_evaluate_stage_with_openai_judge(tmp_path, micro_run):
+    with FakeOpenAI(decide=true_reward_judge()) as server:
+        config = openai_micro(tmp_path, micro_run, server.url, both_orders=True)
+        out, _ = run_stage("evaluate", config, "--method", "sft", "--seed", "0").communicate(timeout=300)
+        assert "win rate" in out, out
+    metrics = read_json(tmp_path / "results" / "micro" / "eval" / "sft" / "seed0" / "metrics.json")
+    programmatic = read_json(micro_run[1] / "eval" / "sft" / "seed0" / "metrics.json")
+    assert metrics["unparseable"] == 0 and metrics["n"] == programmatic["n"]
+    # the same completions (same seed) judged by the true reward through the API: the same win rate
+    assert metrics["win_rate"] == pytest.approx(programmatic["win_rate"])
+    assert "gold_reward" not in metrics
+    rows = read_jsonl(tmp_path / "results" / "micro" / "eval" / "sft" / "seed0" / "completions.jsonl")
+    assert all(r["outcome"] in (0.0, 0.5, 1.0) for r in rows)
+    assert not any(KEY in json.dumps(r) for r in rows)
