@@ -2,6 +2,7 @@
 #   snakemake --cores 2                                  # the embedded miniature (config/miniature.yaml)
 #   snakemake --cores 8 --configfile config/other.yaml   # another experiment
 #   snakemake --cores 2 --config 'grpo={lr: 1e-4}'       # overrides, merged and forwarded to every stage
+import re
 import shlex
 
 from rlhf.config import load_config, overrides_from_snakemake
@@ -32,7 +33,7 @@ def rlhf(stage, extra=""):
 
 
 wildcard_constraints:
-    method="|".join([*METHODS, SFT_EVAL]),
+    method="|".join(re.escape(m) for m in [*METHODS, SFT_EVAL]),
     seed=r"\d+",
 
 

@@ -19,6 +19,7 @@ STAGES = {
     "certify": "certified-radius validation of the proxy RM (SignCert Fig. 4)",
     "report": "table and plots over methods x seeds",
     "bench": "seconds per GRPO step: noreg, gr, signcert and TRL's GRPOTrainer as Dr.GRPO",
+    "judge-cost": "expected requests, tokens and USD of an API judge (gold.type openai) for this experiment",
 }
 PER_RUN = {"grpo", "evaluate"}
 
@@ -36,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "bench":
             s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
             s.add_argument("--timed", type=int, default=20, help="timed steps (mean reported)")
+        if name == "judge-cost":
+            s.add_argument("--prompt-tokens", type=float, help="mean tokens of a prompt, when the data stage has not run")
+            s.add_argument("--train-prompts", type=int, help="train prompts available, when the data stage has not run")
         s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. grpo.lr=1e-4")
     return p
 
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.config import load_config
     try:
         cfg = load_config(args.config, args.overrides)
-        importlib.import_module(f"rlhf.stages.{args.stage}").run(cfg, args)
+        importlib.import_module(f"rlhf.stages.{args.stage.replace('-', '_')}").run(cfg, args)
     except RLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

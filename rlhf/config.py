@@ -6,6 +6,7 @@ Snakefile go through `validate_config`, so a typo fails the same way everywhere.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 from pathlib import Path
@@ -73,6 +74,21 @@ def _field(error: jsonschema.ValidationError) -> str:
     return path or "<top level>"
 
 
+def _raise_first(errors: list, source: str) -> None:
+    if not errors:
+        return
+    e = jsonschema.exceptions.best_match(errors)
+    if e.validator == "additionalProperties":
+        extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+        allowed = ", ".join(sorted(e.schema.get("properties", {})))
+        prefix = _field(e)
+        names = ", ".join(f"{prefix}.{k}" if prefix != "<top level>" else k for k in extra)
+        raise ConfigError(f"{source}: unknown key {names} (allowed here: {allowed})")
+    if e.validator == "oneOf" and _field(e) == "model":
+        raise ConfigError(f"{source}: model: set exactly one of model.name (a hub id or folder) or model.build (a tiny model)")
+    raise ConfigError(f"{source}: {_field(e)}: {e.message}")
+
+
 def validate_config(cfg: dict, source: str = "config") -> dict:
     """Validate in place (filling defaults) and return the config; raise ConfigError naming the field."""
     schema = _schema()
@@ -83,17 +99,9 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     if not errors:
         _fill_defaults(cfg, schema, schema)
         errors = list(validator.iter_errors(cfg))
-    if errors:
-        e = jsonschema.exceptions.best_match(errors)
-        if e.validator == "additionalProperties":
-            extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
-            allowed = ", ".join(sorted(e.schema.get("properties", {})))
-            prefix = _field(e)
-            names = ", ".join(f"{prefix}.{k}" if prefix != "<top level>" else k for k in extra)
-            raise ConfigError(f"{source}: unknown key {names} (allowed here: {allowed})")
-        if e.validator == "oneOf" and _field(e) == "model":
-            raise ConfigError(f"{source}: model: set exactly one of model.name (a hub id or folder) or model.build (a tiny model)")
-        raise ConfigError(f"{source}: {_field(e)}: {e.message}")
+    _raise_first(errors, source)
+    expand_sweeps(cfg, source)
+    _raise_first(list(validator.iter_errors(cfg)), source)  # a grid value of the wrong type names its method
     _check_semantics(cfg, source)
     return cfg
 
@@ -174,15 +182,45 @@ def overrides_from_snakemake(config_args: dict) -> list[str]:
     return [f"{k}={json.dumps(_retype(v))}" for k, v in config_args.items()]
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    path = Path(path)
+def _read_yaml(path: Path, chain: tuple = ()) -> dict:
+    """A config file with its `extends` chain merged in (the child's mappings merge into the parent's)."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: extends itself through {' -> '.join(map(str, chain))}")
     try:
-        cfg = yaml_load(path.read_text())
+        cfg = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    cfg = apply_overrides(cfg or {}, overrides or [])
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    parent = cfg.pop("extends", None)
+    if parent is None:
+        return cfg
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a file name, got {parent!r}")
+    merged = _read_yaml(path.parent / parent, (*chain, path.resolve()))
+    for key, value in cfg.items():
+        _merge(merged, key, value)
+    return merged
+
+
+def expand_sweeps(cfg: dict, source: str = "config") -> dict:
+    """Each sweep point becomes a method <sweep>-<v1>[-<v2>...]; the DAG then runs it like any other."""
+    for name, sweep in cfg["sweeps"].items():
+        fields = list(sweep["grid"])
+        for point in itertools.product(*(sweep["grid"][f] for f in fields)):
+            method = "-".join([name, *(f"{v:g}" if isinstance(v, float) else str(v) for v in point)])
+            overrides = {**sweep.get("base", {}), **dict(zip(fields, point))}
+            if cfg["methods"].get(method, overrides) != overrides:
+                raise ConfigError(f"{source}: sweeps.{name} makes method {method!r}, which methods already names")
+            cfg["methods"][method] = overrides
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    path = Path(path)
+    cfg = apply_overrides(_read_yaml(path), overrides or [])
     return validate_config(cfg, source=str(path))
 
 

@@ -100,3 +100,47 @@ def test_sections_behind_a_ref_get_their_defaults(tmp_path):
     assert loaded["grpo"]["steps"] == 1000 and loaded["grpo"]["group_size"] == 8
     assert loaded["gold"]["judge"]["model"] == "gpt-4.1-nano"
     assert loaded["gold"]["judge"]["prices"]["gpt-4.1-nano"] == {"input": 0.10, "output": 0.40}
+
+
+def _write_text(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_extends_merges_sections_and_sweeps_expand_into_methods(tmp_path):
+    micro = (REPO / "config" / "micro.yaml").read_text()
+    _write_text(tmp_path, "parent.yaml", micro.replace("results_dir", "x") + f"\nresults_dir: {tmp_path}\n")
+    child = _write_text(tmp_path, "child.yaml", """
+extends: parent.yaml
+experiment: child
+grpo: {steps: 7}
+methods: {noreg: {}}
+sweeps:
+  kl: {grid: {kl_beta: [0.05, 0.1]}}
+  rs: {base: {reset_every: 3}, grid: {kl_beta: [0.2], lr: [1.0e-4, 3.0e-4]}}
+""")
+    cfg = load_config(child)
+    assert cfg["experiment"] == "child" and cfg["grpo"]["steps"] == 7
+    assert cfg["grpo"]["group_size"] == 4  # kept from the parent: sections merge
+    assert cfg["methods"]["kl-0.05"] == {"kl_beta": 0.05}
+    assert cfg["methods"]["rs-0.2-0.0003"] == {"reset_every": 3, "kl_beta": 0.2, "lr": 3e-4}
+    assert {"noreg", "kl", "resets", "gr", "signcert"} <= set(cfg["methods"])  # the parent's methods stay
+    assert len(cfg["methods"]) == 5 + 2 + 2
+
+
+def test_sweep_and_extends_errors_name_the_problem(tmp_path):
+    micro = (REPO / "config" / "micro.yaml").read_text()
+    bad = _write_text(tmp_path, "bad.yaml", micro + "\nsweeps: {kl: {grid: {kl_beta: [0.1, fast]}}}\n")
+    with pytest.raises(ConfigError, match=r"methods.kl-fast.kl_beta: 'fast' is not of type 'number'"):
+        load_config(bad)
+    clash = _write_text(tmp_path, "clash.yaml", micro.replace("noreg: {}", "kl-0.1: {kl_beta: 0.5}")
+                   + "\nsweeps: {kl: {grid: {kl_beta: [0.1]}}}\n")
+    with pytest.raises(ConfigError, match="sweeps.kl makes method 'kl-0.1', which methods already names"):
+        load_config(clash)
+    _write_text(tmp_path, "a.yaml", "extends: b.yaml\n")
+    _write_text(tmp_path, "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing.yaml \(extended by"):
+        load_config(_write_text(tmp_path, "c.yaml", "extends: missing.yaml\n"))

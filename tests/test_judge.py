@@ -304,3 +304,22 @@ def test_evaluate_stage_with_openai_judge(tmp_path, micro_run):
     rows = read_jsonl(tmp_path / "results" / "micro" / "eval" / "sft" / "seed0" / "completions.jsonl")
     assert all(r["outcome"] in (0.0, 0.5, 1.0) for r in rows)
     assert not any(KEY in json.dumps(r) for r in rows)
+
+
+def test_judge_cost_counts_requests_from_the_config(tmp_path, capsys):
+    from rlhf.cli import main
+    from rlhf.stages.judge_cost import estimate
+    cfg = load_config(write_config(tmp_path, gold={"type": "openai"}))
+    with pytest.raises(ConfigError, match="--prompt-tokens"):
+        estimate(cfg)
+    rows = {r["what"]: r for r in estimate(cfg, prompt_tokens=100)}
+    assert rows["label"]["requests"] == 60                 # sample.num_prompts x pairs_per_prompt
+    assert rows["evaluate"]["requests"] == (5 + 1) * 16     # (methods x seeds + SFT) x test prompts
+    assert rows["grpo evals"]["requests"] == 5 * 3 * 8 * 2  # runs x (step 0, 2, 4) x prompts x (win rate + RM acc)
+    r = rows["label"]
+    assert r["usd"] == pytest.approx(r["input_mtok"] * 0.10 + r["output_mtok"] * 0.40)
+    assert r["usd_batch"] == pytest.approx(r["usd"] / 2)
+    assert rows["total"]["requests"] == 60 + 96 + 240
+    assert main(["judge-cost", "--config", str(write_config(tmp_path, gold={"type": "openai"})),
+                 "--prompt-tokens", "100"]) == 0
+    assert "label" in capsys.readouterr().out

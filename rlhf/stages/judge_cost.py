@@ -1,0 +1,90 @@
+"""judge-cost: what an API judge (gold.type openai) will cost for this experiment, before paying for it.
+
+Requests come from the config: pairs to label (sample.num_prompts x pairs_per_prompt), final win rates
+((methods x seeds + the SFT baseline) x test prompts, x2 with both_orders) and the GRPO stage's periodic
+evaluations (win rate and on-policy RM accuracy on eval_prompts every eval_every steps). Tokens per request:
+the judging template plus a prompt plus two completions, at ~4 characters per token (OpenAI's rule of thumb),
+measured from this experiment's data and samples when they exist, else from --prompt-tokens and the
+max_new_tokens upper bound. Output tokens are the judge's max_tokens (an upper bound for 'Output (a)').
+"""
+from __future__ import annotations
+
+import math
+
+from rlhf.errors import ConfigError
+from rlhf.io import read_jsonl
+from rlhf.judge import prompt as jp
+from rlhf.paths import Paths
+
+CHARS_PER_TOKEN = 4
+
+
+def _tokens(text: str) -> float:
+    return len(text) / CHARS_PER_TOKEN
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def estimate(cfg: dict, prompt_tokens: float | None = None, train_prompts: int | None = None) -> list[dict]:
+    P, j = Paths.from_config(cfg), cfg["gold"]["judge"]
+    if j["model"] not in j["prices"]:
+        raise ConfigError(f"gold.judge.prices has no entry for model {j['model']!r}")
+    price = j["prices"][j["model"]]
+    template = sum(_tokens(m["content"]) for m in jp.messages("", "", "")) + 2 * 8  # chat framing
+    notes = []
+    if P.train.is_file():
+        prompt_tokens = _mean(_tokens(r["prompt"]) for r in read_jsonl(P.train))
+        notes.append(f"prompt tokens measured from {P.train}")
+    elif prompt_tokens is None:
+        raise ConfigError(f"{P.train} does not exist yet: pass --prompt-tokens (mean tokens of a prompt)")
+    if P.samples.is_file():
+        rows = read_jsonl(P.samples)
+        sample_completion = _mean(_tokens(r["a"]) + _tokens(r["b"]) for r in rows) / 2
+        pairs = len(rows)
+        notes.append(f"pairs and completion tokens measured from {P.samples}")
+    else:
+        s = cfg["sample"]
+        available = len(read_jsonl(P.train)) if P.train.is_file() else (cfg["data"]["num_train"] or train_prompts)
+        if available is None and s["num_prompts"] is None:
+            raise ConfigError("sample.num_prompts and data.num_train are null (all prompts): pass --train-prompts "
+                              "or run the data stage first")
+        pairs = min(s["num_prompts"] or available, available or s["num_prompts"]) * s["pairs_per_prompt"]
+        sample_completion = s["max_new_tokens"]
+    runs = len(cfg["methods"]) * len(cfg["seeds"])
+    test = cfg["evaluate"]["num_prompts"] or cfg["data"]["num_test"]
+    if not test:
+        raise ConfigError("evaluate.num_prompts and data.num_test are null: the number of test prompts is unknown")
+    orders = 2 if j["both_orders"] else 1
+    periodic = sum(math.ceil(cfg["grpo"]["steps"] / {**cfg["grpo"], **m}["eval_every"]) + 1
+                   for m in cfg["methods"].values()) * len(cfg["seeds"])
+    rows = [("label", pairs, sample_completion),
+            ("evaluate", (runs + 1) * test * orders, cfg["evaluate"]["max_new_tokens"]),
+            ("grpo evals", periodic * cfg["grpo"]["eval_prompts"] * (orders + 1), cfg["grpo"]["max_new_tokens"])]
+    out = []
+    for what, requests, completion in rows:
+        tokens_in = requests * (template + prompt_tokens + 2 * completion)
+        tokens_out = requests * j["max_tokens"]
+        usd = (tokens_in * price["input"] + tokens_out * price["output"]) / 1e6
+        out.append({"what": what, "requests": int(requests), "input_mtok": tokens_in / 1e6,
+                    "output_mtok": tokens_out / 1e6, "usd": usd, "usd_batch": usd * j["batch_discount"]})
+    out.append({"what": "total", **{k: sum(r[k] for r in out) for k in out[0] if k != "what"}})
+    for note in notes:
+        print(f"judge-cost: {note}")
+    return out
+
+
+def run(cfg, args):
+    if cfg["gold"]["type"] != "openai":
+        print(f"judge-cost: gold.type is {cfg['gold']['type']!r}; only 'openai' costs money")
+        return
+    rows = estimate(cfg, args.prompt_tokens, args.train_prompts)
+    j = cfg["gold"]["judge"]
+    print(f"judge-cost: {cfg['experiment']} with {j['model']} (${j['prices'][j['model']]['input']}/"
+          f"${j['prices'][j['model']]['output']} per 1M input/output tokens), budget_usd {j['budget_usd']}")
+    print(f"{'':12}{'requests':>11}{'input Mtok':>12}{'output Mtok':>13}{'USD':>10}{'USD batch':>11}")
+    for r in rows:
+        print(f"{r['what']:12}{r['requests']:>11,}{r['input_mtok']:>12.2f}{r['output_mtok']:>13.3f}"
+              f"{r['usd']:>10.2f}{r['usd_batch']:>11.2f}")
