@@ -73,3 +73,24 @@ def test_nan_gold_reward_is_an_error(tmp_path):
     gold._score = lambda p, c: [float("nan")] * len(c)
     with pytest.raises(RewardError, match="non-finite"):
         gold.judge([PROMPT], ["x"], ["y"])
+
+
+def test_reward_model_gold_chat_template_bf16_and_device_map(tmp_path, tiny_gold_rm):
+    """The Skywork path: the RM's chat template formats (prompt, completion); bf16 weights and a device_map
+    (accelerate's 'auto', all on CPU here) give the same ranking as fp32."""
+    from rlhf.models import load_tokenizer
+    tok = load_tokenizer(tiny_gold_rm)  # not AutoTokenizer: it would rebuild this word-level tokenizer as BPE
+    plain = make_gold(_cfg(tmp_path, type="reward_model", name=str(tiny_gold_rm)))
+    completions = ["grace stole chair", "oscar", "lamp lamp lamp lamp", "grace stole chair and oscar sold lamp"]
+    without = plain.score([PROMPT] * 4, completions)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(tiny_gold_rm)
+    cfg = _cfg(tmp_path, type="reward_model", name=str(tiny_gold_rm), device_map="auto")
+    fp32 = make_gold(cfg)
+    assert fp32._format(PROMPT, "oscar") == f"user : {PROMPT} assistant : oscar "
+    with_template = fp32.score([PROMPT] * 4, completions)
+    assert not np.allclose(with_template, without)  # the template changed the model's input
+    cfg["model"]["dtype"] = "bfloat16"
+    bf16 = make_gold(cfg)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    np.testing.assert_allclose(bf16.score([PROMPT] * 4, completions), with_template, atol=0.1)
