@@ -5,6 +5,7 @@
 import re
 import shlex
 
+from rlhf.cluster import job_spec, snakemake_resources
 from rlhf.config import load_config, overrides_from_snakemake
 from rlhf.paths import Paths
 
@@ -29,7 +30,17 @@ SFT_EVAL = "sft"  # evaluation of the SFT policy itself, a baseline row of the r
 
 def rlhf(stage, extra=""):
     """The shell command of a rule: the stage CLI on this experiment's config, logging to {log}."""
-    return f"python -m rlhf {stage} --config {shlex.quote(CONFIG_FILE)} --threads {{threads}} {extra} {OVERRIDES} > {{log}} 2>&1"
+    return (f"python -m rlhf {stage} --config {shlex.quote(CONFIG_FILE)} --threads {{threads}} {extra} "
+            f"{OVERRIDES} > {{log}} 2>&1")
+
+
+def threads(rule):
+    return job_spec(config, rule)["cpus"]
+
+
+def job_resources(rule):
+    """gpu / cpus_per_task / mem_mb / runtime from config.resources.jobs (what profiles/slurm asks sbatch for)."""
+    return snakemake_resources(config, rule)
 
 
 wildcard_constraints:

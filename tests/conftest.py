@@ -1,4 +1,8 @@
 import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,30 @@ def tiny_lm():
     tok = build_word_tokenizer(MiniatureSpec().vocabulary())
     build = dict(arch="qwen2", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
     return build_tiny_causal_lm(build, tok, seed=0), tok
+
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+
+def snakemake(cfg: Path, *args: str, cores: str = "2", env=None) -> subprocess.CompletedProcess:
+    """Snakemake on a config, run in the config's folder (results land beside it)."""
+    cmd = [*SNAKEMAKE, "--directory", str(cfg.parent), "--configfile", str(cfg), *args]
+    if cores:
+        cmd += ["--cores", cores]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+
+def jobs(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    table = dry_run_output.split("Job stats:")[1].split("\n\n")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+@pytest.fixture(scope="session")
+def micro_snakemake(tmp_path_factory):
+    """The micro DAG run once by local Snakemake: (config, dry run, run, seconds)."""
+    cfg = write_config(tmp_path_factory.mktemp("micro_snakemake"))
+    dry = snakemake(cfg, "-n")
+    start = time.perf_counter()
+    run = snakemake(cfg)
+    return cfg, dry, run, time.perf_counter() - start

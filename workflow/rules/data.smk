@@ -2,6 +2,9 @@ rule data:
     output:
         train=str(P.train),
         test=str(P.test),
+    threads: threads("data")
+    resources:
+        **job_resources("data"),
     log:
         str(P.logs("data")),
     shell:

@@ -3,6 +3,9 @@ if "build" in config["model"]:
     rule base:
         output:
             directory(str(P.base)),
+        threads: threads("base")
+        resources:
+            **job_resources("base"),
         log:
             str(P.logs("base")),
         shell:
@@ -15,7 +18,9 @@ rule sft:
         base=[str(P.base)] if "build" in config["model"] else [],
     output:
         directory(str(P.sft)),
-    threads: 2
+    threads: threads("sft")
+    resources:
+        **job_resources("sft"),
     log:
         str(P.logs("sft")),
     shell:
@@ -28,7 +33,9 @@ rule rm:
         sft=str(P.sft),
     output:
         directory(str(P.rm)),
-    threads: 2
+    threads: threads("rm")
+    resources:
+        **job_resources("rm"),
     log:
         str(P.logs("rm")),
     shell:

@@ -6,6 +6,9 @@ rule grpo:
         rm=str(P.rm),
     output:
         directory(str(P.policy("{method}", "{seed}"))),
+    threads: threads("grpo")
+    resources:
+        **job_resources("grpo"),
     log:
         str(P.logs("grpo_{method}_seed{seed}")),
     shell:
@@ -19,6 +22,9 @@ rule evaluate:
         rm=str(P.rm),
     output:
         directory(str(P.evaluation("{method}", "{seed}"))),
+    threads: threads("evaluate")
+    resources:
+        **job_resources("evaluate"),
     log:
         str(P.logs("evaluate_{method}_seed{seed}")),
     shell:

@@ -4,7 +4,9 @@ rule sample:
         sft=str(P.sft),
     output:
         str(P.samples),
-    threads: 2
+    threads: threads("sample")
+    resources:
+        **job_resources("sample"),
     log:
         str(P.logs("sample")),
     shell:
@@ -16,6 +18,9 @@ rule label:
         str(P.samples),
     output:
         str(P.labels),
+    threads: threads("label")
+    resources:
+        **job_resources("label"),
     log:
         str(P.logs("label")),
     shell:

@@ -6,7 +6,9 @@ rule certify:
     output:
         directory(str(P.certify)),
     priority: 10  # start beside the first GRPO jobs instead of idling a core at the end
-    threads: 1
+    threads: threads("certify")
+    resources:
+        **job_resources("certify"),
     log:
         str(P.logs("certify")),
     shell:
@@ -21,6 +23,9 @@ rule report:
         certify=str(P.certify),
     output:
         directory(str(P.report)),
+    threads: threads("report")
+    resources:
+        **job_resources("report"),
     log:
         str(P.logs("report")),
     shell:

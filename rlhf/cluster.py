@@ -1,0 +1,25 @@
+"""What each rule asks a cluster for, from the experiment config (read by the Snakefile).
+
+Resource names are those snakemake-executor-plugin-slurm maps to sbatch flags: `gpu` (--gpus), `cpus_per_task`,
+`mem_mb`, `runtime` (minutes), `slurm_partition`. GPU rules never set `tasks`: the plugin (2.x) would turn it
+into --ntasks-per-gpu and start the job once per task.
+"""
+from __future__ import annotations
+
+BUILTIN = {"gpus": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
+BUILTIN_RULES = {"sft": {"cpus": 2}, "sample": {"cpus": 2}, "rm": {"cpus": 2}}
+
+
+def job_spec(cfg: dict, rule: str) -> dict:
+    jobs = cfg["resources"]["jobs"]
+    return {**BUILTIN, **BUILTIN_RULES.get(rule, {}), **jobs.get("default", {}), **jobs.get(rule, {})}
+
+
+def snakemake_resources(cfg: dict, rule: str) -> dict:
+    spec = job_spec(cfg, rule)
+    res = {"mem_mb": spec["mem_mb"], "runtime": spec["runtime"], "cpus_per_task": spec["cpus"]}
+    if spec["gpus"]:
+        res["gpu"] = spec["gpus"]
+    if "partition" in spec:
+        res["slurm_partition"] = spec["partition"]
+    return res
