@@ -38,6 +38,11 @@ def threads(rule):
     return job_spec(config, rule)["cpus"]
 
 
+def conda_env(rule):
+    """envs/gpu.yaml for rules that ask for GPUs, envs/cpu.yaml otherwise (used with --sdm conda)."""
+    return "envs/gpu.yaml" if job_spec(config, rule)["gpus"] else "envs/cpu.yaml"
+
+
 def job_resources(rule):
     """gpu / cpus_per_task / mem_mb / runtime from config.resources.jobs (what profiles/slurm asks sbatch for)."""
     return snakemake_resources(config, rule)

@@ -61,3 +61,17 @@ def test_rule_resources_come_from_the_config(tmp_path):
         assert not {"tasks", "tasks_per_gpu"} & set(snakemake_resources(cfg, rule))
     dry = snakemake(write_config(tmp_path, resources={"jobs": {"grpo": {"cpus": 2, "mem_mb": 1234}}}), "-n")
     assert "cpus_per_task=2, mem_mb=1234" in dry.stdout
+
+
+def test_conda_environments_agree_with_pyproject():
+    """The rules' conda envs pin what vllm 0.33 needs (torch 2.14.0 on GPU, transformers <5.21 everywhere)."""
+    import tomllib
+
+    import yaml
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    transformers = next(d for d in deps if d.startswith("transformers"))
+    for name, torch_pin in (("cpu", "torch==2.13.0"), ("gpu", "torch==2.14.0")):
+        env = yaml.safe_load((REPO / "envs" / f"{name}.yaml").read_text())
+        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+        assert torch_pin in pip and transformers in pip and "-e .." in pip, name
+    assert "vllm==0.33.*" in pip

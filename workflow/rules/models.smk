@@ -3,6 +3,8 @@ if "build" in config["model"]:
     rule base:
         output:
             directory(str(P.base)),
+        conda:
+            conda_env("base")
         threads: threads("base")
         resources:
             **job_resources("base"),
@@ -18,6 +20,8 @@ rule sft:
         base=[str(P.base)] if "build" in config["model"] else [],
     output:
         directory(str(P.sft)),
+    conda:
+        conda_env("sft")
     threads: threads("sft")
     resources:
         **job_resources("sft"),
@@ -33,6 +37,8 @@ rule rm:
         sft=str(P.sft),
     output:
         directory(str(P.rm)),
+    conda:
+        conda_env("rm")
     threads: threads("rm")
     resources:
         **job_resources("rm"),

@@ -6,6 +6,8 @@ rule grpo:
         rm=str(P.rm),
     output:
         directory(str(P.policy("{method}", "{seed}"))),
+    conda:
+        conda_env("grpo")
     threads: threads("grpo")
     resources:
         **job_resources("grpo"),
@@ -22,6 +24,8 @@ rule evaluate:
         rm=str(P.rm),
     output:
         directory(str(P.evaluation("{method}", "{seed}"))),
+    conda:
+        conda_env("evaluate")
     threads: threads("evaluate")
     resources:
         **job_resources("evaluate"),

@@ -4,6 +4,8 @@ rule sample:
         sft=str(P.sft),
     output:
         str(P.samples),
+    conda:
+        conda_env("sample")
     threads: threads("sample")
     resources:
         **job_resources("sample"),
@@ -18,6 +20,8 @@ rule label:
         str(P.samples),
     output:
         str(P.labels),
+    conda:
+        conda_env("label")
     threads: threads("label")
     resources:
         **job_resources("label"),

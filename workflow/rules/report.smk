@@ -6,6 +6,8 @@ rule certify:
     output:
         directory(str(P.certify)),
     priority: 10  # start beside the first GRPO jobs instead of idling a core at the end
+    conda:
+        conda_env("certify")
     threads: threads("certify")
     resources:
         **job_resources("certify"),
@@ -23,6 +25,8 @@ rule report:
         certify=str(P.certify),
     output:
         directory(str(P.report)),
+    conda:
+        conda_env("report")
     threads: threads("report")
     resources:
         **job_resources("report"),
