@@ -2,6 +2,7 @@
 #   snakemake --cores 2                                  # the embedded miniature (config/miniature.yaml)
 #   snakemake --cores 8 --configfile config/other.yaml   # another experiment
 #   snakemake --cores 2 --config 'grpo={lr: 1e-4}'       # overrides, merged and forwarded to every stage
+import os
 import re
 import shlex
 
@@ -40,7 +41,8 @@ def threads(rule):
 
 def conda_env(rule):
     """envs/gpu.yaml for rules that ask for GPUs, envs/cpu.yaml otherwise (used with --sdm conda)."""
-    return "envs/gpu.yaml" if job_spec(config, rule)["gpus"] else "envs/cpu.yaml"
+    name = "gpu.yaml" if job_spec(config, rule)["gpus"] else "cpu.yaml"
+    return os.path.join(workflow.basedir, "envs", name)  # absolute: relative paths resolve from the rule file
 
 
 def job_resources(rule):
