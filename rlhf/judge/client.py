@@ -200,8 +200,10 @@ class ChatClient:
         unique = dict(zip(keys, requests))
         self._known = unique  # lets a resumed batch be collected without downloading its input file
         todo = {k: r for k, r in unique.items() if k not in self.cache.get_many(unique)}
-        if todo or self.cache.open_batches():
-            (self._batch if self.cfg["batch_api"] else self._online)(todo, desc)
+        if self.cfg["batch_api"] and (todo or self.cache.open_batches()):  # a killed run's batches are collected
+            self._batch(todo, desc)
+        elif todo:
+            self._online(todo, desc)
         done = self.cache.get_many(unique)
         missing = len(unique) - len(done)
         if missing:
