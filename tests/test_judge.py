@@ -132,7 +132,9 @@ def test_requests_per_minute_is_a_ceiling(tmp_path):
         elapsed = time.monotonic() - start
         starts = sorted(t for v in server.attempts.values() for t, _ in v)
     assert elapsed >= 12 * 0.05 * 0.95
-    assert min(np.diff(starts)) >= 0.04  # 20 per second, evenly spaced (not bursts)
+    # 20 per second, evenly spaced (not bursts): any 6 consecutive arrivals span at least 4 intervals
+    # (one interval of slack for a request delayed in transit on a busy machine)
+    assert min(b - a for a, b in zip(starts, starts[5:])) >= 4 * 0.05
 
 
 def test_both_orders_average_and_disagreement_is_a_tie(tmp_path):
