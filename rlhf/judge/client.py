@@ -31,6 +31,19 @@ from rlhf.judge.cache import Answer, AnswerCache, request_key
 MESSAGE_OVERHEAD_TOKENS = 8  # chat framing per message; generous
 
 
+def model_price(jcfg: dict) -> dict:
+    """{input, output} USD per 1M tokens of the judge model; a ConfigError naming the field when unpriced."""
+    if jcfg["model"] not in jcfg["prices"]:
+        raise ConfigError(f"gold.judge.prices has no entry for model {jcfg['model']!r}: add "
+                          f"gold.judge.prices.{jcfg['model']}: {{input: X, output: Y}} (USD per 1M tokens; "
+                          "0 for a self-hosted server)")
+    return jcfg["prices"][jcfg["model"]]
+
+
+def usd(price: dict, prompt_tokens: float, completion_tokens: float) -> float:
+    return (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6
+
+
 class MalformedResponse(Exception):
     """A 200 whose body is not a chat completion (retried like a 5xx: nothing usable was delivered)."""
 
@@ -111,12 +124,7 @@ class ChatClient:
     def __init__(self, jcfg: dict, cache_path: str | Path, echo=print):
         import openai
         self.cfg, self.echo = jcfg, echo
-        prices = jcfg["prices"]
-        if jcfg["model"] not in prices:
-            raise ConfigError(f"gold.judge.prices has no entry for model {jcfg['model']!r}: add "
-                              f"gold.judge.prices.{jcfg['model']}: {{input: X, output: Y}} (USD per 1M tokens; "
-                              "0 for a self-hosted server)")
-        self.price = prices[jcfg["model"]]
+        self.price = model_price(jcfg)
         env = jcfg["api_key_env"]
         self._key = os.environ.get(env)
         if not self._key:
@@ -136,8 +144,7 @@ class ChatClient:
         return {"model": c["model"], "messages": messages, "max_tokens": c["max_tokens"], "temperature": c["temperature"]}
 
     def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
-        usd = (prompt_tokens * self.price["input"] + completion_tokens * self.price["output"]) / 1e6
-        return usd * (self.cfg["batch_discount"] if batch else 1.0)
+        return usd(self.price, prompt_tokens, completion_tokens) * (self.cfg["batch_discount"] if batch else 1.0)
 
     def worst_case_cost(self, request: dict, batch: bool = False) -> float:
         """An upper bound: a byte-level BPE token covers at least one UTF-8 byte."""

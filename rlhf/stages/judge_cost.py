@@ -14,6 +14,7 @@ import math
 from rlhf.errors import ConfigError
 from rlhf.io import read_jsonl
 from rlhf.judge import prompt as jp
+from rlhf.judge.client import MESSAGE_OVERHEAD_TOKENS, model_price, usd
 from rlhf.paths import Paths
 
 CHARS_PER_TOKEN = 4
@@ -30,13 +31,12 @@ def _mean(values) -> float:
 
 def estimate(cfg: dict, prompt_tokens: float | None = None, train_prompts: int | None = None) -> list[dict]:
     P, j = Paths.from_config(cfg), cfg["gold"]["judge"]
-    if j["model"] not in j["prices"]:
-        raise ConfigError(f"gold.judge.prices has no entry for model {j['model']!r}")
-    price = j["prices"][j["model"]]
-    template = sum(_tokens(m["content"]) for m in jp.messages("", "", "")) + 2 * 8  # chat framing
+    price = model_price(j)
+    template = sum(_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in jp.messages("", "", ""))
     notes = []
-    if P.train.is_file():
-        prompt_tokens = _mean(_tokens(r["prompt"]) for r in read_jsonl(P.train))
+    train = read_jsonl(P.train) if P.train.is_file() else None
+    if train is not None:
+        prompt_tokens = _mean(_tokens(r["prompt"]) for r in train)
         notes.append(f"prompt tokens measured from {P.train}")
     elif prompt_tokens is None:
         raise ConfigError(f"{P.train} does not exist yet: pass --prompt-tokens (mean tokens of a prompt)")
@@ -47,7 +47,7 @@ def estimate(cfg: dict, prompt_tokens: float | None = None, train_prompts: int |
         notes.append(f"pairs and completion tokens measured from {P.samples}")
     else:
         s = cfg["sample"]
-        available = len(read_jsonl(P.train)) if P.train.is_file() else (cfg["data"]["num_train"] or train_prompts)
+        available = len(train) if train is not None else (cfg["data"]["num_train"] or train_prompts)
         if available is None and s["num_prompts"] is None:
             raise ConfigError("sample.num_prompts and data.num_train are null (all prompts): pass --train-prompts "
                               "or run the data stage first")
@@ -67,9 +67,9 @@ def estimate(cfg: dict, prompt_tokens: float | None = None, train_prompts: int |
     for what, requests, completion in rows:
         tokens_in = requests * (template + prompt_tokens + 2 * completion)
         tokens_out = requests * j["max_tokens"]
-        usd = (tokens_in * price["input"] + tokens_out * price["output"]) / 1e6
+        cost = usd(price, tokens_in, tokens_out)
         out.append({"what": what, "requests": int(requests), "input_mtok": tokens_in / 1e6,
-                    "output_mtok": tokens_out / 1e6, "usd": usd, "usd_batch": usd * j["batch_discount"]})
+                    "output_mtok": tokens_out / 1e6, "usd": cost, "usd_batch": cost * j["batch_discount"]})
     out.append({"what": "total", **{k: sum(r[k] for r in out) for k in out[0] if k != "what"}})
     for note in notes:
         print(f"judge-cost: {note}")
