@@ -6,7 +6,7 @@ import os
 import re
 import shlex
 
-from rlhf.cluster import job_spec, snakemake_resources
+from rlhf.cluster import job_spec, launcher, snakemake_resources
 from rlhf.config import load_config, overrides_from_snakemake
 from rlhf.paths import Paths
 
@@ -30,8 +30,9 @@ SFT_EVAL = "sft"  # evaluation of the SFT policy itself, a baseline row of the r
 
 
 def rlhf(stage, extra=""):
-    """The shell command of a rule: the stage CLI on this experiment's config, logging to {log}."""
-    return (f"python -m rlhf {stage} --config {shlex.quote(CONFIG_FILE)} --threads {{threads}} {extra} "
+    """The shell command of a rule: the stage CLI on this experiment's config, logging to {log}
+    (under torchrun with one rank per GPU for a data-parallel stage that asks for several GPUs)."""
+    return (f"{launcher(config, stage)} -m rlhf {stage} --config {shlex.quote(CONFIG_FILE)} --threads {{threads}} {extra} "
             f"{OVERRIDES} > {{log}} 2>&1")
 
 

@@ -1,4 +1,4 @@
-"""Sampling completions with Hugging Face `generate` (the vLLM backend plugs in behind the same function)."""
+"""Sampling completions with Hugging Face `generate`; rlhf/generation_vllm.py returns the same Rollout from vLLM."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +28,11 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(1)
+
+    def rows(self, index: slice) -> "Rollout":
+        """A micro-batch: the same columns, a slice of the completions."""
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+                       self.completion_mask[index], self.texts[index])
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +84,11 @@ def sample(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_to
         out_pmask.append(mask)
         out_comp.append(comp)
     model.train(was_training)
-    completion_ids = torch.cat(out_comp)
+    return to_rollout(tokenizer, torch.cat(out_prompt), torch.cat(out_pmask), torch.cat(out_comp))
+
+
+def to_rollout(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor) -> Rollout:
+    """Mask each completion after its first EOS, drop all-padding columns, decode (shared by HF and vLLM)."""
     completion_mask = completion_mask_until_eos(completion_ids, tokenizer.eos_token_id)
     # Drop columns past the longest completion: they are all padding, and the loss normalizer is the
     # configured T_max, not the tensor width, so only compute is saved.
@@ -88,4 +97,4 @@ def sample(model, tokenizer, prompts: list[str], num_per_prompt: int, max_new_to
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
              for ids, m in zip(completion_ids, completion_mask)]
-    return Rollout(torch.cat(out_prompt), torch.cat(out_pmask), completion_ids, completion_mask, texts)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)

@@ -1,11 +1,52 @@
-"""Per-step metrics: always a local metrics.jsonl, and wandb when enabled (offline by default)."""
+"""Per-step metrics: always a local JSON-lines file, and a wandb run when wandb.enabled (offline by default).
+
+Every training job (sft, rm, each grpo method x seed) is one wandb run: grouped by experiment, typed by stage,
+with an id derived from the experiment and the job, so a preempted job that resumes continues the same run.
+Offline runs are written under <results_dir>/<experiment>/wandb; `wandb sync` uploads them later. WANDB_MODE in
+the environment wins over the config. Nothing secret is logged: the run config is the stage's settings with any
+field whose name looks like a credential removed, and keys are only ever read from the environment.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from rlhf.io import _finite
+from rlhf.paths import Paths
+
+_CREDENTIAL = re.compile(r"(api_?key|token|secret|password)", re.I)
+
+
+def wandb_id(experiment: str, job: str) -> str:
+    """A valid, stable wandb run id (letters, digits, - _ .; at most 64 characters) for one job."""
+    raw = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{experiment}-{job}")
+    if len(raw) <= 64:
+        return raw
+    return f"{raw[:47]}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+
+
+def public(config):
+    """The run config without credential-like fields (at any depth)."""
+    if isinstance(config, dict):
+        return {k: public(v) for k, v in config.items() if not _CREDENTIAL.search(str(k))}
+    if isinstance(config, (list, tuple)):
+        return [public(v) for v in config]
+    return config
+
+
+def start_wandb(cfg: dict, job: str, job_type: str, run_config: dict | None):
+    import wandb  # optional dependency: pip install -e '.[wandb]'
+
+    w = cfg["wandb"]
+    os.environ.setdefault("WANDB_MODE", w["mode"])
+    folder = Paths.from_config(cfg).wandb
+    folder.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=w["project"], group=cfg["experiment"], job_type=job_type, name=job,
+                      id=wandb_id(cfg["experiment"], job), resume="allow", dir=str(folder),
+                      config=public(run_config or {}))
 
 
 class MetricsLog:
@@ -13,7 +54,7 @@ class MetricsLog:
     so a resumed run's file reads exactly like an uninterrupted one."""
 
     def __init__(self, path: Path, resume_step: int = 0, cfg: dict | None = None, run_name: str = "",
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, job_type: str = "grpo"):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -23,13 +64,8 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
         self._wandb = None
-        w = (cfg or {}).get("wandb", {})
-        if w.get("enabled"):
-            import wandb
-            os.environ.setdefault("WANDB_MODE", w["mode"])
-            # A deterministic id lets a resumed job continue the same wandb run.
-            self._wandb = wandb.init(project=w["project"], group=cfg["experiment"], name=run_name,
-                                     id=f"{cfg['experiment']}-{run_name}", resume="allow", config=run_config)
+        if (cfg or {}).get("wandb", {}).get("enabled"):
+            self._wandb = start_wandb(cfg, run_name, job_type, run_config)
 
     def write(self, step: int, metrics: dict) -> None:
         self._file.write(json.dumps(_finite({"step": step, **metrics})) + "\n")
@@ -37,7 +73,23 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
-    def close(self) -> None:
+    def summary(self, metrics: dict) -> None:
+        """Final numbers of the job (wandb run summary; the stage writes its own metrics file)."""
+        if self._wandb is not None:
+            self._wandb.summary.update(_finite(metrics))
+
+    def close(self, failed: bool = False) -> None:
         self._file.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if failed else 0)  # a failed job's run ends now; its rerun resumes it
+            self._wandb = None
+
+
+def write_trainer_log(path: Path, log_history: list[dict], cfg: dict, job: str, run_config: dict,
+                      summary: dict | None = None) -> None:
+    """An HF Trainer's log history as a metrics file (and the job's wandb run)."""
+    log = MetricsLog(path, cfg=cfg, run_name=job, run_config=run_config, job_type=job)
+    for entry in log_history:
+        log.write(entry.get("step", 0), {k: v for k, v in entry.items() if k != "step"})
+    log.summary(summary or {})
+    log.close()

@@ -36,6 +36,8 @@ class Paths:
     def report(self) -> Path: return self.root / "report"
     @property
     def judge_cache(self) -> Path: return self.root / "judge_cache.sqlite"  # every paid API answer, shared by stages
+    @property
+    def wandb(self) -> Path: return self.root / "wandb"  # offline runs, synced later with `wandb sync`
 
     def grpo(self, method: str, seed) -> Path:
         return self.root / "grpo" / str(method) / f"seed{seed}"

@@ -145,7 +145,8 @@ def test_grpo_resumes_from_checkpoint(micro_run, tmp_path, monkeypatch, capsys):
     run_dir = dst / "grpo" / "kl" / "seed0"
     assert (run_dir / "checkpoint" / "trainer_state.pt").is_file() and not (run_dir / "policy").exists()
     state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
-    steps = [int(v["step"]) for v in state["optimizer"]["state"].values()]
+    optimizer = torch.load(run_dir / "checkpoint" / "optimizer.pt", weights_only=False)
+    steps = [int(v["step"]) for v in optimizer["state"].values()]
     assert state["step"] == 2 and steps and set(steps) == {2}  # the optimizer that was stepped, not a fresh one
     restore()
     assert main(["grpo", "--config", str(cfg), "--method", "kl", "--seed", "0"]) == 0

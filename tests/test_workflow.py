@@ -53,7 +53,7 @@ def test_rule_resources_come_from_the_config(tmp_path):
     from rlhf.cluster import snakemake_resources
     from rlhf.config import load_config
     cfg = load_config(REPO / "config" / "paper" / "gr-tldr-pythia-1b.yaml")
-    assert snakemake_resources(cfg, "grpo") == {"mem_mb": 128000, "runtime": 2880, "cpus_per_task": 16, "gpu": 1}
+    assert snakemake_resources(cfg, "grpo") == {"mem_mb": 256000, "runtime": 2880, "cpus_per_task": 32, "gpu": 8}
     assert "gpu" not in snakemake_resources(cfg, "report")
     alpaca = load_config(REPO / "config" / "paper" / "gr-alpaca-qwen2.5-3b.yaml")
     assert "gpu" not in snakemake_resources(alpaca, "label")  # the API judge needs no GPU
@@ -61,6 +61,22 @@ def test_rule_resources_come_from_the_config(tmp_path):
         assert not {"tasks", "tasks_per_gpu"} & set(snakemake_resources(cfg, rule))
     dry = snakemake(write_config(tmp_path, resources={"jobs": {"grpo": {"cpus": 2, "mem_mb": 1234}}}), "-n")
     assert "cpus_per_task=2, mem_mb=1234" in dry.stdout
+
+
+def test_multi_gpu_grpo_runs_under_torchrun(tmp_path):
+    """A GRPO job with several GPUs starts one rank per GPU; everything else (and one GPU) is one process."""
+    from rlhf.cluster import launcher
+    from rlhf.config import load_config
+    cfg = load_config(REPO / "config" / "paper" / "signcert-tldr-pythia-1b.yaml")
+    assert launcher(cfg, "grpo") == "torchrun --standalone --nproc-per-node 8"
+    assert launcher(cfg, "sft") == launcher(cfg, "evaluate") == "python"
+    two = write_config(tmp_path, resources={"jobs": {"grpo": {"gpus": 2}}})
+    dry = snakemake(two, "-n", "-p", str(tmp_path / "results" / "micro" / "grpo" / "noreg" / "seed0" / "policy"))
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "torchrun --standalone --nproc-per-node 2 -m rlhf grpo" in dry.stdout
+    odd = write_config(tmp_path, resources={"jobs": {"grpo": {"gpus": 3}}})
+    bad = snakemake(odd, "-n")
+    assert bad.returncode != 0 and "does not split over the 3 GPUs" in bad.stdout + bad.stderr
 
 
 def test_conda_environments_agree_with_pyproject():

@@ -8,12 +8,16 @@ One update, reusing the same rollouts for both passes:
                         g1_hat (or g2_hat, as the authors' public code) on the others.
 As eps -> 0 without clipping this is g + gamma * H g, the gradient of L + (gamma/2) ||grad L||^2
 (H g restricted to the perturbed parameters). The paper's Eq. 5 has a factor-2 slip; this follows Fig. 9.
+
+Where the gradients live is abstracted by `GradientAccess`: `.grad` of each parameter in one process (the
+default), or DeepSpeed's partitioned buffers (rlhf/distributed.py). Either way g1 and g2 are the full gradients,
+averaged over data-parallel ranks, so every rank perturbs its copy of the weights identically and GR stays exact.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 
@@ -49,8 +53,27 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+class GradientAccess(Protocol):
+    def zero(self) -> None: ...
+    def read(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]: ...
+    def write(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None: ...
+
+
+class LocalGradients:
+    """`.grad` of each parameter: one process, or data parallel with gradients all-reduced in place."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def zero(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def read(self, params):
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+    def write(self, params, grads):
+        for p, g in zip(params, grads):
+            p.grad = g.to(p.dtype)
 
 
 def _clip_coef(grads: list[torch.Tensor], max_norm: float) -> tuple[float, float]:
@@ -61,11 +84,14 @@ def _clip_coef(grads: list[torch.Tensor], max_norm: float) -> tuple[float, float
 
 def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torch.Tensor | float], *,
                          gamma: float, eps: float, g1_clip: float = 10.0, g2_clip: float = 10.0,
-                         perturb: Iterable[torch.nn.Parameter] | None = None, excluded_grad: str = "g1") -> GRStats:
-    """Leave the GR gradient in `.grad` of every trainable parameter of `model`.
+                         perturb: Iterable[torch.nn.Parameter] | None = None, excluded_grad: str = "g1",
+                         grads: GradientAccess | None = None) -> GRStats:
+    """Leave the GR gradient where `grads` keeps the gradient of every trainable parameter of `model`
+    (default: `.grad`).
 
-    `loss_closure()` must run forward and backward over all micro-batches of the batch (accumulating into
-    `.grad`) and may return the loss. Parameters are restored bit-exactly before returning.
+    `loss_closure()` must run forward and backward over all micro-batches of the batch (accumulating the full,
+    rank-averaged gradient where `grads` reads it) and may return the loss. Parameters are restored bit-exactly
+    before returning.
     """
     if excluded_grad not in ("g1", "g2"):
         raise ValueError("excluded_grad must be 'g1' or 'g2'")
@@ -74,11 +100,12 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
     perturbed_ids = {id(p) for p in perturbed}
     if not perturbed_ids <= {id(p) for p in params}:
         raise ValueError("perturb contains parameters that are not trainable parameters of the model")
+    grads = grads or LocalGradients(model)
 
-    model.zero_grad(set_to_none=True)
+    grads.zero()
     t0 = time.perf_counter()
     loss = loss_closure()
-    g1 = _grads(params)
+    g1 = grads.read(params)
     t1 = time.perf_counter()
     g1_norm, s1 = _clip_coef(g1, g1_clip)
 
@@ -87,10 +114,10 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
         for p, g in zip(params, g1):
             if id(p) in perturbed_ids:
                 p.copy_((_fp32(p) + eps * s1 * _fp32(g)).to(p.dtype))
-    model.zero_grad(set_to_none=True)
+    grads.zero()
     try:
         loss_closure()
-        g2 = _grads(params)
+        g2 = grads.read(params)
     finally:
         with torch.no_grad():
             for p in params:
@@ -99,12 +126,14 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
     t2 = time.perf_counter()
     g2_norm, s2 = _clip_coef(g2, g2_clip)
 
+    final = []
     for p, a, b in zip(params, g1, g2):
         a_hat, b_hat = s1 * _fp32(a), s2 * _fp32(b)
         if id(p) in perturbed_ids:
-            grad = a_hat + gamma * (b_hat - a_hat) / eps
+            final.append(a_hat + gamma * (b_hat - a_hat) / eps)
         else:
-            grad = a_hat if excluded_grad == "g1" else b_hat
-        p.grad = grad.to(p.dtype)
+            final.append(a_hat if excluded_grad == "g1" else b_hat)
+    del g1, g2
+    grads.write(params, final)
     loss_value = loss.item() if isinstance(loss, torch.Tensor) else float(loss or 0.0)
     return GRStats(g1_norm, g2_norm, loss_value, t1 - t0, t2 - t1)

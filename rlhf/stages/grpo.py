@@ -14,6 +14,7 @@ prompts (plus on-policy proxy-RM accuracy); checkpoints make the run resumable.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -33,6 +34,8 @@ from rlhf.algorithms.resets import is_reset_step, reset_reference, scheduled_bet
 from rlhf.algorithms.signcert import signcert_weights
 from rlhf.config import grpo_settings
 from rlhf.diagnostics import onpolicy_rm_accuracy, sharpness, signcert_stats
+from rlhf.distributed import Dist, make_update
+from rlhf.errors import ConfigError
 from rlhf.evaluation import evaluate_policy
 from rlhf.generation import sample
 from rlhf.io import atomic_dir, read_jsonl
@@ -45,57 +48,85 @@ from rlhf.rewards.proxy_rm import RewardScorer
 from rlhf.stages.common import load_proxy, setup, sft_tokenizer
 
 
-def grpo_step(policy, optimizer, rollout, scores, ref_logprobs, kl_beta: float, s: dict) -> dict:
-    """One Dr.GRPO update on one batch of rollouts; returns the step's statistics."""
+def grpo_step(update, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float, s: dict) -> dict:
+    """One Dr.GRPO update on this rank's rollouts (its share of the global batch); the step's statistics."""
     G = s["group_size"]
-    advantages = dr_grpo_advantages(scores.rewards, G)
+    # Group means and SignCert's quantile are over the global batch: every rank's rewards and features.
+    rewards = dist.gather(scores.rewards)
+    advantages = dr_grpo_advantages(rewards, G)
     stats = {}
     if s["signcert_quantile"] is not None:
         # SignCert-PO: down-weight completions whose advantage sign a small change of the RM head could flip.
-        rho = signcert_weights(advantages, scores.features, G, s["signcert_quantile"],
+        features = dist.gather(scores.features)
+        rho = signcert_weights(advantages, features, G, s["signcert_quantile"],
                                epsilon_from=s["signcert_epsilon_from"], clip_negative=s["signcert_clip_negative"])
-        stats.update(signcert_stats(advantages, scores.features, G, rho))
+        stats.update(signcert_stats(advantages, features, G, rho))
         advantages = rho * advantages
+    policy = update.model
     device = next(policy.parameters()).device
-    advantages, mask = advantages.to(device), rollout.completion_mask.to(device).float()
-    at_phi = {}  # log-probs and entropy of the unperturbed policy (GR runs the closure twice)
+    advantages, mask = dist.local(advantages).to(device), rollout.completion_mask.to(device).float()
+    n = mask.shape[0]
+    chunks = [slice(i, i + (s["micro_batch_size"] or n)) for i in range(0, n, s["micro_batch_size"] or n)]
+    at_phi = {}  # log-probs and entropy of the unperturbed policy (GR runs the pass twice)
 
-    def loss_closure():
-        logprobs, entropy = token_logprobs(policy, rollout, with_entropy=True)
-        loss = dr_grpo_loss(logprobs, logprobs.detach(), advantages, mask, s["max_new_tokens"], s["clip_eps"],
-                            ref_logprobs, kl_beta)
-        loss.backward()
-        at_phi.setdefault("logprobs", logprobs.detach())
-        at_phi.setdefault("entropy", ((entropy.detach() * mask).sum() / mask.sum()).item())
+    def gradient_pass():
+        """Forward and backward over the micro-batches; the loss of each is weighted by its share of the batch,
+        so the accumulated gradient is that of the whole batch (averaged over ranks by the update backend)."""
+        loss, logps, entropy_sum = 0.0, [], 0.0
+        for i, rows in enumerate(chunks):
+            part = rollout.rows(rows)
+            logprobs, entropy = token_logprobs(policy, part, with_entropy=True)
+            m = mask[rows]
+            part_loss = dr_grpo_loss(logprobs, logprobs.detach(), advantages[rows], m, s["max_new_tokens"],
+                                     s["clip_eps"], None if ref_logprobs is None else ref_logprobs[rows], kl_beta)
+            if len(chunks) > 1:
+                part_loss = part_loss * (m.shape[0] / n)
+            update.backward(part_loss, boundary=i == len(chunks) - 1)
+            loss += part_loss.item()
+            logps.append(logprobs.detach())
+            entropy_sum += (entropy.detach() * m).sum().item()
+        at_phi.setdefault("logprobs", torch.cat(logps))
+        at_phi.setdefault("entropy", entropy_sum / mask.sum().item())
         return loss
 
-    optimizer.zero_grad(set_to_none=True)
     if s["gr_gamma"] > 0:
         # GR: grad of L + (gamma/2)||grad L||^2 by a finite difference along g1 (a second backward pass).
-        gr = finite_difference_gr(policy, loss_closure, gamma=s["gr_gamma"], eps=s["gr_eps"], g1_clip=s["gr_g1_clip"],
-                                  g2_clip=s["gr_g2_clip"], excluded_grad=s["gr_excluded_grad"])
+        gr = finite_difference_gr(policy, gradient_pass, gamma=s["gr_gamma"], eps=s["gr_eps"], g1_clip=s["gr_g1_clip"],
+                                  g2_clip=s["gr_g2_clip"], excluded_grad=s["gr_excluded_grad"], grads=update)
         stats.update({"g1_norm": gr.g1_norm, "g2_norm": gr.g2_norm, "loss": gr.loss})
     else:
-        stats["loss"] = loss_closure().item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s["max_grad_norm"]).item()
+        update.zero()
+        stats["loss"] = gradient_pass()
+    grad_norm = update.step()  # clips to max_grad_norm, then AdamW
     stats.setdefault("g1_norm", grad_norm)  # without GR the final gradient is g1
-    optimizer.step()
     return {**stats, "grad_norm": grad_norm, "entropy": at_phi["entropy"], "logprobs": at_phi["logprobs"]}
 
 
 @dataclass
 class GRPORun:
-    policy: torch.nn.Module
+    policy: torch.nn.Module      # the trained model (the DeepSpeed engine's module under DeepSpeed)
     initial: torch.nn.Module     # pi_init, frozen
     reference: torch.nn.Module   # pi_ref: pi_init itself, or its own copy when reset
     proxy: RewardScorer
     tokenizer: object
-    optimizer: torch.optim.Optimizer
+    update: object               # TorchUpdate or DeepSpeedUpdate (rlhf/distributed.py)
+    dist: Dist
     settings: dict
+    vllm: object | None = None   # VLLMSampler when grpo.generation is vllm
+
+    def generate(self, prompts: list[str]):
+        """G completions per prompt from the current policy (HF generate, or vLLM with the weights pushed first)."""
+        s = self.settings
+        if self.vllm is not None:
+            self.vllm.load_weights(self.policy)
+            return self.vllm(prompts, s["group_size"], s["max_new_tokens"], s["temperature"])
+        return sample(self.policy, self.tokenizer, prompts, s["group_size"], s["max_new_tokens"], s["temperature"],
+                      batch_size=len(prompts) * s["group_size"])
 
 
-def load_run(cfg: dict, s: dict, device) -> GRPORun:
-    """The SFT policy (trained), pi_init and pi_ref (frozen), the proxy RM and the optimizer."""
+def load_run(cfg: dict, s: dict, device, dist: Dist | None = None) -> GRPORun:
+    """The SFT policy (trained), pi_init and pi_ref (frozen), the proxy RM and the update backend."""
+    dist = dist or Dist(device=device)
     P = Paths.from_config(cfg)
     tokenizer = sft_tokenizer(cfg)
     policy = load_causal_lm(P.sft, cfg["model"]["dtype"], device)
@@ -103,15 +134,25 @@ def load_run(cfg: dict, s: dict, device) -> GRPORun:
     # Reference Resets need their own pi_ref; otherwise pi_ref is pi_init (shared, one forward pass for both).
     reference = copy.deepcopy(initial) if s["reset_every"] else initial
     proxy = load_proxy(cfg, tokenizer, device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
-    return GRPORun(policy, initial, reference, proxy, tokenizer, optimizer, s)
+    update = make_update(policy, s, dist)
+    vllm = None
+    if s["generation"] == "vllm":
+        if dist.device.type != "cuda":
+            raise ConfigError("grpo.generation: vllm needs a GPU (resources.device is cpu or none was found); use hf")
+        from rlhf.generation_vllm import VLLMSampler  # lazy: vLLM exists only in the GPU environment
+        vllm = VLLMSampler(P.sft, tokenizer, dtype=cfg["model"]["dtype"], max_model_len=s["vllm_max_model_len"],
+                           gpu_memory_utilization=s["vllm_gpu_memory_utilization"], seed=torch.initial_seed() % 2 ** 31,
+                           sleep_between_steps=s["vllm_sleep"])
+    return GRPORun(update.model, initial, reference, proxy, tokenizer, update, dist, s, vllm)
 
 
 def train_step(run: GRPORun, batch: list[str], update: int) -> dict:
-    """Sample G completions per prompt, score them with the proxy RM, update once; the step's metrics."""
+    """Sample G completions for each of this rank's prompts of `batch`, score them with the proxy RM, update
+    once; the step's metrics, averaged over ranks."""
     s, G = run.settings, run.settings["group_size"]
+    batch = run.dist.shard(batch)
     t0 = time.perf_counter()
-    rollout = sample(run.policy, run.tokenizer, batch, G, s["max_new_tokens"], s["temperature"], batch_size=len(batch) * G)
+    rollout = run.generate(batch)
     t1 = time.perf_counter()
     scores = run.proxy([p for p in batch for _ in range(G)], rollout.texts)  # rewards and RM features
     t2 = time.perf_counter()
@@ -125,7 +166,7 @@ def train_step(run: GRPORun, batch: list[str], update: int) -> dict:
         if kl_beta > 0:
             ref_logprobs = init_logprobs if penalty_uses_init else token_logprobs(run.reference, rollout)
     run.policy.train()
-    stats = grpo_step(run.policy, run.optimizer, rollout, scores, ref_logprobs, kl_beta, s)
+    stats = grpo_step(run.update, run.dist, rollout, scores, ref_logprobs, kl_beta, s)
     t3 = time.perf_counter()
     logprobs = stats.pop("logprobs")
     if init_logprobs is not None:
@@ -133,10 +174,10 @@ def train_step(run: GRPORun, batch: list[str], update: int) -> dict:
     if is_reset_step(update, s["reset_every"]):
         reset_reference(run.reference, run.policy)
         stats["reference_reset"] = 1
-    return {"proxy_reward": scores.rewards.mean().item(), "kl_beta": kl_beta,
-            "length": rollout.lengths.float().mean().item(), **stats,
-            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-            "time/step": time.perf_counter() - t0}
+    return run.dist.mean({"proxy_reward": scores.rewards.mean().item(), "kl_beta": kl_beta,
+                          "length": rollout.lengths.float().mean().item(), **stats,
+                          "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+                          "time/step": time.perf_counter() - t0})
 
 
 def fingerprint(cfg: dict, settings: dict, seed: int, inputs: list[Path]) -> str:
@@ -147,85 +188,115 @@ def fingerprint(cfg: dict, settings: dict, seed: int, inputs: list[Path]) -> str
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(path: Path, policy, optimizer, step: int, stamp: str, reference=None) -> None:
-    with atomic_dir(path) as out:
-        policy.save_pretrained(out)
-        if reference is not None:  # after Reference Resets pi_ref is neither pi_init nor pi_phi
-            reference.save_pretrained(out / "reference")
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "fingerprint": stamp,
-                    "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, out / "trainer_state.pt")
+def save_checkpoint(path: Path, run: GRPORun, step: int, stamp: str) -> None:
+    """Collective: every rank writes its RNG state (and, under DeepSpeed, its optimizer partition) into the
+    folder rank 0 renames into place once all have finished."""
+    dist = run.dist
+    with atomic_dir(path) if dist.is_main else contextlib.nullcontext() as out:
+        out = Path(dist.broadcast(str(out) if dist.is_main else None))
+        run.update.save(out)
+        torch.save({"python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, out / f"rng{dist.rank}.pt")
+        if dist.is_main:
+            run.policy.save_pretrained(out)
+            if run.settings["reset_every"]:  # after Reference Resets pi_ref is neither pi_init nor pi_phi
+                run.reference.save_pretrained(out / "reference")
+            torch.save({"step": step, "fingerprint": stamp, "world_size": dist.world_size}, out / "trainer_state.pt")
+        dist.barrier()
 
 
-def load_checkpoint(path: Path, policy, optimizer, stamp: str, reference=None) -> int:
+def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
     """Restore a matching checkpoint and return its step (0 when there is none or it is stale)."""
-    state_file = path / "trainer_state.pt"
+    dist, state_file = run.dist, path / "trainer_state.pt"
     if not state_file.is_file():
         return 0
     state = torch.load(state_file, weights_only=False)
-    if state["fingerprint"] != stamp:
-        print(f"grpo: ignoring checkpoint {path}: trained from other inputs or settings")
-        shutil.rmtree(path)
+    if state["fingerprint"] != stamp or state.get("world_size") != dist.world_size:
+        dist.barrier()  # every rank has read it before rank 0 removes it
+        if dist.is_main:
+            print(f"grpo: ignoring checkpoint {path}: trained from other inputs, settings or number of ranks")
+            shutil.rmtree(path)
         return 0
     # from_pretrained re-ties shared embeddings that save_pretrained stored once; then a strict copy.
-    for module, folder in ((policy, path), (reference, path / "reference")):
+    reference = run.reference if run.settings["reset_every"] else None
+    for module, folder in ((run.policy, path), (reference, path / "reference")):
         if module is not None:
             saved = type(module).from_pretrained(folder, dtype=next(module.parameters()).dtype)
             module.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    random.setstate(state["python_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    print(f"grpo: resumed from step {state['step']} ({path})")
+    run.update.load(path)
+    rng = torch.load(path / f"rng{dist.rank}.pt", weights_only=False)
+    random.setstate(rng["python_rng"])
+    torch.set_rng_state(rng["torch_rng"])
+    if dist.is_main:
+        print(f"grpo: resumed from step {state['step']} ({path})")
     return state["step"]
 
 
 def run(cfg, args):
     method, seed = args.method, args.seed
     s = grpo_settings(cfg, method)
-    device = setup(cfg, args, seed=seed)
+    dist = Dist.from_env(setup(cfg, args, seed=seed))
+    if dist.rank:
+        torch.manual_seed(seed + 1_000_003 * dist.rank)  # each rank samples its own completions
+    main = dist.is_main
     P = Paths.from_config(cfg)
     out_dir, ckpt_dir = P.grpo(method, seed), P.grpo(method, seed) / "checkpoint"
     prompts = [r["prompt"] for r in read_jsonl(P.train, required=("prompt",))]
     heldout = read_jsonl(P.test, required=("prompt", "reference"))[: s["eval_prompts"]]
 
-    ctx = load_run(cfg, s, device)
-    policy, initial, reference, proxy, tokenizer, optimizer = (
-        ctx.policy, ctx.initial, ctx.reference, ctx.proxy, ctx.tokenizer, ctx.optimizer)
-    gold = make_gold(cfg, device)
+    ctx = load_run(cfg, s, dist.device, dist)
+    policy, initial, proxy, tokenizer = ctx.policy, ctx.initial, ctx.proxy, ctx.tokenizer
+    gold = make_gold(cfg, dist.device) if main else None  # only rank 0 evaluates
 
     stamp = fingerprint(cfg, s, seed, [P.sft, P.rm])
-    start = load_checkpoint(ckpt_dir, policy, optimizer, stamp, reference if s["reset_every"] else None)
+    start = load_checkpoint(ckpt_dir, ctx, stamp)
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
-                     run_config={"method": method, "seed": seed, **s})
+                     run_config={"method": method, "seed": seed, "world_size": dist.world_size, **s},
+                     job_type="grpo") if main else None
     eval_kwargs = dict(temperature=s["temperature"], max_new_tokens=s["max_new_tokens"])
 
     heldout_prompts = [r["prompt"] for r in heldout]
 
     def diagnose(step: int) -> None:
-        """Gold evaluation and diagnostics; own RNG streams, so they never change the training trajectory."""
-        with torch.random.fork_rng():
-            torch.manual_seed(seed * 1_000_003 + step)
-            metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, proxy, initial, **eval_kwargs)
-        out = {f"eval/{k}": v for k, v in metrics.items()}
-        out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, proxy, seed=seed + step, **eval_kwargs))
-        if s["sharpness_every"] and step % s["sharpness_every"] == 0:
-            out.update(sharpness(policy, tokenizer, heldout_prompts[: s["sharpness_prompts"]], proxy,
-                                 perturbations=s["sharpness_perturbations"], radius=s["sharpness_radius"],
-                                 seed=seed + step, **eval_kwargs))
-        log.write(step, out)
+        """Gold evaluation and diagnostics on rank 0 (the others wait); own RNG streams, so they never change
+        the training trajectory."""
+        if main:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed * 1_000_003 + step)
+                metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, proxy, initial, **eval_kwargs)
+            out = {f"eval/{k}": v for k, v in metrics.items()}
+            out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, proxy, seed=seed + step,
+                                            **eval_kwargs))
+            if s["sharpness_every"] and step % s["sharpness_every"] == 0:
+                out.update(sharpness(policy, tokenizer, heldout_prompts[: s["sharpness_prompts"]], proxy,
+                                     perturbations=s["sharpness_perturbations"], radius=s["sharpness_radius"],
+                                     seed=seed + step, **eval_kwargs))
+            log.write(step, out)
+        dist.barrier()
 
-    if start == 0:
-        diagnose(0)
-    for step in trange(start, s["steps"], desc=f"grpo {method} seed{seed}", initial=start, total=s["steps"]):
-        update = step + 1  # 1-based index of this optimizer update
-        log.write(update, train_step(ctx, random.sample(prompts, s["prompts_per_step"]), update))
-        if update % s["eval_every"] == 0 or update == s["steps"]:
-            diagnose(update)
-        if update % s["checkpoint_every"] == 0 and update < s["steps"]:
-            save_checkpoint(ckpt_dir, policy, optimizer, update, stamp, reference if s["reset_every"] else None)
-
-    with atomic_dir(P.policy(method, seed)) as out:
-        policy.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    log.close()
-    print(f"grpo: {method} seed {seed}: {s['steps']} steps -> {P.policy(method, seed)}")
+    try:
+        if start == 0:
+            diagnose(0)
+        for step in trange(start, s["steps"], desc=f"grpo {method} seed{seed}", initial=start, total=s["steps"],
+                           disable=not main):
+            update = step + 1  # 1-based index of this optimizer update
+            batch = dist.broadcast(random.sample(prompts, s["prompts_per_step"]))  # rank 0's draw, on every rank
+            stats = train_step(ctx, batch, update)
+            if main:
+                log.write(update, stats)
+            if update % s["eval_every"] == 0 or update == s["steps"]:
+                diagnose(update)
+            if update % s["checkpoint_every"] == 0 and update < s["steps"]:
+                save_checkpoint(ckpt_dir, ctx, update, stamp)
+    except BaseException:
+        if log is not None:
+            log.close(failed=True)
+        raise
+    if main:
+        with atomic_dir(P.policy(method, seed)) as out:
+            policy.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        log.close()
+        print(f"grpo: {method} seed {seed}: {s['steps']} steps on {dist.world_size} rank(s) -> {P.policy(method, seed)}")
+    dist.barrier()
+    dist.close()

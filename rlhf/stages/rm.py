@@ -3,7 +3,6 @@
 Held-out accuracy is reported against the gold labels and, where the gold has scores, against the
 noise-free gold order (the quantity that tells how exploitable the proxy is).
 """
-import json
 import random
 import shutil
 
@@ -13,6 +12,7 @@ from trl import RewardConfig, RewardTrainer
 
 from rlhf.errors import DataError
 from rlhf.io import atomic_dir, read_jsonl, write_json
+from rlhf.metrics_log import write_trainer_log
 from rlhf.models import load_reward_model, rm_input_ids
 from rlhf.paths import Paths
 from rlhf.rewards.proxy_rm import RewardScorer
@@ -58,7 +58,5 @@ def run(cfg, args):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         write_json(out / "metrics.json", metrics)
-        with open(out / "train_log.jsonl", "w") as f:
-            for entry in trainer.state.log_history:
-                f.write(json.dumps(entry) + "\n")
+        write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "rm", r, summary=metrics)
     print("rm: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

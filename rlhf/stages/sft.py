@@ -3,13 +3,13 @@
 The data is tokenized here by the same functions the RM and GRPO use (prompt ids + completion ids + EOS),
 so the three stages agree on where a completion starts and that it ends with EOS.
 """
-import json
 import shutil
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rlhf.io import atomic_dir, read_jsonl
+from rlhf.metrics_log import write_trainer_log
 from rlhf.models import encode_completion, encode_prompt, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
 from rlhf.stages.common import base_model_path, hf_trainer_kwargs, setup
@@ -39,8 +39,6 @@ def run(cfg, args):
         trainer.train()
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        with open(out / "train_log.jsonl", "w") as f:
-            for entry in trainer.state.log_history:
-                f.write(json.dumps(entry) + "\n")
+        write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "sft", cfg["sft"])
         shutil.rmtree(out / "trainer", ignore_errors=True)
     print(f"sft: {trainer.state.global_step} steps -> {P.sft}")

@@ -1,0 +1,216 @@
+"""Data-parallel GRPO: the process group and the two ways an update is applied.
+
+Launched by torchrun (rlhf/cluster.py writes the command), every rank holds the whole model, samples and
+scores its share of the step's prompts, and the step is exact for the global batch:
+  - rewards and RM features are gathered, so group means and SignCert's quantile are over the global batch;
+  - each rank's loss is normalised by its own B_local * G * T_max and the gradients are averaged over ranks,
+    which equals the single-process loss over the global batch;
+  - GR reads the full rank-averaged g1 and g2, so every rank applies the same perturbation.
+
+Two update backends, chosen by grpo.backend (auto: DeepSpeed on CUDA, torch otherwise):
+  TorchUpdate      torch AdamW; with several ranks the gradients are all-reduced (plain data parallel).
+  DeepSpeedUpdate  DeepSpeed ZeRO (stage 2 by default, as in the papers): gradients and optimizer state are
+                   partitioned over ranks. GR reads and writes full gradients through DeepSpeed's documented
+                   safe_get_full_grad / safe_set_full_grad, which assemble them from the partitions.
+Without torchrun there is no process group and the same code runs as one process (the CPU miniature).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as td
+
+from rlhf.algorithms.gr import LocalGradients
+from rlhf.errors import ConfigError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or (td.is_available() and td.is_initialized())
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> "Dist":
+        """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
+        MASTER_ADDR/PORT); without it, a single process. Each rank takes GPU LOCAL_RANK."""
+        if "WORLD_SIZE" not in os.environ:
+            return cls(device=device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        if not td.is_initialized():
+            # Rank 0 alone runs the gold evaluation while the others wait: allow for a long one.
+            td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+        return cls(td.get_rank(), td.get_world_size(), device)
+
+    def shard(self, items: list, what: str = "grpo.prompts_per_step") -> list:
+        """This rank's contiguous share of a list that every rank holds in full."""
+        if len(items) % self.world_size:
+            raise ConfigError(f"{what} = {len(items)} does not split over {self.world_size} ranks")
+        k = len(items) // self.world_size
+        return items[self.rank * k:(self.rank + 1) * k]
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's tensor (same shape on every rank) along dim 0, in rank order."""
+        if not self.enabled:
+            return t
+        x = t.to(self.device).contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        td.all_gather(parts, x)
+        return torch.cat(parts).to(t.device)
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a gathered tensor."""
+        k = t.shape[0] // self.world_size
+        return t[self.rank * k:(self.rank + 1) * k]
+
+    def mean(self, stats: dict) -> dict:
+        """Scalar statistics averaged over ranks (every rank must pass the same keys)."""
+        if not self.enabled:
+            return stats
+        keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)))
+        x = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        td.all_reduce(x)
+        return {**stats, **dict(zip(keys, (x / self.world_size).tolist()))}
+
+    def barrier(self) -> None:
+        if self.enabled:
+            td.barrier()
+
+    def broadcast(self, obj):
+        """rank 0's picklable object on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if td.is_available() and td.is_initialized():
+            td.destroy_process_group()
+
+
+class TorchUpdate(LocalGradients):
+    """torch AdamW on `.grad`; with several ranks each gradient is averaged over ranks after the last micro-batch."""
+
+    def __init__(self, model: torch.nn.Module, s: dict, dist: Dist):
+        super().__init__(model)
+        self.dist, self.max_grad_norm = dist, s["max_grad_norm"]
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        loss.backward()
+        if boundary and self.dist.enabled:
+            # One all-reduce per tensor: simple and exact; DeepSpeedUpdate is the bucketed, sharded path.
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    td.all_reduce(p.grad)
+                    p.grad.div_(self.dist.world_size)
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
+        self.optimizer.step()
+        return norm
+
+    def save(self, folder: Path) -> None:
+        if self.dist.is_main:
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+
+
+class DeepSpeedUpdate:
+    """DeepSpeed ZeRO with the same AdamW, clipping (gradient_clipping) and precision as the model."""
+
+    def __init__(self, model: torch.nn.Module, s: dict, dist: Dist):
+        import deepspeed  # lazy: only the GPU environment needs it
+
+        self.dist = dist
+        if not td.is_initialized():  # one process without torchrun: DeepSpeed still needs a (one-rank) group
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            td.init_process_group("nccl" if dist.device.type == "cuda" else "gloo",
+                                  init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; torchrun sets it for each rank
+        dtype = next(model.parameters()).dtype
+        config = {
+            # The micro-batching is ours (grpo.micro_batch_size); the engine sees one sample per "micro-batch"
+            # and is told where the accumulation boundary is.
+            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "gradient_clipping": s["max_grad_norm"],
+            "zero_optimization": {"stage": s["zero_stage"]},
+            "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
+            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+        self.model = self.engine.module
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(boundary)  # reduce-scatter after the last micro-batch
+        self.engine.backward(loss, scale_wrt_gas=False)  # our loss is already normalised
+
+    def zero(self) -> None:
+        self.engine.zero_grad()
+
+    def read(self, params):
+        from deepspeed.utils import safe_get_full_grad  # all-gathers the partitions: the full averaged gradient
+        out = []
+        for p in params:
+            g = safe_get_full_grad(p)
+            out.append(torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().clone())
+        return out
+
+    def write(self, params, grads):
+        from deepspeed.utils import safe_set_full_grad  # each rank keeps only its partition of the value
+        for p, g in zip(params, grads):
+            safe_set_full_grad(p, g.float())
+
+    def step(self) -> float:
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm())
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="latest", save_latest=False)  # every rank
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="latest", load_module_strict=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder / 'deepspeed'}")
+
+
+def deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_update(model: torch.nn.Module, s: dict, dist: Dist):
+    """grpo.backend: 'auto' uses DeepSpeed on CUDA (when installed) and torch AdamW otherwise."""
+    backend = s["backend"]
+    if backend == "auto":
+        backend = "deepspeed" if dist.device.type == "cuda" and deepspeed_available() else "torch"
+    if backend == "deepspeed":
+        if not deepspeed_available():
+            raise ConfigError("grpo.backend is 'deepspeed' but deepspeed is not installed (pip install deepspeed, "
+                              "or use the GPU environment envs/gpu.yaml)")
+        return DeepSpeedUpdate(model, s, dist)
+    return TorchUpdate(model, s, dist)

@@ -1,0 +1,187 @@
+"""The data-parallel GRPO step equals the single-process one (rlhf/distributed.py).
+
+Each case runs real processes joined by a gloo process group, as torchrun would start them, with the update
+backend the GPU runs use (DeepSpeed ZeRO-2) and the plain torch one. Every rank holds its share of one batch of
+rollouts; the gradient handed to the optimizer (GR's finite difference, SignCert weights, KL penalty, micro-batches)
+and the updated weights must equal one process that sees the whole batch.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rlhf.data.miniature import MiniatureSpec
+from rlhf.distributed import Dist, deepspeed_available, make_update
+from rlhf.generation import sample
+from rlhf.models import build_tiny_causal_lm, build_word_tokenizer
+from rlhf.policy import token_logprobs
+from rlhf.rewards.proxy_rm import Scores
+
+needs_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="deepspeed is not installed")
+
+BUILD = dict(arch="qwen2", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
+PROMPTS = ["post : alice lost the car . tldr :", "post : bob sold the key . tldr :",
+           "post : carol found the dog . tldr :", "post : dave lost the key . tldr :"]
+G, T_MAX = 4, 6
+SETTINGS = dict(group_size=G, max_new_tokens=T_MAX, clip_eps=0.2, lr=1e-2, weight_decay=0.01, max_grad_norm=0.5,
+                gr_gamma=0.1, gr_eps=1e-3, gr_g1_clip=10.0, gr_g2_clip=10.0, gr_excluded_grad="g1",
+                signcert_quantile=0.3, signcert_epsilon_from="radius", signcert_clip_negative=True,
+                micro_batch_size=0, backend="torch", zero_stage=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem():
+    """The same policy, reference, rollouts and RM outputs in every process (seeded, CPU)."""
+    tok = build_word_tokenizer(MiniatureSpec().vocabulary())
+    model = build_tiny_causal_lm(BUILD, tok, seed=0)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # a reference unlike the policy, so the KL penalty has a gradient
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    torch.manual_seed(1)
+    rollout = sample(model, tok, PROMPTS, G, T_MAX, 1.0)
+    gen = torch.Generator().manual_seed(2)
+    scores = Scores(torch.randn(len(PROMPTS) * G, generator=gen), torch.randn(len(PROMPTS) * G, 8, generator=gen))
+    return model, reference, rollout, scores
+
+
+def one_step(dist: Dist, settings: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """One grpo_step on this rank's rows; (gradient given to the optimizer, weights after the step, stats)."""
+    from rlhf.stages.grpo import grpo_step
+    model, reference, rollout, scores = _problem()
+    k = rollout.completion_ids.shape[0] // dist.world_size
+    rows = slice(dist.rank * k, (dist.rank + 1) * k)
+    rollout, scores = rollout.rows(rows), Scores(scores.rewards[rows], scores.features[rows])
+    ref_logprobs = token_logprobs(reference, rollout).detach()
+    update = make_update(model, settings, dist)
+    params = [p for p in update.model.parameters() if p.requires_grad]
+    seen, step = {}, update.step
+
+    def recording_step():
+        seen["grad"] = [g.detach().float().clone() for g in update.read(params)]
+        return step()
+
+    update.step = recording_step
+    stats = grpo_step(update, dist, rollout, scores, ref_logprobs, 0.05, settings)
+    stats.pop("logprobs")
+    return seen["grad"], [p.detach().clone() for p in params], dist.mean(stats)
+
+
+def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist = Dist.from_env(torch.device("cpu"))
+    result = one_step(dist, settings)
+    if rank == 0:
+        torch.save(result, out)
+    dist.close()
+
+
+def run_ranks(world_size: int, settings: dict, tmp_path):
+    out = str(tmp_path / f"rank0-{world_size}-{settings['backend']}.pt")
+    mp.spawn(_worker, args=(world_size, _free_port(), settings, out), nprocs=world_size, join=True)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    torch.set_num_threads(1)
+    return one_step(Dist(), SETTINGS)
+
+
+def _assert_same(result, expected):
+    grads, weights, stats = result
+    exp_grads, exp_weights, exp_stats = expected
+    scale = max(g.abs().max().item() for g in exp_grads)
+    for a, b in zip(grads, exp_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+    # Adam's first step is ~lr * g / (|g| + 1e-8): for entries with g ~ 1e-8 it amplifies rounding, so the
+    # weights are compared where the gradient is not negligible.
+    for a, b, g in zip(weights, exp_weights, exp_grads):
+        keep = g.abs() > 1e-4 * scale
+        torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-3 * SETTINGS["lr"])
+    for key in ("g1_norm", "g2_norm", "grad_norm", "signcert/zeroed", "loss", "entropy"):
+        assert stats[key] == pytest.approx(exp_stats[key], rel=1e-4), key
+
+
+def test_the_step_changes_the_weights_and_uses_every_regularizer(single_process):
+    """Guard against a vacuous comparison: the reference step is a real GR + SignCert + KL update."""
+    grads, weights, stats = single_process
+    model, *_ = _problem()
+    assert stats["g2_norm"] > 0 and 0 < stats["signcert/zeroed"] < 1
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(weights, model.parameters()))
+    assert sum(g.norm() ** 2 for g in grads) ** 0.5 > 0
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_torch_data_parallel_step_equals_single_process(world_size, single_process, tmp_path):
+    settings = {**SETTINGS, "micro_batch_size": 3}  # micro-batches that cut across groups
+    _assert_same(run_ranks(world_size, settings, tmp_path), single_process)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_deepspeed_zero2_step_equals_single_process(world_size, single_process, tmp_path):
+    """GR exact under ZeRO-2's partitioned gradients; SignCert's quantile and group means global."""
+    settings = {**SETTINGS, "backend": "deepspeed", "micro_batch_size": 5}
+    _assert_same(run_ranks(world_size, settings, tmp_path), single_process)
+
+
+
+# The stage itself: launched as the Snakefile launches it, and resumed under DeepSpeed.
+
+def test_grpo_stage_under_torchrun_with_two_ranks(micro_run, tmp_path):
+    """`torchrun --nproc-per-node 2 -m rlhf grpo`: both ranks train, rank 0 alone writes the artifacts."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from tests.conftest import write_config
+    from tests.test_stages import _copy_upstream
+    dst = _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path)
+    backend = "deepspeed" if deepspeed_available() else "torch"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "rlhf", "grpo", "--config", str(cfg), "--method", "gr", "--seed", "0",
+                          f"grpo.backend={backend}", "grpo.micro_batch_size=3", "grpo.checkpoint_every=2"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "4 steps on 2 rank(s)" in out.stdout and out.stdout.count("grpo: gr seed 0:") == 1
+    run_dir = dst / "grpo" / "gr" / "seed0"
+    df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
+    assert df.dropna(subset=["proxy_reward"])["step"].tolist() == [1, 2, 3, 4]  # one line per step, not per rank
+    assert (df.dropna(subset=["g2_norm"])["g2_norm"] > 0).all()
+    assert (run_dir / "policy" / "model.safetensors").is_file() and not (run_dir / "checkpoint").exists()
+
+
+@needs_deepspeed
+def test_grpo_stage_resumes_under_deepspeed(micro_run, tmp_path, monkeypatch, capsys):
+    """One process with DeepSpeed ZeRO-2 (as on one GPU): a run killed after its step-2 checkpoint resumes
+    with the partitioned optimizer state DeepSpeed saved."""
+    from rlhf.cli import main
+    from tests.conftest import write_config
+    from tests.test_stages import _copy_upstream, _interrupt_at_step
+    dst = _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path)
+    args = ["grpo", "--config", str(cfg), "--method", "gr", "--seed", "0", "grpo.backend=deepspeed"]
+    restore = _interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    ckpt = dst / "grpo" / "gr" / "seed0" / "checkpoint"
+    assert (ckpt / "trainer_state.pt").is_file() and any((ckpt / "deepspeed").rglob("*optim_states.pt"))
+    restore()
+    assert main(args) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert (dst / "grpo" / "gr" / "seed0" / "policy" / "model.safetensors").is_file()
