@@ -1,7 +1,7 @@
 """What each rule asks a cluster for, from the experiment config (read by the Snakefile).
 
 `launcher` is how a rule starts its stage: one process, or for the data-parallel GRPO stage on a job with several
-GPUs, torchrun with one rank per GPU on the job's node (rlhf/distributed.py).
+GPUs (sft, rm, grpo), torchrun with one rank per GPU on the job's node (rlhf/distributed.py).
 
 Resource names are those snakemake-executor-plugin-slurm maps to sbatch flags: `gpu` (--gpus), `cpus_per_task`,
 `mem_mb`, `runtime` (minutes), `slurm_partition`. GPU rules never set `tasks`: the plugin (2.x) would turn it
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 BUILTIN = {"gpus": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
 BUILTIN_RULES = {"sft": {"cpus": 2}, "sample": {"cpus": 2}, "rm": {"cpus": 2}}
-DATA_PARALLEL = ("grpo",)  # stages that run one rank per GPU
+DATA_PARALLEL = ("sft", "rm", "grpo")  # stages that run one rank per GPU (the rest are one process)
 
 
 def job_spec(cfg: dict, rule: str) -> dict:

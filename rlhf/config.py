@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from rlhf.cluster import job_spec
 from rlhf.errors import ConfigError
 
 class _Loader(yaml.SafeLoader):
@@ -126,10 +127,15 @@ def _check_semantics(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: methods.{method}: reset_every needs kl_beta > 0 (resets act on the KL reference)")
         if m["reset_every"] and m["kl_beta_decay_every"]:
             raise ConfigError(f"{source}: methods.{method}: reset_every and kl_beta_decay_every are alternatives; set one")
-        ranks = {**cfg["resources"]["jobs"].get("default", {}), **cfg["resources"]["jobs"].get("grpo", {})}.get("gpus", 0)
+        ranks = job_spec(cfg, "grpo")["gpus"]
         if ranks > 1 and m["prompts_per_step"] % ranks:
             raise ConfigError(f"{source}: methods.{method}: prompts_per_step = {m['prompts_per_step']} does not split "
                               f"over the {ranks} GPUs of resources.jobs.grpo (one rank per GPU)")
+    for stage in ("sft", "rm"):
+        ranks = job_spec(cfg, stage)["gpus"]
+        if ranks > 1 and cfg[stage]["batch_size"] % ranks:
+            raise ConfigError(f"{source}: {stage}.batch_size = {cfg[stage]['batch_size']} (the global batch) does not "
+                              f"split over the {ranks} GPUs of resources.jobs.{stage}")
     if cfg["data"]["source"] == "miniature" and not (cfg["data"]["num_train"] and cfg["data"]["num_test"]):
         raise ConfigError(f"{source}: the miniature generates data.num_train and data.num_test examples; set both")
     if cfg["data"]["source"] == "miniature" and "build" not in cfg["model"]:

@@ -16,6 +16,7 @@ Without torchrun there is no process group and the same code runs as one process
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -27,6 +28,13 @@ import torch.distributed as td
 
 from rlhf.algorithms.gr import LocalGradients
 from rlhf.errors import ConfigError
+from rlhf.io import atomic_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
@@ -104,6 +112,39 @@ class Dist:
             td.destroy_process_group()
 
 
+@contextlib.contextmanager
+def shared_atomic_dir(dist: Dist, final: str | Path):
+    """rlhf.io.atomic_dir for every rank: rank 0 makes the temporary folder, every rank writes its part into it,
+    and rank 0 renames it into place only after all ranks are done."""
+    with atomic_dir(final) if dist.is_main else contextlib.nullcontext() as out:
+        out = Path(dist.broadcast(str(out) if dist.is_main else None))
+        yield out
+        dist.barrier()
+
+
+def use_deepspeed(backend: str, device: torch.device) -> bool:
+    """backend 'auto': DeepSpeed on CUDA when it is installed."""
+    if backend == "auto":
+        return device.type == "cuda" and deepspeed_available()
+    if backend == "deepspeed" and not deepspeed_available():
+        raise ConfigError("backend 'deepspeed' is set but deepspeed is not installed (pip install deepspeed, "
+                          "or use the GPU environment envs/gpu.yaml)")
+    return backend == "deepspeed"
+
+
+def trainer_deepspeed_config(section: dict, device: torch.device) -> dict | None:
+    """The `deepspeed` argument of an HF Trainer for the sft/rm section (None: plain Trainer). Everything but
+    the ZeRO stage is 'auto', so the Trainer fills it from its own arguments (batch size, clipping, precision)."""
+    if not use_deepspeed(section["backend"], device):
+        return None
+    if "WORLD_SIZE" not in os.environ:  # one process without torchrun: what torchrun would set (DeepSpeed reads it)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    auto = "auto"
+    return {"zero_optimization": {"stage": section["zero_stage"]}, "bf16": {"enabled": auto},
+            "fp16": {"enabled": auto}, "train_micro_batch_size_per_gpu": auto, "train_batch_size": auto,
+            "gradient_accumulation_steps": auto, "gradient_clipping": auto}
+
+
 class TorchUpdate(LocalGradients):
     """torch AdamW on `.grad`; with several ranks each gradient is averaged over ranks after the last micro-batch."""
 
@@ -142,11 +183,8 @@ class DeepSpeedUpdate:
 
         self.dist = dist
         if not td.is_initialized():  # one process without torchrun: DeepSpeed still needs a (one-rank) group
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
             td.init_process_group("nccl" if dist.device.type == "cuda" else "gloo",
-                                  init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+                                  init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; torchrun sets it for each rank
         dtype = next(model.parameters()).dtype
         config = {
@@ -205,12 +243,4 @@ def deepspeed_available() -> bool:
 
 def make_update(model: torch.nn.Module, s: dict, dist: Dist):
     """grpo.backend: 'auto' uses DeepSpeed on CUDA (when installed) and torch AdamW otherwise."""
-    backend = s["backend"]
-    if backend == "auto":
-        backend = "deepspeed" if dist.device.type == "cuda" and deepspeed_available() else "torch"
-    if backend == "deepspeed":
-        if not deepspeed_available():
-            raise ConfigError("grpo.backend is 'deepspeed' but deepspeed is not installed (pip install deepspeed, "
-                              "or use the GPU environment envs/gpu.yaml)")
-        return DeepSpeedUpdate(model, s, dist)
-    return TorchUpdate(model, s, dist)
+    return DeepSpeedUpdate(model, s, dist) if use_deepspeed(s["backend"], dist.device) else TorchUpdate(model, s, dist)

@@ -185,3 +185,30 @@ def test_grpo_stage_resumes_under_deepspeed(micro_run, tmp_path, monkeypatch, ca
     assert main(args) == 0
     assert "resumed from step 2" in capsys.readouterr().out
     assert (dst / "grpo" / "gr" / "seed0" / "policy" / "model.safetensors").is_file()
+
+
+@needs_deepspeed
+def test_sft_and_rm_trainers_run_deepspeed_zero2_under_torchrun(micro_run, tmp_path):
+    """The SFT and RM stages on 2 ranks through their TRL trainers with DeepSpeed ZeRO-2; batch_size stays the
+    global batch, so the step count is the single-process one, and rank 0 alone writes the artifacts."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import write_config
+    _, root = micro_run
+    dst = tmp_path / "results" / "micro"
+    for part in ("data", "base", "pairs"):
+        shutil.copytree(root / part, dst / part)
+    cfg = write_config(tmp_path)
+    for stage in ("sft", "rm"):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "rlhf", stage, "--config", str(cfg), f"{stage}.backend=deepspeed"],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "2 rank(s), DeepSpeed ZeRO-2" in out.stdout, out.stdout[-2000:]
+        steps = lambda run: max(json.loads(line)["step"] for line in (run / "train_log.jsonl").open())  # noqa: E731
+        assert steps(dst / stage) == steps(root / stage)
+        assert (dst / stage / "model.safetensors").is_file() and not (dst / stage / "trainer").exists()
+    assert json.loads((dst / "rm" / "metrics.json").read_text())["n_train"] > 0

@@ -69,7 +69,8 @@ def test_multi_gpu_grpo_runs_under_torchrun(tmp_path):
     from rlhf.config import load_config
     cfg = load_config(REPO / "config" / "paper" / "signcert-tldr-pythia-1b.yaml")
     assert launcher(cfg, "grpo") == "torchrun --standalone --nproc-per-node 8"
-    assert launcher(cfg, "sft") == launcher(cfg, "evaluate") == "python"
+    assert launcher(cfg, "sft") == launcher(cfg, "rm") == launcher(cfg, "grpo")
+    assert launcher(cfg, "sample") == launcher(cfg, "evaluate") == "python"
     two = write_config(tmp_path, resources={"jobs": {"grpo": {"gpus": 2}}})
     dry = snakemake(two, "-n", "-p", str(tmp_path / "results" / "micro" / "grpo" / "noreg" / "seed0" / "policy"))
     assert dry.returncode == 0, dry.stderr[-2000:]

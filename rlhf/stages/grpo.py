@@ -14,7 +14,6 @@ prompts (plus on-policy proxy-RM accuracy); checkpoints make the run resumable.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -34,7 +33,7 @@ from rlhf.algorithms.resets import is_reset_step, reset_reference, scheduled_bet
 from rlhf.algorithms.signcert import signcert_weights
 from rlhf.config import grpo_settings
 from rlhf.diagnostics import onpolicy_rm_accuracy, sharpness, signcert_stats
-from rlhf.distributed import Dist, make_update
+from rlhf.distributed import Dist, make_update, shared_atomic_dir
 from rlhf.errors import ConfigError
 from rlhf.evaluation import evaluate_policy
 from rlhf.generation import sample
@@ -192,8 +191,7 @@ def save_checkpoint(path: Path, run: GRPORun, step: int, stamp: str) -> None:
     """Collective: every rank writes its RNG state (and, under DeepSpeed, its optimizer partition) into the
     folder rank 0 renames into place once all have finished."""
     dist = run.dist
-    with atomic_dir(path) if dist.is_main else contextlib.nullcontext() as out:
-        out = Path(dist.broadcast(str(out) if dist.is_main else None))
+    with shared_atomic_dir(dist, path) as out:
         run.update.save(out)
         torch.save({"python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, out / f"rng{dist.rank}.pt")
         if dist.is_main:
@@ -201,7 +199,6 @@ def save_checkpoint(path: Path, run: GRPORun, step: int, stamp: str) -> None:
             if run.settings["reset_every"]:  # after Reference Resets pi_ref is neither pi_init nor pi_phi
                 run.reference.save_pretrained(out / "reference")
             torch.save({"step": step, "fingerprint": stamp, "world_size": dist.world_size}, out / "trainer_state.pt")
-        dist.barrier()
 
 
 def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:

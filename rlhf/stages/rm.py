@@ -11,12 +11,13 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.errors import DataError
-from rlhf.io import atomic_dir, read_jsonl, write_json
+from rlhf.distributed import Dist, shared_atomic_dir
+from rlhf.io import read_jsonl, write_json
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import load_reward_model, rm_input_ids
 from rlhf.paths import Paths
 from rlhf.rewards.proxy_rm import RewardScorer
-from rlhf.stages.common import hf_trainer_kwargs, setup, sft_tokenizer
+from rlhf.stages.common import hf_trainer_kwargs, setup, sft_tokenizer, trainer_engine
 from rlhf.stats import preference_metrics
 
 
@@ -36,7 +37,8 @@ def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
 
 
 def run(cfg, args):
-    device = setup(cfg, args)
+    dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
+    device = dist.device
     r, P = cfg["rm"], Paths.from_config(cfg)
     rows = read_jsonl(P.labels, required=("prompt", "chosen", "rejected"))
     random.Random(cfg["seed"]).shuffle(rows)
@@ -48,15 +50,19 @@ def run(cfg, args):
     model = load_reward_model(P.sft, tokenizer, cfg["model"]["dtype"], device)
     dataset = Dataset.from_list([{"chosen_ids": rm_input_ids(tokenizer, x["prompt"], x["chosen"]),
                                   "rejected_ids": rm_input_ids(tokenizer, x["prompt"], x["rejected"])} for x in train])
-    with atomic_dir(P.rm) as out:
+    with shared_atomic_dir(dist, P.rm) as out:
         trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
                                 args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r["weight_decay"],
-                                                  **hf_trainer_kwargs(r, cfg["seed"], device.type == "cpu")))
+                                                  **hf_trainer_kwargs(r, cfg["seed"], device, dist.world_size)))
         trainer.train()
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-        metrics = {"n_train": len(train), **heldout_accuracy(RewardScorer(model, tokenizer, r["batch_size_scoring"]), heldout)}
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        write_json(out / "metrics.json", metrics)
-        write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "rm", r, summary=metrics)
-    print("rm: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 scores and writes
+            shutil.rmtree(out / "trainer", ignore_errors=True)
+            metrics = {"n_train": len(train),
+                       **heldout_accuracy(RewardScorer(model, tokenizer, r["batch_size_scoring"]), heldout)}
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            write_json(out / "metrics.json", metrics)
+            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "rm", r, summary=metrics)
+            print(f"rm ({trainer_engine(trainer)}): "
+                  + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    dist.close()

@@ -8,11 +8,12 @@ import shutil
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rlhf.io import atomic_dir, read_jsonl
+from rlhf.distributed import Dist, shared_atomic_dir
+from rlhf.io import read_jsonl
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import encode_completion, encode_prompt, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
-from rlhf.stages.common import base_model_path, hf_trainer_kwargs, setup
+from rlhf.stages.common import base_model_path, hf_trainer_kwargs, setup, trainer_engine
 
 
 def tokenize(tokenizer, rows: list[dict]) -> Dataset:
@@ -24,21 +25,24 @@ def tokenize(tokenizer, rows: list[dict]) -> Dataset:
 
 
 def run(cfg, args):
-    device = setup(cfg, args)
+    dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
+    device = dist.device
     P = Paths.from_config(cfg)
     train = read_jsonl(P.train, required=("prompt", "reference"))
     base = base_model_path(cfg)
     tokenizer = load_tokenizer(base, pad_token=cfg["model"]["pad_token"])
     model = load_causal_lm(base, cfg["model"]["dtype"], device)
     model.config.pad_token_id = tokenizer.pad_token_id
-    with atomic_dir(P.sft) as out:
+    with shared_atomic_dir(dist, P.sft) as out:
         args_ = SFTConfig(output_dir=str(out / "trainer"), completion_only_loss=True,
-                          **hf_trainer_kwargs(cfg["sft"], cfg["seed"], device.type == "cpu"))
+                          **hf_trainer_kwargs(cfg["sft"], cfg["seed"], device, dist.world_size))
         trainer = SFTTrainer(model=model, args=args_, train_dataset=tokenize(tokenizer, train),
                              processing_class=tokenizer)
         trainer.train()
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "sft", cfg["sft"])
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-    print(f"sft: {trainer.state.global_step} steps -> {P.sft}")
+        if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 writes them
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "sft", cfg["sft"])
+            shutil.rmtree(out / "trainer", ignore_errors=True)
+            print(f"sft: {trainer.state.global_step} steps ({trainer_engine(trainer)}) -> {P.sft}")
+    dist.close()
