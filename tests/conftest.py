@@ -25,6 +25,26 @@ def write_config(tmp_path: Path, base: str = "micro.yaml", **sections) -> Path:
     return path
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def one_process_per_test():
+    """A stage run in-process with DeepSpeed sets what a launcher would (RANK, WORLD_SIZE, ...) and keeps a process
+    group, as a real job does until it exits. Tests share one process: undo both after each test, or later
+    stages (and the Snakemake jobs they start) would believe they run under torchrun."""
+    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    yield
+    import torch.distributed as td
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def micro_config(tmp_path):
     return write_config(tmp_path)
