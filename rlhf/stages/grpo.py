@@ -193,7 +193,9 @@ def save_checkpoint(path: Path, run: GRPORun, step: int, stamp: str) -> None:
     dist = run.dist
     with shared_atomic_dir(dist, path) as out:
         run.update.save(out)
-        torch.save({"python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, out / f"rng{dist.rank}.pt")
+        torch.save({"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),  # HF generate's streams
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   out / f"rng{dist.rank}.pt")
         if dist.is_main:
             run.policy.save_pretrained(out)
             if run.settings["reset_every"]:  # after Reference Resets pi_ref is neither pi_init nor pi_phi
@@ -223,6 +225,8 @@ def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
     rng = torch.load(path / f"rng{dist.rank}.pt", weights_only=False)
     random.setstate(rng["python_rng"])
     torch.set_rng_state(rng["torch_rng"])
+    if rng.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda_rng"])
     if dist.is_main:
         print(f"grpo: resumed from step {state['step']} ({path})")
     return state["step"]
