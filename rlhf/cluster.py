@@ -1,7 +1,7 @@
 """What each rule asks a cluster for, from the experiment config (read by the Snakefile).
 
-`launcher` is how a rule starts its stage: one process, or for the data-parallel GRPO stage on a job with several
-GPUs (sft, rm, grpo), torchrun with one rank per GPU on the job's node (rlhf/distributed.py).
+`launcher` is how a rule starts its stage: one process, or, for a data-parallel stage (sft, rm, grpo) on a job
+with several GPUs, torchrun with one rank per GPU on the job's node (rlhf/distributed.py).
 
 Resource names are those snakemake-executor-plugin-slurm maps to sbatch flags: `gpu` (--gpus), `cpus_per_task`,
 `mem_mb`, `runtime` (minutes), `slurm_partition`. GPU rules never set `tasks`: the plugin (2.x) would turn it

@@ -1,4 +1,5 @@
-"""Data-parallel GRPO: the process group and the two ways an update is applied.
+"""Data-parallel training: the process group, the two ways a GRPO update is applied, and the SFT/RM Trainer's
+DeepSpeed config.
 
 Launched by torchrun (rlhf/cluster.py writes the command), every rank holds the whole model, samples and
 scores its share of the step's prompts, and the step is exact for the global batch:
@@ -37,6 +38,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def as_one_rank() -> None:
+    """Without torchrun, set what it would set for a single process: DeepSpeed (and env:// rendezvous) read it."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -65,11 +72,15 @@ class Dist:
             td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
         return cls(td.get_rank(), td.get_world_size(), device)
 
+    def per_rank(self, n: int, what: str) -> int:
+        """n split evenly over the ranks (a batch size that does not split is a config error)."""
+        if n % self.world_size:
+            raise ConfigError(f"{what} = {n} does not split over {self.world_size} ranks")
+        return n // self.world_size
+
     def shard(self, items: list, what: str = "grpo.prompts_per_step") -> list:
         """This rank's contiguous share of a list that every rank holds in full."""
-        if len(items) % self.world_size:
-            raise ConfigError(f"{what} = {len(items)} does not split over {self.world_size} ranks")
-        k = len(items) // self.world_size
+        k = self.per_rank(len(items), what)
         return items[self.rank * k:(self.rank + 1) * k]
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -83,7 +94,7 @@ class Dist:
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a gathered tensor."""
-        k = t.shape[0] // self.world_size
+        k = self.per_rank(t.shape[0], "gathered rows")
         return t[self.rank * k:(self.rank + 1) * k]
 
     def mean(self, stats: dict) -> dict:
@@ -137,8 +148,7 @@ def trainer_deepspeed_config(section: dict, device: torch.device) -> dict | None
     the ZeRO stage is 'auto', so the Trainer fills it from its own arguments (batch size, clipping, precision)."""
     if not use_deepspeed(section["backend"], device):
         return None
-    if "WORLD_SIZE" not in os.environ:  # one process without torchrun: what torchrun would set (DeepSpeed reads it)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    as_one_rank()
     auto = "auto"
     return {"zero_optimization": {"stage": section["zero_stage"]}, "bf16": {"enabled": auto},
             "fp16": {"enabled": auto}, "train_micro_batch_size_per_gpu": auto, "train_batch_size": auto,
@@ -183,9 +193,8 @@ class DeepSpeedUpdate:
 
         self.dist = dist
         if not td.is_initialized():  # one process without torchrun: DeepSpeed still needs a (one-rank) group
-            td.init_process_group("nccl" if dist.device.type == "cuda" else "gloo",
-                                  init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; torchrun sets it for each rank
+            as_one_rank()
+            td.init_process_group("nccl" if dist.device.type == "cuda" else "gloo")
         dtype = next(model.parameters()).dtype
         config = {
             # The micro-batching is ours (grpo.micro_batch_size); the engine sees one sample per "micro-batch"

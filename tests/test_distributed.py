@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from rlhf.data.miniature import MiniatureSpec
-from rlhf.distributed import Dist, deepspeed_available, make_update
+from rlhf.distributed import Dist, deepspeed_available, free_port, make_update
 from rlhf.generation import sample
 from rlhf.models import build_tiny_causal_lm, build_word_tokenizer
 from rlhf.policy import token_logprobs
@@ -32,12 +31,6 @@ SETTINGS = dict(group_size=G, max_new_tokens=T_MAX, clip_eps=0.2, lr=1e-2, weigh
                 gr_gamma=0.1, gr_eps=1e-3, gr_g1_clip=10.0, gr_g2_clip=10.0, gr_excluded_grad="g1",
                 signcert_quantile=0.3, signcert_epsilon_from="radius", signcert_clip_negative=True,
                 micro_batch_size=0, backend="torch", zero_stage=2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem():
@@ -90,7 +83,7 @@ def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> 
 
 def run_ranks(world_size: int, settings: dict, tmp_path):
     out = str(tmp_path / f"rank0-{world_size}-{settings['backend']}.pt")
-    mp.spawn(_worker, args=(world_size, _free_port(), settings, out), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), settings, out), nprocs=world_size, join=True)
     return torch.load(out, weights_only=False)
 
 

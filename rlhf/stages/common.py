@@ -5,8 +5,7 @@ import random
 import numpy as np
 import torch
 
-from rlhf.distributed import trainer_deepspeed_config
-from rlhf.errors import ConfigError
+from rlhf.distributed import Dist, trainer_deepspeed_config
 from rlhf.models import device_from_config, load_reward_model, load_tokenizer
 from rlhf.paths import Paths
 from rlhf.rewards.proxy_rm import RewardScorer
@@ -38,20 +37,18 @@ def load_proxy(cfg: dict, tokenizer, device) -> RewardScorer:
     return RewardScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"])
 
 
-def hf_trainer_kwargs(section: dict, seed: int, device: torch.device, world_size: int = 1) -> dict:
+def hf_trainer_kwargs(section: dict, seed: int, dist: Dist) -> dict:
     """Arguments shared by the SFT and RM trainers (TRL configs derive from transformers' TrainingArguments).
 
     transformers 5 reads a warmup_steps below 1 as a fraction of the training steps (warmup_ratio is gone).
     On CUDA the Trainer runs DeepSpeed (section.backend, ZeRO-2 by default); under torchrun it is data parallel,
-    and batch_size stays the global batch (each of the world_size ranks takes its share).
+    and batch_size stays the global batch (each rank takes its share).
     """
-    if section["batch_size"] % world_size:
-        raise ConfigError(f"batch_size = {section['batch_size']} does not split over {world_size} ranks")
     return dict(learning_rate=section["lr"], num_train_epochs=section["epochs"],
-                per_device_train_batch_size=section["batch_size"] // world_size, lr_scheduler_type=section["lr_scheduler"],
+                per_device_train_batch_size=dist.per_rank(section["batch_size"], "batch_size"), lr_scheduler_type=section["lr_scheduler"],
                 warmup_steps=section["warmup_ratio"], logging_steps=10, save_strategy="no", report_to=[],
-                seed=seed, use_cpu=device.type == "cpu", dataloader_num_workers=0, max_length=section["max_length"],
-                deepspeed=trainer_deepspeed_config(section, device))
+                seed=seed, use_cpu=dist.device.type == "cpu", dataloader_num_workers=0,
+                max_length=section["max_length"], deepspeed=trainer_deepspeed_config(section, dist.device))
 
 
 def trainer_engine(trainer) -> str:

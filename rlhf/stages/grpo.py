@@ -65,7 +65,8 @@ def grpo_step(update, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float,
     device = next(policy.parameters()).device
     advantages, mask = dist.local(advantages).to(device), rollout.completion_mask.to(device).float()
     n = mask.shape[0]
-    chunks = [slice(i, i + (s["micro_batch_size"] or n)) for i in range(0, n, s["micro_batch_size"] or n)]
+    size = s["micro_batch_size"] or n
+    chunks = [slice(i, i + size) for i in range(0, n, size)]
     at_phi = {}  # log-probs and entropy of the unperturbed policy (GR runs the pass twice)
 
     def gradient_pass():

@@ -53,7 +53,7 @@ def run(cfg, args):
     with shared_atomic_dir(dist, P.rm) as out:
         trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
                                 args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r["weight_decay"],
-                                                  **hf_trainer_kwargs(r, cfg["seed"], device, dist.world_size)))
+                                                  **hf_trainer_kwargs(r, cfg["seed"], dist)))
         trainer.train()
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 scores and writes
             shutil.rmtree(out / "trainer", ignore_errors=True)

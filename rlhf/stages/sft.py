@@ -35,7 +35,7 @@ def run(cfg, args):
     model.config.pad_token_id = tokenizer.pad_token_id
     with shared_atomic_dir(dist, P.sft) as out:
         args_ = SFTConfig(output_dir=str(out / "trainer"), completion_only_loss=True,
-                          **hf_trainer_kwargs(cfg["sft"], cfg["seed"], device, dist.world_size))
+                          **hf_trainer_kwargs(cfg["sft"], cfg["seed"], dist))
         trainer = SFTTrainer(model=model, args=args_, train_dataset=tokenize(tokenizer, train),
                              processing_class=tokenizer)
         trainer.train()
