@@ -127,6 +127,9 @@ def _check_semantics(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: methods.{method}: reset_every needs kl_beta > 0 (resets act on the KL reference)")
         if m["reset_every"] and m["kl_beta_decay_every"]:
             raise ConfigError(f"{source}: methods.{method}: reset_every and kl_beta_decay_every are alternatives; set one")
+        if m["gr_refresh_master_weights"] and m["gr_estimator"] != "finite_difference":
+            raise ConfigError(f"{source}: methods.{method}: gr_refresh_master_weights reproduces the authors' finite "
+                              "difference (a refresh around the perturbation); gr_estimator hvp perturbs nothing")
         ranks = job_spec(cfg, "grpo")["gpus"]
         if ranks > 1 and m["prompts_per_step"] % ranks:
             raise ConfigError(f"{source}: methods.{method}: prompts_per_step = {m['prompts_per_step']} does not split "

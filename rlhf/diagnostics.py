@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from rlhf.algorithms.gr import default_perturbed_parameters
-from rlhf.algorithms.signcert import certified_radius
+from rlhf.algorithms.advantages import degenerate_groups
+from rlhf.algorithms.signcert import SignCert
 from rlhf.generation import sample
 from rlhf.stats import preference_metrics
 
@@ -67,12 +68,16 @@ def sharpness(policy, tokenizer, prompts: list[str], proxy, *, perturbations: in
     return {"sharpness": max(drops), "sharpness/J": base}
 
 
-def signcert_stats(advantages: torch.Tensor, features: torch.Tensor, group_size: int, rho: torch.Tensor) -> dict:
-    radius = certified_radius(advantages, features, group_size)
+def signcert_stats(cert: SignCert, rewards: torch.Tensor, group_size: int) -> dict:
+    """What SignCert-PO did to a batch: eps, how many signs it flipped (rho < 0) or removed (rho = 0), how many
+    groups were degenerate (all rewards equal, no sign to certify) and the spread of the finite radii."""
+    rho, radius = cert.rho, cert.radius
+    stats = {"signcert/epsilon": cert.epsilon.item(), "signcert/rho_negative": (rho < 0).float().mean().item(),
+             "signcert/rho_zero": (rho == 0).float().mean().item(), "signcert/rho_mean": rho.mean().item(),
+             "signcert/degenerate_groups": degenerate_groups(rewards, group_size).float().mean().item()}
     finite = radius[torch.isfinite(radius) & (radius > 0)]
-    stats = {"signcert/zeroed": (rho == 0).float().mean().item(), "signcert/rho_mean": rho.mean().item()}
     if finite.numel():
-        q = torch.quantile(finite.log10(), torch.tensor([0.1, 0.5, 0.9]))
+        q = torch.quantile(finite.log10(), torch.tensor([0.1, 0.5, 0.9], dtype=finite.dtype))
         stats.update({"signcert/log10_radius_p10": q[0].item(), "signcert/log10_radius_p50": q[1].item(),
                       "signcert/log10_radius_p90": q[2].item()})
     return stats

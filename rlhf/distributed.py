@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,16 @@ class Dist:
         td.all_reduce(x)
         return {**stats, **dict(zip(keys, (x / self.world_size).tolist()))}
 
+    def mean_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor averaged over ranks, in at least fp32, through one flat all-reduce."""
+        if not self.enabled:
+            return tensors
+        dtype = torch.promote_types(torch.float32, tensors[0].dtype)
+        flat = torch.cat([t.detach().to(self.device, dtype).reshape(-1) for t in tensors])
+        td.all_reduce(flat)
+        flat /= self.world_size
+        return [part.view_as(t).to(t.device) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
     def barrier(self) -> None:
         if self.enabled:
             td.barrier()
@@ -119,8 +130,19 @@ class Dist:
         return box[0]
 
     def close(self) -> None:
-        if td.is_available() and td.is_initialized():
-            td.destroy_process_group()
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Tear down the process group, through DeepSpeed when it has used it: DeepSpeed caches a clone of the world
+    group, and an engine created later in the same process would otherwise reach for the destroyed one."""
+    if not (td.is_available() and td.is_initialized()):
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")  # where DeepSpeed keeps its backend (`cdb`)
+    if ds_comm is not None and ds_comm.cdb is not None:
+        ds_comm.destroy_process_group()
+    else:
+        td.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -165,12 +187,23 @@ class TorchUpdate(LocalGradients):
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         loss.backward()
-        if boundary and self.dist.enabled:
+        if boundary:
+            self._average_over_ranks()
+
+    def _average_over_ranks(self) -> None:
+        if self.dist.enabled:
             # One all-reduce per tensor: simple and exact; DeepSpeedUpdate is the bucketed, sharded path.
             for p in self.model.parameters():
                 if p.grad is not None:
                     td.all_reduce(p.grad)
                     p.grad.div_(self.dist.world_size)
+
+    def mean_over_ranks(self, tensors):
+        return self.dist.mean_tensors(tensors)
+
+    def write_rank_average(self, params, grads):
+        self.write(params, grads)
+        self._average_over_ranks()
 
     def step(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
@@ -195,6 +228,8 @@ class DeepSpeedUpdate:
         if not td.is_initialized():  # one process without torchrun: DeepSpeed still needs a (one-rank) group
             as_one_rank()
             td.init_process_group("nccl" if dist.device.type == "cuda" else "gloo")
+        # DeepSpeed's communication layer wraps the existing group (and destroy_process_group releases what it caches)
+        deepspeed.init_distributed(dist_backend=td.get_backend(), auto_mpi_discovery=False)
         dtype = next(model.parameters()).dtype
         config = {
             # The micro-batching is ours (grpo.micro_batch_size); the engine sees one sample per "micro-batch"
@@ -215,6 +250,21 @@ class DeepSpeedUpdate:
 
     def zero(self) -> None:
         self.engine.zero_grad()
+
+    def mean_over_ranks(self, tensors):
+        return self.dist.mean_tensors(tensors)
+
+    def write_rank_average(self, params, grads):
+        """The engine's own reduction of a backward pass whose gradient is this rank's `grads`: the gradient of
+        sum_p <p, g_p> is g_p, so the engine's partitioned buffers get the rank average, as after any backward."""
+        self.engine.zero_grad()
+        surrogate = sum((p.float() * g.detach().float()).sum() for p, g in zip(params, grads))
+        self.backward(surrogate, boundary=True)
+
+    def refresh_master_weights(self) -> None:
+        """Copy the bf16/fp16 module weights into the optimizer's fp32 master weights (DeepSpeed's
+        refresh_fp32_params): what the GR authors' code does after perturbing and after restoring."""
+        self.engine.optimizer.refresh_fp32_params()
 
     def read(self, params):
         from deepspeed.utils import safe_get_full_grad  # all-gathers the partitions: the full averaged gradient
@@ -252,4 +302,9 @@ def deepspeed_available() -> bool:
 
 def make_update(model: torch.nn.Module, s: dict, dist: Dist):
     """grpo.backend: 'auto' uses DeepSpeed on CUDA (when installed) and torch AdamW otherwise."""
-    return DeepSpeedUpdate(model, s, dist) if use_deepspeed(s["backend"], dist.device) else TorchUpdate(model, s, dist)
+    deepspeed = use_deepspeed(s["backend"], dist.device)
+    if s.get("gr_gamma") and s.get("gr_refresh_master_weights") and not (
+            deepspeed and next(model.parameters()).dtype in (torch.bfloat16, torch.float16)):
+        raise ConfigError("grpo.gr_refresh_master_weights copies bf16 weights into DeepSpeed's fp32 master weights "
+                          "(the GR authors' code): it needs grpo.backend deepspeed and model.dtype bfloat16 or float16")
+    return DeepSpeedUpdate(model, s, dist) if deepspeed else TorchUpdate(model, s, dist)

@@ -35,14 +35,27 @@ def one_process_per_test():
     stages (and the Snakemake jobs they start) would believe they run under torchrun."""
     saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     yield
-    import torch.distributed as td
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
+    from rlhf.distributed import destroy_process_group
+    destroy_process_group()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def record_applied_gradient(update) -> dict:
+    """Make `update.step` first keep the gradient it applies (full, float64 copies) in the returned dict's
+    "grad": what the optimizer got, whatever backend holds it."""
+    params = [p for p in update.model.parameters() if p.requires_grad]
+    seen, step = {}, update.step
+
+    def recording_step():
+        seen["grad"] = [g.detach().double().clone() for g in update.read(params)]
+        return step()
+
+    update.step = recording_step
+    return seen
 
 
 @pytest.fixture
@@ -75,6 +88,24 @@ def tiny_lm():
     tok = build_word_tokenizer(MiniatureSpec().vocabulary())
     build = dict(arch="qwen2", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
     return build_tiny_causal_lm(build, tok, seed=0), tok
+
+
+@pytest.fixture
+def float64_lm(tiny_lm, monkeypatch):
+    """A float64 tiny GPT-NeoX LM (same tokenizer): exact to ~1e-15, for gradients checked against math.
+
+    Exactness needs float64 all the way: GPT-NeoX normalizes with nn.LayerNorm (Qwen2's RMSNorm computes in
+    float32), eager attention, and its softmax, which transformers pins to float32, is kept in float64 here.
+    """
+    from rlhf.models import build_tiny_causal_lm
+    _, tok = tiny_lm
+    softmax = torch.nn.functional.softmax
+    monkeypatch.setattr(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **kw: softmax(
+        x, dim=dim, dtype=torch.promote_types(x.dtype, dtype) if dtype is not None else None, **kw))
+    build = dict(arch="gpt_neox", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
+    model = build_tiny_causal_lm(build, tok, seed=0).double()
+    model.set_attn_implementation("eager")
+    return model, tok
 
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]

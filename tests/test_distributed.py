@@ -20,6 +20,7 @@ from rlhf.generation import sample
 from rlhf.models import build_tiny_causal_lm, build_word_tokenizer
 from rlhf.policy import token_logprobs
 from rlhf.rewards.proxy_rm import Scores
+from tests.conftest import record_applied_gradient
 
 needs_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="deepspeed is not installed")
 
@@ -29,7 +30,9 @@ PROMPTS = ["post : alice lost the car . tldr :", "post : bob sold the key . tldr
 G, T_MAX = 4, 6
 SETTINGS = dict(group_size=G, max_new_tokens=T_MAX, clip_eps=0.2, lr=1e-2, weight_decay=0.01, max_grad_norm=0.5,
                 gr_gamma=0.1, gr_eps=1e-3, gr_g1_clip=10.0, gr_g2_clip=10.0, gr_excluded_grad="g1",
-                signcert_quantile=0.3, signcert_epsilon_from="radius", signcert_clip_negative=True,
+                gr_estimator="finite_difference", gr_second_pass_ratio="one", gr_refresh_master_weights=False,
+                signcert_quantile=0.3, signcert_epsilon_from="radius", signcert_quantile_over="nonzero",
+                signcert_clip_negative=False,
                 micro_batch_size=0, backend="torch", zero_stage=2)
 
 
@@ -58,13 +61,7 @@ def one_step(dist: Dist, settings: dict) -> tuple[list[torch.Tensor], list[torch
     ref_logprobs = token_logprobs(reference, rollout).detach()
     update = make_update(model, settings, dist)
     params = [p for p in update.model.parameters() if p.requires_grad]
-    seen, step = {}, update.step
-
-    def recording_step():
-        seen["grad"] = [g.detach().float().clone() for g in update.read(params)]
-        return step()
-
-    update.step = recording_step
+    seen = record_applied_gradient(update)
     stats = grpo_step(update, dist, rollout, scores, ref_logprobs, 0.05, settings)
     stats.pop("logprobs")
     return seen["grad"], [p.detach().clone() for p in params], dist.mean(stats)
@@ -104,15 +101,18 @@ def _assert_same(result, expected):
     for a, b, g in zip(weights, exp_weights, exp_grads):
         keep = g.abs() > 1e-4 * scale
         torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-3 * SETTINGS["lr"])
-    for key in ("g1_norm", "g2_norm", "grad_norm", "signcert/zeroed", "loss", "entropy"):
-        assert stats[key] == pytest.approx(exp_stats[key], rel=1e-4), key
+    for key in ("g1_norm", "g2_norm", "gr/curvature", "grad_norm", "signcert/epsilon", "signcert/rho_negative",
+                "loss", "entropy"):
+        if key in exp_stats:  # the finite difference's curvature divides fp32 rounding by eps = 1e-3
+            rel = 3e-3 if key == "gr/curvature" and "g2_norm" in exp_stats else 1e-4
+            assert stats[key] == pytest.approx(exp_stats[key], rel=rel), key
 
 
 def test_the_step_changes_the_weights_and_uses_every_regularizer(single_process):
     """Guard against a vacuous comparison: the reference step is a real GR + SignCert + KL update."""
     grads, weights, stats = single_process
     model, *_ = _problem()
-    assert stats["g2_norm"] > 0 and 0 < stats["signcert/zeroed"] < 1
+    assert stats["g2_norm"] > 0 and 0 < stats["signcert/rho_negative"] < 1
     assert all(not torch.equal(a, b.detach()) for a, b in zip(weights, model.parameters()))
     assert sum(g.norm() ** 2 for g in grads) ** 0.5 > 0
 
@@ -130,6 +130,24 @@ def test_deepspeed_zero2_step_equals_single_process(world_size, single_process, 
     settings = {**SETTINGS, "backend": "deepspeed", "micro_batch_size": 5}
     _assert_same(run_ranks(world_size, settings, tmp_path), single_process)
 
+
+
+@pytest.fixture(scope="module")
+def single_process_hvp():
+    torch.set_num_threads(1)
+    return one_step(Dist(), {**SETTINGS, "gr_estimator": "hvp"})
+
+
+@pytest.mark.parametrize("backend,micro_batch_size", [("torch", 3), ("deepspeed", 0), ("deepspeed", 5)])
+def test_hvp_gr_on_two_ranks_equals_single_process(backend, micro_batch_size, single_process_hvp, tmp_path):
+    """GR's exact estimator under data parallelism: g1 averaged over ranks before H g1, each rank's H g1 through
+    the backend's own reduction (ZeRO-2: partitioned); with one micro-batch per rank (graph kept) or several."""
+    if backend == "deepspeed" and not deepspeed_available():
+        pytest.skip("deepspeed is not installed")
+    _, _, stats = single_process_hvp
+    assert stats["gr/curvature"] != 0 and "g2_norm" not in stats
+    settings = {**SETTINGS, "gr_estimator": "hvp", "backend": backend, "micro_batch_size": micro_batch_size}
+    _assert_same(run_ranks(2, settings, tmp_path), single_process_hvp)
 
 
 # The stage itself: launched as the Snakefile launches it, and resumed under DeepSpeed.

@@ -1,34 +1,50 @@
-"""Finite-difference gradient regularization (GR paper section 5, Fig. 9, App. C.1).
+"""Gradient regularization (GR paper section 5, Fig. 9, App. C.1): two estimators of one gradient.
 
-One update, reusing the same rollouts for both passes:
+GR follows the gradient of L + (gamma/2) ||grad_S L||^2, i.e. g + gamma * H g restricted to S, the perturbed
+parameters (the transformer blocks and final norm; never embeddings or the output head). The paper's Eq. 5 has a
+factor-2 slip; this follows Fig. 9.
+
+finite_difference_gr, the paper's estimator, one update reusing the same rollouts for both passes:
   g1 = grad L(phi)                      (all micro-batches)   g1_hat = clip(g1, g1_clip)
-  phi' = phi + eps * g1_hat             (perturbed parameters only, fp32 arithmetic)
+  phi' = phi + eps * g1_hat             (S only, fp32 arithmetic)
   g2 = grad L(phi')                                           g2_hat = clip(g2, g2_clip)
-  restore phi exactly;  grad = g1_hat + gamma * (g2_hat - g1_hat) / eps   on the perturbed parameters,
-                        g1_hat (or g2_hat, as the authors' public code) on the others.
-As eps -> 0 without clipping this is g + gamma * H g, the gradient of L + (gamma/2) ||grad L||^2
-(H g restricted to the perturbed parameters). The paper's Eq. 5 has a factor-2 slip; this follows Fig. 9.
+  restore phi exactly;  grad = g1_hat + gamma * (g2_hat - g1_hat) / eps   on S,
+                        g1_hat (or g2_hat / raw g2, as the authors' public code) on the others.
+  With bf16 weights phi + eps * g1_hat rounds back to phi for almost every element (eps = 1e-3), and the difference
+  then measures rounding, not H g: the realized perturbation ||phi'_stored - phi|| / ||eps * g1_hat|| is returned.
 
-Where the gradients live is abstracted by `GradientAccess`: `.grad` of each parameter in one process (the
-default), or DeepSpeed's partitioned buffers (rlhf/distributed.py). Either way g1 and g2 are the full gradients,
-averaged over data-parallel ranks, so every rank perturbs its copy of the weights identically and GR stays exact.
+hvp_gr, exact at any precision: grad = g1_hat + gamma * H g1_hat on S by double backprop over the same rollouts and
+  micro-batches, the eps -> 0 limit of the finite difference with g2 unclipped. With one micro-batch per rank the
+  graph of the first backward is kept (one forward, one backward with create_graph, one double backward); with
+  several, g1 is needed before any H v product, so a plain backward pass comes first.
+
+Where the gradients live is abstracted by `GradientAccess`: `.grad` of each parameter in one process (the default),
+or the update backends of rlhf/distributed.py (data parallel, DeepSpeed's partitioned buffers). Either way g1 (and
+g2) are full gradients averaged over data-parallel ranks, so every rank perturbs identically and GR stays exact.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
+
+EXCLUDED_GRAD = ("g1", "g2", "g2_raw")
 
 
 @dataclass
 class GRStats:
     g1_norm: float       # ||g1|| before clipping, global over all trainable parameters
-    g2_norm: float       # ||g2|| before clipping
-    loss: float          # L(phi), as returned by the closure
-    seconds_g1: float
-    seconds_g2: float
+    g2_norm: float       # ||g2|| before clipping (hvp: nan, there is no second gradient)
+    loss: float          # this rank's L(phi): as returned by the closure / summed over the micro-batch losses
+    curvature: float     # g1_hat^T H g1_hat / ||g1_hat||^2 on S: the estimator's curvature along g1 (FD: from g2)
+    seconds_g1: float    # the first gradient pass
+    seconds_g2: float    # the second pass (FD) or the Hessian-vector product (hvp)
+    realized_perturbation: float = float("nan")  # FD: ||phi'_stored - phi|| / ||eps * g1_hat|| on S (1 = exact)
+    perturbation_error: float = float("nan")     # FD: ||(phi'_stored - phi) - eps * g1_hat|| / ||eps * g1_hat|| (0 = exact)
+    changed_fraction: float = float("nan")       # FD: share of the elements of S that the perturbation changed
 
 
 def default_perturbed_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -57,10 +73,12 @@ class GradientAccess(Protocol):
     def zero(self) -> None: ...
     def read(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]: ...
     def write(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None: ...
+    def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]: ...
+    def write_rank_average(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None: ...
 
 
 class LocalGradients:
-    """`.grad` of each parameter: one process, or data parallel with gradients all-reduced in place."""
+    """`.grad` of each parameter in one process (subclassed by the data-parallel torch backend)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -72,8 +90,16 @@ class LocalGradients:
         return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
 
     def write(self, params, grads):
+        """The full gradient, identical on every rank."""
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
+
+    def mean_over_ranks(self, tensors):
+        return tensors
+
+    def write_rank_average(self, params, grads):
+        """The gradient becomes the average over ranks of each rank's `grads` (one process: `grads`)."""
+        self.write(params, grads)
 
 
 def _clip_coef(grads: list[torch.Tensor], max_norm: float) -> tuple[float, float]:
@@ -82,24 +108,41 @@ def _clip_coef(grads: list[torch.Tensor], max_norm: float) -> tuple[float, float
     return norm, min(1.0, max_norm / (norm + 1e-6))
 
 
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return sum((_fp32(x) * _fp32(y)).sum() for x, y in zip(a, b))
+
+
+def _split(model, perturb) -> tuple[list[torch.nn.Parameter], list[bool]]:
+    """The trainable parameters and, for each, whether GR perturbs it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    perturbed = default_perturbed_parameters(model) if perturb is None else list(perturb)
+    ids = {id(p) for p in perturbed}
+    if not ids <= {id(p) for p in params}:
+        raise ValueError("perturb contains parameters that are not trainable parameters of the model")
+    return params, [id(p) in ids for p in params]
+
+
+def _check_excluded(excluded_grad: str) -> None:
+    if excluded_grad not in EXCLUDED_GRAD:
+        raise ValueError(f"excluded_grad must be one of {', '.join(EXCLUDED_GRAD)}")
+
+
 def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torch.Tensor | float], *,
                          gamma: float, eps: float, g1_clip: float = 10.0, g2_clip: float = 10.0,
                          perturb: Iterable[torch.nn.Parameter] | None = None, excluded_grad: str = "g1",
-                         grads: GradientAccess | None = None) -> GRStats:
+                         grads: GradientAccess | None = None,
+                         on_weights_changed: Callable[[], None] | None = None) -> GRStats:
     """Leave the GR gradient where `grads` keeps the gradient of every trainable parameter of `model`
     (default: `.grad`).
 
     `loss_closure()` must run forward and backward over all micro-batches of the batch (accumulating the full,
-    rank-averaged gradient where `grads` reads it) and may return the loss. Parameters are restored bit-exactly
-    before returning.
+    rank-averaged gradient where `grads` reads it) and may return the loss; it is called twice, at phi and at phi'.
+    Parameters are restored bit-exactly before returning. excluded_grad: what the parameters outside S get,
+    g1_hat (ours), g2_hat, or the raw unclipped g2 (the authors' code under DeepSpeed). `on_weights_changed` runs
+    after perturbing and after restoring (the authors' code refreshes DeepSpeed's fp32 master weights there).
     """
-    if excluded_grad not in ("g1", "g2"):
-        raise ValueError("excluded_grad must be 'g1' or 'g2'")
-    params = [p for p in model.parameters() if p.requires_grad]
-    perturbed = default_perturbed_parameters(model) if perturb is None else list(perturb)
-    perturbed_ids = {id(p) for p in perturbed}
-    if not perturbed_ids <= {id(p) for p in params}:
-        raise ValueError("perturb contains parameters that are not trainable parameters of the model")
+    _check_excluded(excluded_grad)
+    params, in_s = _split(model, perturb)
     grads = grads or LocalGradients(model)
 
     grads.zero()
@@ -109,31 +152,120 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
     t1 = time.perf_counter()
     g1_norm, s1 = _clip_coef(g1, g1_clip)
 
-    saved = {id(p): p.detach().clone() for p in params if id(p) in perturbed_ids}
+    saved = [p.detach().clone() if s else None for p, s in zip(params, in_s)]
+    moved_sq, error_sq, intended_sq, changed, total = [], [], [], [], 0  # summed on the device: one sync
     with torch.no_grad():
-        for p, g in zip(params, g1):
-            if id(p) in perturbed_ids:
-                p.copy_((_fp32(p) + eps * s1 * _fp32(g)).to(p.dtype))
+        for p, g, s, before in zip(params, g1, in_s, saved):
+            if s:
+                step = eps * s1 * _fp32(g)
+                p.copy_((_fp32(p) + step).to(p.dtype))
+                moved = _fp32(p) - _fp32(before)
+                moved_sq.append(moved.square().sum())
+                error_sq.append((moved - step).square().sum())
+                intended_sq.append(step.square().sum())
+                changed.append((p != before).sum())
+                total += p.numel()
+    moved_sq, error_sq, intended_sq, changed = (torch.stack(x).sum().item() if x else 0.0
+                                                for x in (moved_sq, error_sq, intended_sq, changed))
+    if on_weights_changed:
+        on_weights_changed()
     grads.zero()
     try:
         loss_closure()
         g2 = grads.read(params)
     finally:
         with torch.no_grad():
-            for p in params:
-                if id(p) in perturbed_ids:
-                    p.copy_(saved[id(p)])
+            for p, before in zip(params, saved):
+                if before is not None:
+                    p.copy_(before)
+        if on_weights_changed:
+            on_weights_changed()
     t2 = time.perf_counter()
     g2_norm, s2 = _clip_coef(g2, g2_clip)
 
-    final = []
-    for p, a, b in zip(params, g1, g2):
+    final, v, curvature_term = [], [], []
+    for a, b, s in zip(g1, g2, in_s):
         a_hat, b_hat = s1 * _fp32(a), s2 * _fp32(b)
-        if id(p) in perturbed_ids:
-            final.append(a_hat + gamma * (b_hat - a_hat) / eps)
+        if s:
+            difference = (b_hat - a_hat) / eps
+            final.append(a_hat + gamma * difference)
+            v.append(a_hat)
+            curvature_term.append(difference)
         else:
-            final.append(a_hat if excluded_grad == "g1" else b_hat)
+            final.append({"g1": a_hat, "g2": b_hat, "g2_raw": _fp32(b)}[excluded_grad])
+    curvature = (_dot(v, curvature_term) / _dot(v, v).clamp_min(1e-30)).item()
     del g1, g2
     grads.write(params, final)
     loss_value = loss.item() if isinstance(loss, torch.Tensor) else float(loss or 0.0)
-    return GRStats(g1_norm, g2_norm, loss_value, t1 - t0, t2 - t1)
+    ratio = (lambda x: (x / intended_sq) ** 0.5 if intended_sq > 0 else float("nan"))
+    return GRStats(g1_norm, g2_norm, loss_value, curvature, t1 - t0, t2 - t1, ratio(moved_sq), ratio(error_sq),
+                   changed / max(total, 1))
+
+
+@contextlib.contextmanager
+def double_backward_attention(model: torch.nn.Module):
+    """Attention that has a double backward: SDPA's math kernel (the fused flash / memory-efficient kernels of CPU
+    and CUDA have no derivative of their backward); eager attention needs nothing. FlashAttention-2 is refused."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    if impl.startswith("flash"):
+        raise ValueError(f"GR's hvp estimator needs attention with a double backward; the model uses {impl}: "
+                         "load it with attn_implementation='sdpa' (run with the math kernel) or 'eager'")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _grad(loss: torch.Tensor, params: list[torch.nn.Parameter], create_graph: bool) -> list[torch.Tensor]:
+    out = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out)]
+
+
+def hvp_gr(model: torch.nn.Module, micro_losses: Sequence[Callable[[], torch.Tensor]], *, gamma: float,
+           g1_clip: float = 10.0, perturb: Iterable[torch.nn.Parameter] | None = None, excluded_grad: str = "g1",
+           grads: GradientAccess | None = None) -> GRStats:
+    """Leave g1_hat + gamma * H g1_hat (on S) where `grads` keeps the gradient, by double backprop.
+
+    `micro_losses[i]()` returns micro-batch i's share of this rank's loss at the current weights (forward only;
+    the weighted shares sum to the loss whose rank average is L). H is the Jacobian of the gradient field the
+    trainer follows: with one update per batch that is the on-policy surrogate's (rlhf.algorithms.losses), whose
+    ratio is 1 at every phi. excluded_grad is the eps -> 0 limit of the finite difference's options: g2 -> g1, so
+    "g1" and "g2" give g1_hat and "g2_raw" gives the unclipped g1.
+    """
+    _check_excluded(excluded_grad)
+    params, in_s = _split(model, perturb)
+    s_params = [p for p, s in zip(params, in_s) if s]
+    grads = grads or LocalGradients(model)
+    keep_graph = len(micro_losses) == 1  # else g1 must be complete before the first H v product
+
+    with double_backward_attention(model):
+        t0 = time.perf_counter()
+        g1_local, kept, loss_value = [torch.zeros_like(_fp32(p)) for p in params], None, 0.0
+        for micro_loss in micro_losses:
+            loss = micro_loss()
+            g = _grad(loss, params, create_graph=keep_graph)
+            for acc, x in zip(g1_local, g):
+                acc += x.detach()
+            kept = [x for x, s in zip(g, in_s) if s] if keep_graph else None
+            loss_value += loss.item()
+        g1 = grads.mean_over_ranks(g1_local)
+        g1_norm, s1 = _clip_coef(g1, g1_clip)
+        v = [s1 * g for g, s in zip(g1, in_s) if s]
+        t1 = time.perf_counter()
+        hv_local = [torch.zeros_like(x) for x in v]
+        for micro_loss in micro_losses:
+            g_s = kept if keep_graph else _grad(micro_loss(), s_params, create_graph=True)
+            for acc, x in zip(hv_local, _grad(_dot(g_s, v), s_params, create_graph=False)):
+                acc += x.detach()
+            kept = None
+        t2 = time.perf_counter()
+
+    vhv, vv = grads.mean_over_ranks([_dot(v, hv_local).double().reshape(1)])[0].item(), _dot(v, v).item()
+    final, hv = [], iter(hv_local)
+    for g, s in zip(g1_local, in_s):
+        if s:
+            final.append(s1 * g + gamma * next(hv))
+        else:
+            final.append(g if excluded_grad == "g2_raw" else s1 * g)
+    grads.zero()
+    grads.write_rank_average(params, final)
+    return GRStats(g1_norm, float("nan"), loss_value, vhv / max(vv, 1e-30), t1 - t0, t2 - t1)

@@ -7,18 +7,21 @@ The regularizers are local additions, each switched on by its config field and c
   kl_beta              KL penalty to pi_ref (pi_init, or the current policy after each reset)
   reset_every          Reference Resets: pi_ref <- pi_phi after updates R, 2R, ...
   kl_beta_decay_every  scheduled-beta ablation: beta / i in iteration i, pi_ref fixed
-  gr_gamma             finite-difference gradient regularization (second pass on the same rollouts)
-  signcert_quantile    SignCert-PO: advantages scaled by rho from the proxy RM's certified radii
+  gr_gamma             gradient regularization: a finite difference (second pass on the same rollouts) or the
+                       exact Hessian-vector product (gr_estimator: hvp)
+  signcert_quantile    SignCert-PO: each advantage replaced by its worst case within the proxy RM's certified radius
 Every step is logged to metrics.jsonl; every `eval_every` steps the gold judges the policy on held-out
 prompts (plus on-policy proxy-RM accuracy); checkpoints make the run resumable.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +30,10 @@ import torch
 from tqdm import trange
 
 from rlhf.algorithms.advantages import dr_grpo_advantages
-from rlhf.algorithms.gr import finite_difference_gr
+from rlhf.algorithms.gr import finite_difference_gr, hvp_gr
 from rlhf.algorithms.losses import dr_grpo_loss
 from rlhf.algorithms.resets import is_reset_step, reset_reference, scheduled_beta
-from rlhf.algorithms.signcert import signcert_weights
+from rlhf.algorithms.signcert import signcert
 from rlhf.config import grpo_settings
 from rlhf.diagnostics import onpolicy_rm_accuracy, sharpness, signcert_stats
 from rlhf.distributed import Dist, make_update, shared_atomic_dir
@@ -55,51 +58,67 @@ def grpo_step(update, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float,
     advantages = dr_grpo_advantages(rewards, G)
     stats = {}
     if s["signcert_quantile"] is not None:
-        # SignCert-PO: down-weight completions whose advantage sign a small change of the RM head could flip.
-        features = dist.gather(scores.features)
-        rho = signcert_weights(advantages, features, G, s["signcert_quantile"],
-                               epsilon_from=s["signcert_epsilon_from"], clip_negative=s["signcert_clip_negative"])
-        stats.update(signcert_stats(advantages, features, G, rho))
-        advantages = rho * advantages
+        # SignCert-PO: each advantage replaced by its worst case under a head change of size eps.
+        cert = signcert(advantages, dist.gather(scores.features), G, s["signcert_quantile"],
+                        epsilon_from=s["signcert_epsilon_from"], quantile_over=s["signcert_quantile_over"],
+                        clip_negative=s["signcert_clip_negative"])
+        stats.update(signcert_stats(cert, rewards, G))
+        advantages = cert.rho * advantages
     policy = update.model
     device = next(policy.parameters()).device
     advantages, mask = dist.local(advantages).to(device), rollout.completion_mask.to(device).float()
     n = mask.shape[0]
     size = s["micro_batch_size"] or n
     chunks = [slice(i, i + size) for i in range(0, n, size)]
-    at_phi = {}  # log-probs and entropy of the unperturbed policy (GR runs the pass twice)
+    at_phi = {}  # per micro-batch: log-probs and entropy sum of the unperturbed policy (GR evaluates twice)
 
-    def gradient_pass():
-        """Forward and backward over the micro-batches; the loss of each is weighted by its share of the batch,
-        so the accumulated gradient is that of the whole batch (averaged over ranks by the update backend)."""
-        loss, logps, entropy_sum = 0.0, [], 0.0
+    def micro_loss(i: int, rows: slice, old_logprobs=None, exp_ratio: bool = False) -> torch.Tensor:
+        """Micro-batch i's loss weighted by its share of the batch, so the accumulated gradient is the whole
+        batch's (averaged over ranks by the update backend). old_logprobs=None: the on-policy ratio 1;
+        exp_ratio: exp(p - p.detach()), whose second derivative holds the authors' second-pass ratio term."""
+        part = rollout.rows(rows)
+        logprobs, entropy = token_logprobs(policy, part, with_entropy=True)
+        m = mask[rows]
+        old = logprobs.detach() if exp_ratio and old_logprobs is None else old_logprobs
+        loss = dr_grpo_loss(logprobs, old, advantages[rows], m, s["max_new_tokens"], s["clip_eps"],
+                            None if ref_logprobs is None else ref_logprobs[rows], kl_beta) * (m.shape[0] / n)
+        at_phi.setdefault(i, (logprobs.detach(), (entropy.detach() * m).sum().item()))
+        return loss
+
+    stored_ratio = s["gr_second_pass_ratio"] == "stored"
+
+    def gradient_pass() -> float:
+        """Forward and backward over the micro-batches. Called again at phi' by the finite difference, where the
+        authors' code (gr_second_pass_ratio: stored) takes the ratio against the log-probs stored at phi."""
+        at_perturbed = len(at_phi) == len(chunks)
+        loss = 0.0
         for i, rows in enumerate(chunks):
-            part = rollout.rows(rows)
-            logprobs, entropy = token_logprobs(policy, part, with_entropy=True)
-            m = mask[rows]
-            part_loss = dr_grpo_loss(logprobs, logprobs.detach(), advantages[rows], m, s["max_new_tokens"],
-                                     s["clip_eps"], None if ref_logprobs is None else ref_logprobs[rows], kl_beta)
-            if len(chunks) > 1:
-                part_loss = part_loss * (m.shape[0] / n)
+            part_loss = micro_loss(i, rows, at_phi[i][0] if at_perturbed and stored_ratio else None)
             update.backward(part_loss, boundary=i == len(chunks) - 1)
             loss += part_loss.item()
-            logps.append(logprobs.detach())
-            entropy_sum += (entropy.detach() * m).sum().item()
-        at_phi.setdefault("logprobs", torch.cat(logps))
-        at_phi.setdefault("entropy", entropy_sum / mask.sum().item())
         return loss
 
     if s["gr_gamma"] > 0:
-        # GR: grad of L + (gamma/2)||grad L||^2 by a finite difference along g1 (a second backward pass).
-        gr = finite_difference_gr(policy, gradient_pass, gamma=s["gr_gamma"], eps=s["gr_eps"], g1_clip=s["gr_g1_clip"],
-                                  g2_clip=s["gr_g2_clip"], excluded_grad=s["gr_excluded_grad"], grads=update)
-        stats.update({"g1_norm": gr.g1_norm, "g2_norm": gr.g2_norm, "loss": gr.loss})
+        # GR: the gradient of L + (gamma/2)||grad L||^2 on the transformer blocks (rlhf/algorithms/gr.py).
+        common = dict(gamma=s["gr_gamma"], g1_clip=s["gr_g1_clip"], excluded_grad=s["gr_excluded_grad"], grads=update)
+        if s["gr_estimator"] == "hvp":
+            gr = hvp_gr(policy, [functools.partial(micro_loss, i, rows, exp_ratio=stored_ratio)
+                                 for i, rows in enumerate(chunks)], **common)
+        else:
+            gr = finite_difference_gr(policy, gradient_pass, eps=s["gr_eps"], g2_clip=s["gr_g2_clip"],
+                                      on_weights_changed=update.refresh_master_weights
+                                      if s["gr_refresh_master_weights"] else None, **common)
+            stats.update({"g2_norm": gr.g2_norm, "gr/realized_perturbation": gr.realized_perturbation,
+                          "gr/perturbation_error": gr.perturbation_error, "gr/changed_fraction": gr.changed_fraction})
+        stats.update({"g1_norm": gr.g1_norm, "loss": gr.loss, "gr/curvature": gr.curvature})
     else:
         update.zero()
         stats["loss"] = gradient_pass()
     grad_norm = update.step()  # clips to max_grad_norm, then AdamW
     stats.setdefault("g1_norm", grad_norm)  # without GR the final gradient is g1
-    return {**stats, "grad_norm": grad_norm, "entropy": at_phi["entropy"], "logprobs": at_phi["logprobs"]}
+    entropy = sum(at_phi[i][1] for i in range(len(chunks))) / mask.sum().item()
+    logprobs = torch.cat([at_phi[i][0] for i in range(len(chunks))])
+    return {**stats, "grad_norm": grad_norm, "entropy": entropy, "logprobs": logprobs}
 
 
 @dataclass
@@ -178,6 +197,18 @@ def train_step(run: GRPORun, batch: list[str], update: int) -> dict:
                           "length": rollout.lengths.float().mean().item(), **stats,
                           "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                           "time/step": time.perf_counter() - t0})
+
+
+def perturbation_lost(stats: dict) -> bool:
+    """GR's finite difference measured rounding: the stored phi' kept under half of eps*g1, or is off by over half."""
+    return stats.get("gr/realized_perturbation", 1.0) < 0.5 or stats.get("gr/perturbation_error", 0.0) > 0.5
+
+
+def rounding_warning(stats: dict, dtype: str) -> str:
+    return (f"grpo: warning: GR's perturbation phi + eps*g1 stored in {dtype} has {stats['gr/realized_perturbation']:.2f} "
+            f"of its size and a relative error of {stats['gr/perturbation_error']:.2f} ({stats['gr/changed_fraction']:.2%} "
+            "of the elements changed), so the finite difference measures rounding, not H*g: set grpo.gr_estimator: hvp "
+            "(exact at any precision)")
 
 
 def fingerprint(cfg: dict, settings: dict, seed: int, inputs: list[Path]) -> str:
@@ -275,6 +306,7 @@ def run(cfg, args):
             log.write(step, out)
         dist.barrier()
 
+    warned_rounding = False
     try:
         if start == 0:
             diagnose(0)
@@ -285,6 +317,9 @@ def run(cfg, args):
             stats = train_step(ctx, batch, update)
             if main:
                 log.write(update, stats)
+                if not warned_rounding and perturbation_lost(stats):
+                    print(rounding_warning(stats, cfg["model"]["dtype"]), file=sys.stderr)
+                    warned_rounding = True
             if update % s["eval_every"] == 0 or update == s["steps"]:
                 diagnose(update)
             if update % s["checkpoint_every"] == 0 and update < s["steps"]:

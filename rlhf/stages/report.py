@@ -7,7 +7,7 @@ Files:
   rewards_vs_step.png      proxy reward (train batches) and gold win rate (held-out) against the step
   gold_vs_kl.png           held-out gold win rate against KL from the initial policy
   diagnostics.png          gradient norm ||g1|| and sharpness against the step, on-policy BT loss against the
-                           step and against ||g1||, on-policy proxy-RM accuracy against KL, SignCert's zeroed fraction
+                           step and against ||g1||, on-policy proxy-RM accuracy against KL, SignCert's fraction with rho <= 0
   radius_validation.png    copied from the certify stage (sign robustness by decile of the certified radius)
 """
 from __future__ import annotations
@@ -141,15 +141,16 @@ def plot_diagnostics(curves: dict, out) -> None:
             a_bt_norm.scatter(smooth.reindex(ev["step"], method="nearest").values, ev["onpolicy/bt_loss"], s=12,
                               color=colors[method], alpha=0.7, label=kw["label"])
             a_acc.plot(ev["eval/kl"], ev["onpolicy/rm_accuracy"], marker=".", **kw)
-        if "signcert/zeroed" in df:
-            z = df.dropna(subset=["signcert/zeroed"])
-            a_sc.plot(z["step"], z["signcert/zeroed"].rolling(10, min_periods=1).mean(), **kw)
+        if "signcert/rho_negative" in df:
+            z = df.dropna(subset=["signcert/rho_negative"])
+            inside = z["signcert/rho_negative"] + z["signcert/rho_zero"]
+            a_sc.plot(z["step"], inside.rolling(10, min_periods=1).mean(), **kw)
     a_norm.set(xlabel="step", ylabel="||g1|| (smoothed)", title="Gradient norm")
     a_sharp.set(xlabel="step", ylabel="max_i J(phi) - J(phi + e_i)", title="Sharpness")
     a_bt.set(xlabel="step", ylabel="BT loss of the proxy on policy samples", title="On-policy BT loss")
     a_bt_norm.set(xlabel="||g1|| (smoothed)", ylabel="on-policy BT loss", title="Gradient norm vs BT loss")
     a_acc.set(xlabel="KL(policy || initial)", ylabel="proxy accuracy vs gold (on-policy pairs)", title="Proxy accuracy vs KL")
-    a_sc.set(xlabel="step", ylabel="fraction with rho = 0", title="SignCert: completions zeroed")
+    a_sc.set(xlabel="step", ylabel="fraction with rho <= 0 (smoothed)", title="SignCert: signs flipped or removed")
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
