@@ -260,12 +260,14 @@ def hvp_gr(model: torch.nn.Module, micro_losses: Sequence[Callable[[], torch.Ten
         t2 = time.perf_counter()
 
     vhv, vv = grads.mean_over_ranks([_dot(v, hv_local).double().reshape(1)])[0].item(), _dot(v, v).item()
-    final, hv = [], iter(hv_local)
-    for g, s in zip(g1_local, in_s):
+    del g1, v
+    hv = iter(hv_local)
+    for g, s in zip(g1_local, in_s):  # in place: this rank's part of the GR gradient, one full copy less
         if s:
-            final.append(s1 * g + gamma * next(hv))
-        else:
-            final.append(g if excluded_grad == "g2_raw" else s1 * g)
+            g.mul_(s1).add_(next(hv), alpha=gamma)
+        elif excluded_grad != "g2_raw":
+            g.mul_(s1)
+    del hv_local, hv
     grads.zero()
-    grads.write_rank_average(params, final)
+    grads.write_rank_average(params, g1_local)
     return GRStats(g1_norm, float("nan"), loss_value, vhv / max(vv, 1e-30), t1 - t0, t2 - t1)

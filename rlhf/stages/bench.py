@@ -53,7 +53,8 @@ class _StepTimer(TrainerCallback):
 
 
 def time_trl(cfg, s: dict, prompts: list[str], device, warmup: int, timed: int) -> dict:
-    """TRL's GRPOTrainer as Dr.GRPO: loss_type='dr_grpo', scale_rewards='none', beta=0, one update per batch."""
+    """TRL's GRPOTrainer as Dr.GRPO: loss_type='dr_grpo', scale_rewards='none', beta=0, one update per batch,
+    in the model's precision without activation checkpointing, as ours."""
     from trl import GRPOConfig, GRPOTrainer
     run = load_run(cfg, s, device)
     run.tokenizer.padding_side = "left"
@@ -69,7 +70,10 @@ def time_trl(cfg, s: dict, prompts: list[str], device, warmup: int, timed: int) 
                           max_completion_length=s["max_new_tokens"], temperature=s["temperature"], top_k=0, top_p=1.0,
                           learning_rate=s["lr"], max_grad_norm=s["max_grad_norm"], epsilon=s["clip_eps"],
                           max_steps=warmup + timed, logging_steps=1, save_strategy="no", report_to=[],
-                          use_cpu=device.type == "cpu", seed=cfg["seed"], dataloader_num_workers=0, disable_tqdm=True)
+                          use_cpu=device.type == "cpu", seed=cfg["seed"], dataloader_num_workers=0, disable_tqdm=True,
+                          # TRL defaults to bf16 autocast and activation checkpointing; ours runs the model's dtype
+                          # without checkpointing (on a CPU without bf16 instructions TRL's default was 10x slower)
+                          bf16=False, gradient_checkpointing=False)
         trainer = GRPOTrainer(model=run.policy, reward_funcs=proxy_reward, args=args,
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
                               processing_class=run.tokenizer, callbacks=[timer])
