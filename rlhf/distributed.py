@@ -258,7 +258,8 @@ class DeepSpeedUpdate:
         """The engine's own reduction of a backward pass whose gradient is this rank's `grads`: the gradient of
         sum_p <p, g_p> is g_p, so the engine's partitioned buffers get the rank average, as after any backward."""
         self.engine.zero_grad()
-        surrogate = sum((p.float() * g.detach().float()).sum() for p, g in zip(params, grads))
+        # in the parameters' dtype: autograd keeps g (not an fp32 copy of every weight) until the backward
+        surrogate = sum(torch.sum(p * g.detach().to(p.dtype), dtype=torch.float32) for p, g in zip(params, grads))
         self.backward(surrogate, boundary=True)
 
     def refresh_master_weights(self) -> None:

@@ -159,6 +159,21 @@ def test_master_weight_refresh_trains_from_the_bf16_weights(tiny_lm):
         torch.testing.assert_close(r - (p - q), torch.zeros_like(r), rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif(not deepspeed_available(), reason="deepspeed is not installed")
+def test_hvp_under_deepspeed_bf16_applies_the_float64_gradient(tiny_lm):
+    """The exact estimator through DeepSpeed ZeRO-2 in bf16 (its gradient handed over as a backward of
+    sum <p, g>, partitioned by the engine): the gradient the optimizer gets matches the float64 one's direction."""
+    base, tok = tiny_lm
+    torch.manual_seed(0)
+    rollout = sample(base, tok, PROMPTS, G, T_MAX, 1.0)
+    rewards = torch.randn(len(PROMPTS) * G, generator=torch.Generator().manual_seed(1))
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    got = run_step(bf16, rollout, rewards, settings(gr_estimator="hvp", backend="deepspeed"))
+    truth = run_step(bf16.double(), rollout, rewards.double(), settings(gr_estimator="hvp"))
+    a, b = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in truth])
+    assert (a @ b / (a.norm() * b.norm())).item() > 0.99
+
+
 def test_master_weight_refresh_is_refused_without_master_weights(tiny_lm):
     model, _ = tiny_lm
     with pytest.raises(ConfigError, match="gr_refresh_master_weights"):
