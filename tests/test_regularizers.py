@@ -12,6 +12,7 @@ from rlhf.algorithms.gr import (GRStats, LocalGradients, default_perturbed_param
 from rlhf.algorithms.losses import dr_grpo_loss
 from rlhf.algorithms.resets import is_reset_step, iteration, reset_reference, scheduled_beta
 from rlhf.algorithms.signcert import certified_radius, signcert, signcert_weights
+from rlhf.errors import ConfigError
 from rlhf.generation import sample
 from rlhf.policy import token_logprobs
 
@@ -227,7 +228,7 @@ def test_hvp_refuses_attention_without_a_double_backward(tiny_lm):
     model, _ = tiny_lm
     model = copy.deepcopy(model)
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="double backward"):
+    with pytest.raises(ConfigError, match="double backward"):
         with double_backward_attention(model):
             pass
 

@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
+from rlhf.errors import ConfigError
+
 EXCLUDED_GRAD = ("g1", "g2", "g2_raw")
 
 
@@ -208,8 +210,8 @@ def double_backward_attention(model: torch.nn.Module):
     and CUDA have no derivative of their backward); eager attention needs nothing. FlashAttention-2 is refused."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
     if impl.startswith("flash"):
-        raise ValueError(f"GR's hvp estimator needs attention with a double backward; the model uses {impl}: "
-                         "load it with attn_implementation='sdpa' (run with the math kernel) or 'eager'")
+        raise ConfigError(f"grpo.gr_estimator hvp needs attention with a double backward; the model uses {impl}: "
+                          "load it with attn_implementation='sdpa' (run with the math kernel) or 'eager'")
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.MATH]):
         yield
