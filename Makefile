@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo test bench env clean-results
+.PHONY: demo test bench env clean-results gpu-wheels gpu-smoke
 
 env: $(STAMP)
 
@@ -25,6 +25,28 @@ demo: $(STAMP)
 bench: $(STAMP)
 	. $(VENV)/bin/activate && snakemake results/miniature/rm --cores $(CORES) --configfile $(CONFIG) \
 		&& python -m rlhf bench --config $(CONFIG)
+
+# make gpu-smoke runs the paper-scale path on one CUDA GPU (rlhf/smoke.py). It uses that machine's Python, which must
+# have torch and transformers (as the GPU image does); what it lacks travels as wheels in .whl/, made on a machine
+# with PyPI by `make gpu-wheels` (CPython 3.12, manylinux x86-64; DeepSpeed built here without its CUDA ops, which
+# it compiles on the GPU machine when first used) and installed into .gpu-site/.
+GPU_PYTHON ?= python3
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 jsonschema==4.26.0 \
+	jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 tenacity==9.2.1 hjson==3.1.0 \
+	pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	du -sh .whl
+
+gpu-smoke:
+	@if [ -d .whl ]; then $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade \
+		--target .gpu-site .whl/*.whl; fi
+	PYTHONPATH=$(CURDIR)/.gpu-site:$(CURDIR) $(GPU_PYTHON) -m rlhf.smoke
 
 test: $(STAMP)
 	. $(VENV)/bin/activate && python -m pytest -q

@@ -10,6 +10,7 @@ from rlhf.algorithms.gr import default_perturbed_parameters
 from rlhf.algorithms.advantages import degenerate_groups
 from rlhf.algorithms.signcert import SignCert
 from rlhf.generation import sample
+from rlhf.rng import DeviceNoise
 from rlhf.stats import preference_metrics
 
 
@@ -54,13 +55,13 @@ def sharpness(policy, tokenizer, prompts: list[str], proxy, *, perturbations: in
         return proxy(prompts, texts).rewards.mean().item()
 
     base, drops = objective(), []
-    generator = torch.Generator().manual_seed(seed + 1)
+    noise = DeviceNoise(seed + 1)
     try:
         for _ in range(perturbations):
-            direction = [torch.randn(p.shape, generator=generator) for p in params]
-            norm = torch.sqrt(sum((d ** 2).sum() for d in direction))
+            direction = [noise.like(p) for p in params]
+            norm = torch.sqrt(sum((d ** 2).sum().cpu() for d in direction)).item()
             for p, s, d in zip(params, saved, direction):
-                p.copy_(s + (scale / norm * d).to(p.dtype))
+                p.copy_((s.float() + scale / norm * d).to(p.dtype))
             drops.append(base - objective())
     finally:
         for p, s in zip(params, saved):

@@ -178,12 +178,22 @@ def trainer_deepspeed_config(section: dict, device: torch.device) -> dict | None
 
 
 class TorchUpdate(LocalGradients):
-    """torch AdamW on `.grad`; with several ranks each gradient is averaged over ranks after the last micro-batch."""
+    """torch AdamW on `.grad`; with several ranks each gradient is averaged over ranks after the last micro-batch.
+
+    bf16 weights get fp32 master copies, which AdamW steps and the model receives rounded: stepping bf16 weights
+    directly loses every update below bf16's resolution (2^-8 of the weight; at lr 3e-6 almost all of them).
+    fp16 would also need loss scaling: it is refused here and runs under DeepSpeed.
+    """
 
     def __init__(self, model: torch.nn.Module, s: dict, dist: Dist):
         super().__init__(model)
         self.dist, self.max_grad_norm = dist, s["max_grad_norm"]
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+        self.params = list(model.parameters())
+        if any(p.dtype == torch.float16 for p in self.params):
+            raise ConfigError("model.dtype float16 needs loss scaling: set grpo.backend: deepspeed (or use bfloat16)")
+        low = any(p.dtype == torch.bfloat16 for p in self.params)
+        self.master = [p.detach().float().clone() for p in self.params] if low else None
+        self.optimizer = torch.optim.AdamW(self.master or self.params, lr=s["lr"], weight_decay=s["weight_decay"])
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         loss.backward()
@@ -206,16 +216,39 @@ class TorchUpdate(LocalGradients):
         self._average_over_ranks()
 
     def step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
+        if self.master is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).item()
+            self.optimizer.step()
+            return norm
+        for m, p in zip(self.master, self.params):
+            m.grad = None if p.grad is None else p.grad.float()
+        norm = torch.nn.utils.clip_grad_norm_(self.master, self.max_grad_norm).item()
         self.optimizer.step()
+        self._master_to_model()
         return norm
+
+    @torch.no_grad()
+    def refresh_master_weights(self) -> None:
+        """The master weights become the model's bf16 weights (the GR authors' refresh, see DeepSpeedUpdate)."""
+        for m, p in zip(self.master, self.params):
+            m.copy_(p)
+
+    @torch.no_grad()
+    def _master_to_model(self) -> None:
+        for m, p in zip(self.master, self.params):
+            p.copy_(m)
 
     def save(self, folder: Path) -> None:
         if self.dist.is_main:
-            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "master": self.master}, folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        state = torch.load(folder / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.master is not None:
+            for m, saved in zip(self.master, state["master"]):
+                m.copy_(saved)
+            self._master_to_model()
 
 
 class DeepSpeedUpdate:
@@ -303,9 +336,8 @@ def deepspeed_available() -> bool:
 
 def make_update(model: torch.nn.Module, s: dict, dist: Dist):
     """grpo.backend: 'auto' uses DeepSpeed on CUDA (when installed) and torch AdamW otherwise."""
-    deepspeed = use_deepspeed(s["backend"], dist.device)
-    if s.get("gr_gamma") and s.get("gr_refresh_master_weights") and not (
-            deepspeed and next(model.parameters()).dtype in (torch.bfloat16, torch.float16)):
-        raise ConfigError("grpo.gr_refresh_master_weights copies bf16 weights into DeepSpeed's fp32 master weights "
-                          "(the GR authors' code): it needs grpo.backend deepspeed and model.dtype bfloat16 or float16")
-    return DeepSpeedUpdate(model, s, dist) if deepspeed else TorchUpdate(model, s, dist)
+    if s.get("gr_gamma") and s.get("gr_refresh_master_weights") and \
+            next(model.parameters()).dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError("grpo.gr_refresh_master_weights copies bf16 weights into the fp32 master weights (the GR "
+                          "authors' code): it needs model.dtype bfloat16 (float32 weights have no master copy)")
+    return DeepSpeedUpdate(model, s, dist) if use_deepspeed(s["backend"], dist.device) else TorchUpdate(model, s, dist)

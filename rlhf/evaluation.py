@@ -19,7 +19,7 @@ def evaluate_policy(policy, tokenizer, rows: list[dict], gold, proxy=None, kl_re
     prompts = [r["prompt"] for r in rows]
     references = [r["reference"] for r in rows]
     rollout = sample(policy, tokenizer, prompts, 1, max_new_tokens, temperature, batch_size)
-    outcomes = gold.judge(prompts, rollout.texts, references)
+    outcomes, gold_scores = gold.judge_scored(prompts, rollout.texts, references)
     decided = np.isfinite(outcomes)  # NaN: the judge's answer was unparseable; excluded and counted, not guessed
     if not decided.any():
         raise RewardError(f"the gold decided none of the {len(rows)} comparisons (every judge answer unparseable)")
@@ -28,7 +28,6 @@ def evaluate_policy(policy, tokenizer, rows: list[dict], gold, proxy=None, kl_re
                "unparseable": int((~decided).sum()), "length": float(rollout.lengths.float().mean())}
     per_row = {"prompt": prompts, "completion": rollout.texts, "reference": references,
                "outcome": [float(o) if d else None for o, d in zip(outcomes, decided)]}
-    gold_scores = gold.score(prompts, rollout.texts)
     if gold_scores is not None:
         metrics["gold_reward"] = float(np.mean(gold_scores))
         per_row["gold_reward"] = gold_scores.tolist()

@@ -29,9 +29,15 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # Move the old version aside (one rename), put the new one in place (another), then delete the old: a kill
+    # between the two renames is the only moment with no `final`, not the whole time a large folder is deleted.
+    old = None
     if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
+        old = final.with_name(f"{tmp.name}-old")
+        os.replace(final, old)
     os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 @contextlib.contextmanager

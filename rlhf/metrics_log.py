@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from rlhf.errors import DataError
 from rlhf.io import _finite
 from rlhf.paths import Paths
 
@@ -49,6 +50,20 @@ def start_wandb(cfg: dict, job: str, job_type: str, run_config: dict | None):
                       config=public(run_config or {}))
 
 
+def _complete_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, parsed) for every line of a metrics file. A SIGKILL can cut the last line short: that one is
+    dropped; an unreadable line before the end is corruption and an error naming the file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise DataError(f"{path}:{i + 1}: not valid JSON, and not the torn last line of a killed run") from None
+    return out
+
+
 class MetricsLog:
     """Appends one JSON line per write. On resume from step k, lines after step k are dropped first,
     so a resumed run's file reads exactly like an uninterrupted one."""
@@ -59,8 +74,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line, row in _complete_lines(self.path) if row["step"] <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
         self._wandb = None

@@ -76,15 +76,18 @@ def load_tokenizer(path: str | Path, pad_token: str | None = None) -> PreTrained
 
 
 def build_tiny_causal_lm(build: dict, tokenizer: PreTrainedTokenizerBase, seed: int):
+    """A randomly initialised causal LM from the config's shape: tiny for the miniature, or a real model's shape
+    (vocab_size pads the embedding beyond the word-level tokenizer, whose ids stay the first rows)."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(tokenizer), hidden_size=build["hidden_size"],
+    vocab = max(len(tokenizer), build.get("vocab_size") or 0)
+    common = dict(vocab_size=vocab, hidden_size=build["hidden_size"],
                   num_hidden_layers=build["num_layers"], num_attention_heads=build["num_heads"],
                   intermediate_size=build["intermediate_size"],
                   max_position_embeddings=build["max_position_embeddings"], tie_word_embeddings=True,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                   bos_token_id=tokenizer.eos_token_id)
     if build["arch"] == "qwen2":
-        config = Qwen2Config(num_key_value_heads=build["num_heads"], **common)
+        config = Qwen2Config(num_key_value_heads=build.get("num_key_value_heads") or build["num_heads"], **common)
     else:
         config = GPTNeoXConfig(**common)
     return AutoModelForCausalLM.from_config(config)

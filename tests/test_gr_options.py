@@ -130,26 +130,34 @@ def test_second_pass_ratio_adds_the_outer_product_term_in_both_estimators(proble
     _assert_gradients(fd, authors, rtol=1e-4)  # O(eps) from the limit
 
 
-@pytest.mark.skipif(not deepspeed_available(), reason="deepspeed is not installed")
-def test_master_weight_refresh_trains_from_the_bf16_weights(tiny_lm):
-    """gr_refresh_master_weights: DeepSpeed's fp32 master weights become the bf16 weights before the optimizer
-    step. Two identical runs, one with the refresh: their masters after the step differ by exactly what bf16
-    rounding took from the master before it; without the option, nothing else differs."""
-    from deepspeed.utils import safe_get_full_fp32_param
+def _masters(update) -> list[torch.Tensor]:
+    """The fp32 master weights of a bf16 model, whichever backend keeps them."""
+    if hasattr(update, "engine"):
+        from deepspeed.utils import safe_get_full_fp32_param
+        return [safe_get_full_fp32_param(p).detach().clone() for p in update.model.parameters() if p.requires_grad]
+    return [m.detach().clone() for m in update.master]
+
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_master_weight_refresh_trains_from_the_bf16_weights(tiny_lm, backend):
+    """gr_refresh_master_weights: the fp32 master weights become the bf16 weights before the optimizer step.
+    Two identical runs, one with the refresh: their masters after the step differ by exactly what bf16 rounding
+    took from the master before it; without the option, nothing else differs."""
+    if backend == "deepspeed" and not deepspeed_available():
+        pytest.skip("deepspeed is not installed")
     base, tok = tiny_lm
     torch.manual_seed(0)
     rollout = sample(base, tok, PROMPTS, G, T_MAX, 1.0)
     rewards = torch.randn(len(PROMPTS) * G, generator=torch.Generator().manual_seed(1))
     scores = Scores(rewards, torch.zeros(len(rewards), 3))
-    s = settings(backend="deepspeed", lr=1e-3, gr_eps=1e-3)
+    s = settings(backend=backend, lr=1e-3, gr_eps=1e-3)
     runs = []
     for refresh in (False, True):
         update = make_update(copy.deepcopy(base).to(torch.bfloat16), s, Dist())
         grpo_step(update, Dist(), rollout, scores, None, 0.0, {**s, "gr_gamma": 0.0})  # masters gain sub-bf16 bits
-        params = [p for p in update.model.parameters() if p.requires_grad]
-        before = [safe_get_full_fp32_param(p).detach().clone() for p in params]
+        before = _masters(update)
         grpo_step(update, Dist(), rollout, scores, None, 0.0, {**s, "gr_refresh_master_weights": refresh})
-        runs.append((before, [safe_get_full_fp32_param(p).detach().clone() for p in params]))
+        runs.append((before, _masters(update)))
     (before, plain), (before_again, refreshed) = runs
     rounding = [b.to(torch.bfloat16).float() - b for b in before]
     assert max(r.abs().max().item() for r in rounding) > 1e-5

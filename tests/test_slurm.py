@@ -23,7 +23,7 @@ def test_micro_dag_through_slurm_matches_a_local_run(tmp_path, micro_snakemake):
         pytest.skip(reason)
     if shutil.which("snakemake") is None:
         pytest.skip("snakemake is not on PATH for the Slurm jobs (activate the environment)")
-    local_cfg, dry, local_run, _ = micro_snakemake
+    local_cfg, dry, local_run = micro_snakemake
     assert local_run.returncode == 0, local_run.stderr[-2000:]
     expected = {rule: n for rule, n in jobs(dry.stdout).items() if rule not in LOCAL_RULES}
     (tmp_path / "run").mkdir()

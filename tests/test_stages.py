@@ -146,7 +146,7 @@ def test_grpo_resumes_from_checkpoint(micro_run, tmp_path, monkeypatch, capsys):
     assert (run_dir / "checkpoint" / "trainer_state.pt").is_file() and not (run_dir / "policy").exists()
     state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
     optimizer = torch.load(run_dir / "checkpoint" / "optimizer.pt", weights_only=False)
-    steps = [int(v["step"]) for v in optimizer["state"].values()]
+    steps = [int(v["step"]) for v in optimizer["optimizer"]["state"].values()]
     assert state["step"] == 2 and steps and set(steps) == {2}  # the optimizer that was stepped, not a fresh one
     restore()
     assert main(["grpo", "--config", str(cfg), "--method", "kl", "--seed", "0"]) == 0
@@ -167,6 +167,48 @@ def test_checkpoint_from_other_settings_is_not_resumed(micro_run, tmp_path, monk
     assert main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0", "grpo.lr=5e-4"]) == 0
     out = capsys.readouterr().out
     assert "ignoring checkpoint" in out and "resumed" not in out
+
+
+def test_extended_run_resumes_its_checkpoint(micro_run, tmp_path, monkeypatch, capsys):
+    """steps, eval_every and checkpoint_every do not shape the trajectory: a preempted run rerun with more steps
+    (and other side settings) resumes, and ends where an uninterrupted run with those settings ends."""
+    from safetensors.torch import load_file
+    dst = _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path)
+    args = ["grpo", "--config", str(cfg), "--method", "gr", "--seed", "0"]
+    longer = ["grpo.steps=6", "grpo.eval_every=3", "grpo.checkpoint_every=3"]
+    assert main(args + longer) == 0
+    reference = load_file(dst / "grpo" / "gr" / "seed0" / "policy" / "model.safetensors")
+    train = lambda: _metrics(dst, "gr").dropna(subset=["proxy_reward"]).drop(columns=_TIMES)  # noqa: E731
+    expected = train()
+    restore = _interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)  # steps 4, checkpoint every 2: dies in step 4 after the step-2 checkpoint
+    restore()
+    capsys.readouterr()
+    assert main(args + longer) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    for key, tensor in load_file(dst / "grpo" / "gr" / "seed0" / "policy" / "model.safetensors").items():
+        assert torch.equal(tensor, reference[key]), key
+    pd.testing.assert_frame_equal(train().reset_index(drop=True), expected.reset_index(drop=True))
+
+
+_TIMES = ["time/generate", "time/score", "time/update", "time/step"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    """SIGKILL while a metrics line is written leaves half a line: resume drops it; corruption elsewhere is named."""
+    from rlhf.errors import DataError
+    from rlhf.metrics_log import MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    log = MetricsLog(path, resume_step=2)
+    log.write(3, {"loss": 0.3})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.3}\n')
+    with pytest.raises(DataError, match="metrics.jsonl:2"):
+        MetricsLog(path, resume_step=2)
 
 
 def _metrics(root, method):

@@ -8,12 +8,11 @@ from tests.conftest import REPO, SNAKEMAKE, jobs, snakemake, write_config
 
 @pytest.mark.slow
 def test_whole_dag_on_micro_config(micro_snakemake):
-    cfg, dry, run, elapsed = micro_snakemake
+    cfg, dry, run = micro_snakemake
     assert dry.returncode == 0, dry.stderr
     assert jobs(dry.stdout) == {"data": 1, "base": 1, "sft": 1, "sample": 1, "label": 1, "rm": 1,
                                 "grpo": 5, "evaluate": 6, "certify": 1, "report": 1, "all": 1}
     assert run.returncode == 0, run.stderr[-3000:]
-    assert elapsed < 120, f"micro DAG took {elapsed:.0f}s"
     report = cfg.parent / "results" / "micro" / "report"
     assert (report / "table.csv").is_file() and (report / "rewards_vs_step.png").is_file()
 

@@ -33,6 +33,15 @@ class Gold(ABC):
         """Scalar gold reward where the gold has one (None for pairwise-only judges)."""
         return None
 
+    # The stages call these: each text goes to the gold once (an 8B gold RM is the pipeline's largest cost).
+    def label(self, prompts, a, b, rng) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """prefer(a over b) and, for a score gold, the scores of a and b."""
+        return self.prefer(prompts, a, b, rng), None, None
+
+    def judge_scored(self, prompts, candidates, references) -> tuple[np.ndarray, np.ndarray | None]:
+        """judge(candidate vs reference) and, for a score gold, the candidates' scores."""
+        return self.judge(prompts, candidates, references), None
+
 
 class ScoreGold(Gold):
     def __init__(self, label_temperature: float = 0.0):
@@ -50,17 +59,25 @@ class ScoreGold(Gold):
                               f"first: prompt {prompts[i]!r} / completion {completions[i]!r}")
         return scores
 
-    def prefer(self, prompts, a, b, rng):
+    def label(self, prompts, a, b, rng):
         """Bradley-Terry labels: P(a > b) = sigmoid((r_a - r_b) / T); T = 0 means the higher score wins."""
-        diff = self.score(prompts, a) - self.score(prompts, b)
+        score_a, score_b = self.score(prompts, a), self.score(prompts, b)
+        diff = score_a - score_b
         if self.label_temperature == 0:
             p = np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
         else:
             p = 1.0 / (1.0 + np.exp(-diff / self.label_temperature))
-        return (rng.random(len(diff)) < p).astype(np.float64)
+        return (rng.random(len(diff)) < p).astype(np.float64), score_a, score_b
+
+    def prefer(self, prompts, a, b, rng):
+        return self.label(prompts, a, b, rng)[0]
+
+    def judge_scored(self, prompts, candidates, references):
+        score = self.score(prompts, candidates)
+        return np.sign(score - self.score(prompts, references)) * 0.5 + 0.5, score
 
     def judge(self, prompts, candidates, references):
-        return np.sign(self.score(prompts, candidates) - self.score(prompts, references)) * 0.5 + 0.5
+        return self.judge_scored(prompts, candidates, references)[0]
 
 
 class ProgrammaticGold(ScoreGold):

@@ -8,7 +8,6 @@ Writes results/<experiment>/bench/bench.{json,md} and prints the table.
 """
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 
@@ -32,11 +31,11 @@ EXTRA = {"gr_hvp": {"gr_estimator": "hvp"}}
 SAME_WORK_AS_TRL = "noreg_without_kl_metric"
 
 
-def time_ours(cfg, s: dict, prompts: list[str], device, warmup: int, timed: int) -> dict:
-    run = load_run(cfg, s, device)
+def time_ours(cfg, s: dict, device, warmup: int, timed: int) -> dict:
+    run = load_run(cfg, s, device)  # the same prompt draws for every method (the sampler is seeded by cfg.seed)
     rows = []
     for update in range(1, warmup + timed + 1):
-        rows.append(train_step(run, random.sample(prompts, s["prompts_per_step"]), update))
+        rows.append(train_step(run, run.prompts.batch(s["prompts_per_step"]), update))
     keys = ("time/generate", "time/score", "time/update", "time/step")
     return {k.removeprefix("time/"): float(np.mean([r[k] for r in rows[warmup:]])) for k in keys}
 
@@ -105,11 +104,9 @@ def run(cfg, args):
     for name, (method, overrides) in METHODS.items():
         s = grpo_settings(cfg, method) if method in cfg["methods"] else {**cfg["grpo"], **overrides}
         s = {**s, **EXTRA.get(name, {})}
-        random.seed(cfg["seed"])
-        results[name] = time_ours(cfg, s, prompts, device, warmup, timed)
+        results[name] = time_ours(cfg, s, device, warmup, timed)
         print(f"bench: {name}: {results[name]}")
-    random.seed(cfg["seed"])
-    results[SAME_WORK_AS_TRL] = time_ours(cfg, {**cfg["grpo"], "kl_metric_every": 10**9}, prompts, device, warmup, timed)
+    results[SAME_WORK_AS_TRL] = time_ours(cfg, {**cfg["grpo"], "kl_metric_every": 10**9}, device, warmup, timed)
     results["trl_grpotrainer"] = time_trl(cfg, cfg["grpo"], prompts, device, warmup, timed)
     print(f"bench: trl: {results['trl_grpotrainer']}")
     ratios = {"gr_update / noreg_update": results["gr"]["update"] / results["noreg"]["update"],

@@ -28,6 +28,7 @@ from rlhf.models import load_causal_lm  # noqa: E402
 from rlhf.paths import Paths  # noqa: E402
 from rlhf.rewards.gold import make_gold  # noqa: E402
 from rlhf.rewards.proxy_rm import RewardScorer  # noqa: E402
+from rlhf.rng import DeviceNoise  # noqa: E402
 from rlhf.stages.common import load_proxy, setup, sft_tokenizer  # noqa: E402
 
 RATES = {"model_noise": "whole-model noise", "embedding_noise": "input-embedding noise", "gold_agreement": "agreement with gold"}
@@ -38,16 +39,16 @@ def _advantage_signs(rm, tokenizer, prompts, texts, G, batch_size) -> torch.Tens
 
 
 @torch.no_grad()
-def perturbed_model(rm, scale: float, generator: torch.Generator):
+def perturbed_model(rm, scale: float, noise: DeviceNoise):
     noisy = copy.deepcopy(rm)
     for p in noisy.parameters():
-        p.add_(torch.randn(p.shape, generator=generator) * scale * p.float().std().nan_to_num(0.0))
+        p.copy_((p.float() + noise.like(p) * scale * p.float().std().nan_to_num(0.0)).to(p.dtype))
     return noisy
 
 
-def embedding_noise_hook(scale: float, generator: torch.Generator):
+def embedding_noise_hook(scale: float, noise: DeviceNoise):
     def hook(module, inputs, output):
-        return output + torch.randn(output.shape, generator=generator) * scale * output.float().std()
+        return (output.float() + noise.like(output) * scale * output.float().std()).to(output.dtype)
     return hook
 
 
@@ -91,11 +92,11 @@ def run(cfg, args):
     radius = certified_radius(advantages, scores.features, G)
     sign = advantages.sign()
 
-    generator = torch.Generator().manual_seed(cfg["seed"])
+    noise = DeviceNoise(cfg["seed"])
     model_kept, emb_kept = torch.zeros(len(texts)), torch.zeros(len(texts))
     for _ in range(c["noise_samples"]):
-        model_kept += (_advantage_signs(perturbed_model(rm, c["model_noise"], generator), tokenizer, prompts, texts, G, bs) == sign).float()
-        handle = rm.get_input_embeddings().register_forward_hook(embedding_noise_hook(c["embedding_noise"], generator))
+        model_kept += (_advantage_signs(perturbed_model(rm, c["model_noise"], noise), tokenizer, prompts, texts, G, bs) == sign).float()
+        handle = rm.get_input_embeddings().register_forward_hook(embedding_noise_hook(c["embedding_noise"], noise))
         try:
             emb_kept += (_advantage_signs(rm, tokenizer, prompts, texts, G, bs) == sign).float()
         finally:

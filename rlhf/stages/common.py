@@ -31,24 +31,34 @@ def sft_tokenizer(cfg: dict):
     return load_tokenizer(Paths.from_config(cfg).sft, pad_token=cfg["model"]["pad_token"])
 
 
+TRAINER_WEIGHTS = "float32"  # SFT and RM train fp32 weights; model.dtype sets their mixed precision
+
+
 def load_proxy(cfg: dict, tokenizer, device) -> RewardScorer:
     """The trained proxy RM (frozen) behind the scorer that returns rewards and features."""
     model = load_reward_model(Paths.from_config(cfg).rm, tokenizer, cfg["model"]["dtype"], device)
     return RewardScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"])
 
 
-def hf_trainer_kwargs(section: dict, seed: int, dist: Dist) -> dict:
+def hf_trainer_kwargs(cfg: dict, stage: str, dist: Dist) -> dict:
     """Arguments shared by the SFT and RM trainers (TRL configs derive from transformers' TrainingArguments).
 
-    transformers 5 reads a warmup_steps below 1 as a fraction of the training steps (warmup_ratio is gone).
-    On CUDA the Trainer runs DeepSpeed (section.backend, ZeRO-2 by default); under torchrun it is data parallel,
-    and batch_size stays the global batch (each rank takes its share).
+    Precision is the config's, by construction: the stage loads the model in float32 (fp32 master weights) and the
+    Trainer runs bf16/fp16 mixed precision when model.dtype asks for it (autocast, or DeepSpeed's bf16 with fp32
+    optimizer partitions). A bf16 model stepped by plain AdamW would lose every update below bf16's resolution, and
+    TRL's own default (bf16 autocast and activation checkpointing) would silently override a float32 config.
+    transformers 5 reads a warmup_steps below 1 as a fraction of the training steps (warmup_ratio is gone; the
+    schema keeps the ratio below 1). On CUDA the Trainer runs DeepSpeed (section.backend, ZeRO-2 by default); under
+    torchrun it is data parallel, and batch_size stays the global batch (each rank takes its share).
     """
+    section, dtype = cfg[stage], cfg["model"]["dtype"]
     return dict(learning_rate=section["lr"], num_train_epochs=section["epochs"],
                 per_device_train_batch_size=dist.per_rank(section["batch_size"], "batch_size"), lr_scheduler_type=section["lr_scheduler"],
                 warmup_steps=section["warmup_ratio"], logging_steps=10, save_strategy="no", report_to=[],
-                seed=seed, use_cpu=dist.device.type == "cpu", dataloader_num_workers=0,
-                max_length=section["max_length"], deepspeed=trainer_deepspeed_config(section, dist.device))
+                seed=cfg["seed"], use_cpu=dist.device.type == "cpu", dataloader_num_workers=0,
+                max_length=section["max_length"], deepspeed=trainer_deepspeed_config(section, dist.device),
+                bf16=dtype == "bfloat16", fp16=dtype == "float16",
+                gradient_checkpointing=section["gradient_checkpointing"])
 
 
 def trainer_engine(trainer) -> str:

@@ -47,6 +47,7 @@ from rlhf.paths import Paths
 from rlhf.policy import token_logprobs
 from rlhf.rewards.gold import make_gold
 from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.rng import PromptSampler
 from rlhf.stages.common import load_proxy, setup, sft_tokenizer
 
 
@@ -131,6 +132,7 @@ class GRPORun:
     update: object               # TorchUpdate or DeepSpeedUpdate (rlhf/distributed.py)
     dist: Dist
     settings: dict
+    prompts: PromptSampler       # which training prompts each step draws (its own checkpointed RNG)
     vllm: object | None = None   # VLLMSampler when grpo.generation is vllm
 
     def generate(self, prompts: list[str]):
@@ -143,10 +145,12 @@ class GRPORun:
                       batch_size=len(prompts) * s["group_size"])
 
 
-def load_run(cfg: dict, s: dict, device, dist: Dist | None = None) -> GRPORun:
-    """The SFT policy (trained), pi_init and pi_ref (frozen), the proxy RM and the update backend."""
+def load_run(cfg: dict, s: dict, device, dist: Dist | None = None, seed: int | None = None) -> GRPORun:
+    """The SFT policy (trained), pi_init and pi_ref (frozen), the proxy RM, the update backend and the prompts."""
     dist = dist or Dist(device=device)
     P = Paths.from_config(cfg)
+    prompts = PromptSampler([r["prompt"] for r in read_jsonl(P.train, required=("prompt",))],
+                            cfg["seed"] if seed is None else seed)
     tokenizer = sft_tokenizer(cfg)
     policy = load_causal_lm(P.sft, cfg["model"]["dtype"], device)
     initial = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_init: KL reference and KL-from-init metric
@@ -162,7 +166,7 @@ def load_run(cfg: dict, s: dict, device, dist: Dist | None = None) -> GRPORun:
         vllm = VLLMSampler(P.sft, tokenizer, dtype=cfg["model"]["dtype"], max_model_len=s["vllm_max_model_len"],
                            gpu_memory_utilization=s["vllm_gpu_memory_utilization"], seed=torch.initial_seed() % 2 ** 31,
                            sleep_between_steps=s["vllm_sleep"])
-    return GRPORun(update.model, initial, reference, proxy, tokenizer, update, dist, s, vllm)
+    return GRPORun(update.model, initial, reference, proxy, tokenizer, update, dist, s, prompts, vllm)
 
 
 def train_step(run: GRPORun, batch: list[str], update: int) -> dict:
@@ -193,6 +197,8 @@ def train_step(run: GRPORun, batch: list[str], update: int) -> dict:
     if is_reset_step(update, s["reset_every"]):
         reset_reference(run.reference, run.policy)
         stats["reference_reset"] = 1
+    if run.dist.device.type == "cuda":  # the job's high-water mark so far (weights, optimizer, activations, vLLM)
+        stats["memory/peak_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2 ** 30
     return run.dist.mean({"proxy_reward": scores.rewards.mean().item(), "kl_beta": kl_beta,
                           "length": rollout.lengths.float().mean().item(), **stats,
                           "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
@@ -211,11 +217,30 @@ def rounding_warning(stats: dict, dtype: str) -> str:
             "(exact at any precision)")
 
 
-def fingerprint(cfg: dict, settings: dict, seed: int, inputs: list[Path]) -> str:
-    """Identifies what a checkpoint was trained from, so a rerun with another RM or config starts afresh."""
-    stamp = {"settings": settings, "seed": seed, "experiment": cfg["experiment"],
-             "inputs": {str(p): [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.glob("*.safetensors"))]
-                        for p in inputs}}
+# Settings that do not change what the policy becomes: how long the run is and what is measured beside it
+# (diagnostics run on their own random streams). A rerun that changes only these resumes its checkpoint, so a
+# preempted run can be extended; any other change starts afresh. (GRPO's learning rate is constant: the number of
+# steps does not shape the trajectory.)
+SIDE_SETTINGS = frozenset({"steps", "eval_every", "eval_prompts", "checkpoint_every", "kl_metric_every",
+                           "sharpness_every", "sharpness_perturbations", "sharpness_radius", "sharpness_prompts"})
+SMALL_FILE = 10 * 2 ** 20
+
+
+def _file_stamp(path: Path):
+    """Small files by content; weight files by size and modification time (hashing an 8B model costs minutes)."""
+    stat = path.stat()
+    if stat.st_size <= SMALL_FILE:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def fingerprint(cfg: dict, settings: dict, seed: int, prompts_file: Path, folders: list[Path]) -> str:
+    """Identifies what determines a run's trajectory (the training prompts, the SFT policy and its tokenizer, the
+    proxy RM, the seed, precision and the trajectory-shaping settings), so a rerun from other inputs starts afresh."""
+    stamp = {"settings": {k: v for k, v in settings.items() if k not in SIDE_SETTINGS}, "seed": seed,
+             "dtype": cfg["model"]["dtype"], "prompts": _file_stamp(prompts_file),
+             "inputs": {folder.name: {f.name: _file_stamp(f) for f in sorted(folder.iterdir())
+                                      if f.is_file() and f.name != "train_log.jsonl"} for folder in folders}}
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -226,8 +251,8 @@ def save_checkpoint(path: Path, run: GRPORun, step: int, stamp: str) -> None:
     with shared_atomic_dir(dist, path) as out:
         run.update.save(out)
         torch.save({"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),  # HF generate's streams
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   out / f"rng{dist.rank}.pt")
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "prompt_rng": run.prompts.state()}, out / f"rng{dist.rank}.pt")
         if dist.is_main:
             run.policy.save_pretrained(out)
             if run.settings["reset_every"]:  # after Reference Resets pi_ref is neither pi_init nor pi_phi
@@ -256,6 +281,7 @@ def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
     run.update.load(path)
     rng = torch.load(path / f"rng{dist.rank}.pt", weights_only=False)
     random.setstate(rng["python_rng"])
+    run.prompts.restore(rng["prompt_rng"])
     torch.set_rng_state(rng["torch_rng"])
     if rng.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda_rng"])
@@ -273,14 +299,13 @@ def run(cfg, args):
     main = dist.is_main
     P = Paths.from_config(cfg)
     out_dir, ckpt_dir = P.grpo(method, seed), P.grpo(method, seed) / "checkpoint"
-    prompts = [r["prompt"] for r in read_jsonl(P.train, required=("prompt",))]
     heldout = read_jsonl(P.test, required=("prompt", "reference"))[: s["eval_prompts"]]
 
-    ctx = load_run(cfg, s, dist.device, dist)
+    ctx = load_run(cfg, s, dist.device, dist, seed=seed)
     policy, initial, proxy, tokenizer = ctx.policy, ctx.initial, ctx.proxy, ctx.tokenizer
     gold = make_gold(cfg, dist.device) if main else None  # only rank 0 evaluates
 
-    stamp = fingerprint(cfg, s, seed, [P.sft, P.rm])
+    stamp = fingerprint(cfg, s, seed, P.train, [P.sft, P.rm])
     start = load_checkpoint(ckpt_dir, ctx, stamp)
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
                      run_config={"method": method, "seed": seed, "world_size": dist.world_size, **s},
@@ -313,7 +338,7 @@ def run(cfg, args):
         for step in trange(start, s["steps"], desc=f"grpo {method} seed{seed}", initial=start, total=s["steps"],
                            disable=not main):
             update = step + 1  # 1-based index of this optimizer update
-            batch = dist.broadcast(random.sample(prompts, s["prompts_per_step"]))  # rank 0's draw, on every rank
+            batch = dist.broadcast(ctx.prompts.batch(s["prompts_per_step"]))  # rank 0's draw, on every rank
             stats = train_step(ctx, batch, update)
             if main:
                 log.write(update, stats)

@@ -58,14 +58,20 @@ def estimate(cfg: dict, prompt_tokens: float | None = None, train_prompts: int |
     if not test:
         raise ConfigError("evaluate.num_prompts and data.num_test are null: the number of test prompts is unknown")
     orders = 2 if j["both_orders"] else 1
-    periodic = sum(math.ceil(cfg["grpo"]["steps"] / {**cfg["grpo"], **m}["eval_every"]) + 1
-                   for m in cfg["methods"].values()) * len(cfg["seeds"])
-    rows = [("label", pairs, sample_completion),
-            ("evaluate", (runs + 1) * test * orders, cfg["evaluate"]["max_new_tokens"]),
-            ("grpo evals", periodic * cfg["grpo"]["eval_prompts"] * (orders + 1), cfg["grpo"]["max_new_tokens"])]
+    # Each method's own steps, eval_every, eval_prompts and max_new_tokens (a method may override any of them);
+    # a periodic evaluation judges win rates (x orders) and on-policy RM accuracy pairs.
+    grpo_evals = []
+    for overrides in cfg["methods"].values():
+        m = {**cfg["grpo"], **overrides}
+        evals = (math.ceil(m["steps"] / m["eval_every"]) + 1) * len(cfg["seeds"])
+        grpo_evals.append((evals * m["eval_prompts"] * (orders + 1), m["max_new_tokens"]))
+    rows = [("label", [(pairs, sample_completion)]),
+            ("evaluate", [((runs + 1) * test * orders, cfg["evaluate"]["max_new_tokens"])]),
+            ("grpo evals", grpo_evals)]
     out = []
-    for what, requests, completion in rows:
-        tokens_in = requests * (template + prompt_tokens + 2 * completion)
+    for what, parts in rows:
+        requests = sum(n for n, _ in parts)
+        tokens_in = sum(n * (template + prompt_tokens + 2 * completion) for n, completion in parts)
         tokens_out = requests * j["max_tokens"]
         cost = usd(price, tokens_in, tokens_out)
         out.append({"what": what, "requests": int(requests), "input_mtok": tokens_in / 1e6,

@@ -14,8 +14,7 @@ def run(cfg, args):
     pairs = read_jsonl(P.samples, required=("prompt", "a", "b"))
     gold = make_gold(cfg, device)
     prompts, a, b = ([p[k] for p in pairs] for k in ("prompt", "a", "b"))
-    prefer_a = gold.prefer(prompts, a, b, np.random.default_rng(cfg["seed"]))
-    scores_a, scores_b = gold.score(prompts, a), gold.score(prompts, b)
+    prefer_a, scores_a, scores_b = gold.label(prompts, a, b, np.random.default_rng(cfg["seed"]))
     undecided = np.isnan(prefer_a)  # unparseable judge answers: such a pair has no label, so it is left out
     if undecided.all():
         raise RewardError(f"label: the gold decided none of the {len(pairs)} pairs (every judge answer unparseable)")

@@ -17,8 +17,17 @@ from rlhf.metrics_log import write_trainer_log
 from rlhf.models import load_reward_model, rm_input_ids
 from rlhf.paths import Paths
 from rlhf.rewards.proxy_rm import RewardScorer
-from rlhf.stages.common import hf_trainer_kwargs, setup, sft_tokenizer, trainer_engine
+from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, sft_tokenizer, trainer_engine
 from rlhf.stats import preference_metrics
+
+
+def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(held out, train): a random `fraction` of the prompts (at least one) with all their pairs held out, so
+    with several pairs per prompt no held-out prompt is also trained on."""
+    prompts = sorted({r["prompt"] for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:max(1, int(len(prompts) * fraction))])
+    return [r for r in rows if r["prompt"] in held], [r for r in rows if r["prompt"] not in held]
 
 
 def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
@@ -41,19 +50,18 @@ def run(cfg, args):
     device = dist.device
     r, P = cfg["rm"], Paths.from_config(cfg)
     rows = read_jsonl(P.labels, required=("prompt", "chosen", "rejected"))
-    random.Random(cfg["seed"]).shuffle(rows)
-    n_eval = max(1, int(len(rows) * r["eval_fraction"]))
-    if len(rows) - n_eval < 1:
-        raise DataError(f"{P.labels}: {len(rows)} labeled pairs leave nothing to train on after holding out {n_eval}")
-    heldout, train = rows[:n_eval], rows[n_eval:]
+    heldout, train = split_by_prompt(rows, r["eval_fraction"], cfg["seed"])
+    if not train:
+        raise DataError(f"{P.labels}: {len(rows)} labeled pairs leave nothing to train on after holding out "
+                        f"{len(heldout)} (rm.eval_fraction = {r['eval_fraction']})")
     tokenizer = sft_tokenizer(cfg)
-    model = load_reward_model(P.sft, tokenizer, cfg["model"]["dtype"], device)
+    model = load_reward_model(P.sft, tokenizer, TRAINER_WEIGHTS, device)
     dataset = Dataset.from_list([{"chosen_ids": rm_input_ids(tokenizer, x["prompt"], x["chosen"]),
                                   "rejected_ids": rm_input_ids(tokenizer, x["prompt"], x["rejected"])} for x in train])
     with shared_atomic_dir(dist, P.rm) as out:
         trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
                                 args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r["weight_decay"],
-                                                  **hf_trainer_kwargs(r, cfg["seed"], dist)))
+                                                  **hf_trainer_kwargs(cfg, "rm", dist)))
         trainer.train()
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 scores and writes
             shutil.rmtree(out / "trainer", ignore_errors=True)

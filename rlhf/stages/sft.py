@@ -13,7 +13,7 @@ from rlhf.io import read_jsonl
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import encode_completion, encode_prompt, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
-from rlhf.stages.common import base_model_path, hf_trainer_kwargs, setup, trainer_engine
+from rlhf.stages.common import TRAINER_WEIGHTS, base_model_path, hf_trainer_kwargs, setup, trainer_engine
 
 
 def tokenize(tokenizer, rows: list[dict]) -> Dataset:
@@ -31,11 +31,11 @@ def run(cfg, args):
     train = read_jsonl(P.train, required=("prompt", "reference"))
     base = base_model_path(cfg)
     tokenizer = load_tokenizer(base, pad_token=cfg["model"]["pad_token"])
-    model = load_causal_lm(base, cfg["model"]["dtype"], device)
+    model = load_causal_lm(base, TRAINER_WEIGHTS, device)
     model.config.pad_token_id = tokenizer.pad_token_id
     with shared_atomic_dir(dist, P.sft) as out:
         args_ = SFTConfig(output_dir=str(out / "trainer"), completion_only_loss=True,
-                          **hf_trainer_kwargs(cfg["sft"], cfg["seed"], dist))
+                          **hf_trainer_kwargs(cfg, "sft", dist))
         trainer = SFTTrainer(model=model, args=args_, train_dataset=tokenize(tokenizer, train),
                              processing_class=tokenizer)
         trainer.train()

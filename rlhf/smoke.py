@@ -1,0 +1,151 @@
+"""gpu-smoke: the paper-scale path in minutes on one CUDA GPU, run the way a cluster job runs it.
+
+A random Qwen2.5-0.5B-shaped model (built from a config: 24 layers, d 896, 14 heads / 2 KV heads, MLP 4864,
+vocabulary padded to 151,936, tied embeddings; no hub) in bf16, on the miniature task, through every stage as its
+own process (`python -m rlhf <stage>`): data, base, sft, sample, label, rm, grpo for each method under DeepSpeed
+ZeRO-2 and under the torch backend (sharpness and on-policy diagnostics on, at step 0 as in the GR configs),
+evaluate and certify. It prints seconds per GRPO step (generate / score / update, steps after the first) and peak
+GPU memory per method, writes <results>/gpu-smoke/smoke.{md,json}, and exits non-zero if any stage failed.
+
+    python -m rlhf.smoke                          # make gpu-smoke: CUDA, the 0.5B shape
+    python -m rlhf.smoke --device cpu --shape tiny --methods gr,gr-hvp   # the same path on a CPU (the tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+SHAPES = {
+    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151936, max_position_embeddings=1024),
+    "tiny": dict(arch="qwen2", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                 max_position_embeddings=128),
+}
+METHODS = {"noreg": {}, "kl": {"kl_beta": 0.05}, "resets": {"kl_beta": 0.2, "reset_every": 2},
+           "gr": {"gr_gamma": 0.01}, "gr-hvp": {"gr_gamma": 0.01, "gr_estimator": "hvp"},
+           "signcert": {"signcert_quantile": 0.25, "kl_beta": 0.01}}
+BACKENDS = ("deepspeed", "torch")
+STEP_TIMES = ("time/generate", "time/score", "time/update", "time/step")
+
+
+def smoke_config(results: Path, device: str, shape: str, methods: list[str], steps: int) -> dict:
+    return {
+        "experiment": "gpu-smoke", "results_dir": str(results), "seed": 0, "seeds": [0],
+        "methods": {f"{m}-{b}": {**METHODS[m], "backend": b} for m in methods for b in BACKENDS},
+        "data": {"source": "miniature", "num_train": 256, "num_test": 16},
+        "model": {"build": SHAPES[shape], "dtype": "bfloat16"},
+        "sft": {"lr": 1.0e-4, "epochs": 1, "batch_size": 16, "max_length": 128},
+        "sample": {"num_prompts": 48, "temperature": 1.0, "max_new_tokens": 32, "batch_size": 48},
+        "gold": {"type": "programmatic", "label_temperature": 0.1},
+        "rm": {"lr": 1.0e-5, "epochs": 1, "batch_size": 8, "max_length": 128},
+        "grpo": {"steps": steps, "prompts_per_step": 4, "group_size": 8, "max_new_tokens": 32, "temperature": 1.0,
+                 "lr": 5.0e-6, "micro_batch_size": 16, "eval_every": steps, "eval_prompts": 8,
+                 "checkpoint_every": steps, "sharpness_every": steps, "sharpness_perturbations": 2,
+                 "sharpness_prompts": 4},
+        "evaluate": {"temperature": 1.0, "max_new_tokens": 32},
+        "certify": {"num_prompts": 8, "group_size": 4, "max_new_tokens": 32, "noise_samples": 2, "bins": 4},
+        "resources": {"device": device, "threads": 2},
+    }
+
+
+def run_stage(config: Path, logs: Path, stage: str, *args: str) -> tuple[bool, float]:
+    """One stage in its own process, as a cluster job runs it; (succeeded, seconds). Output goes to a log."""
+    name = "_".join([stage, *args[1::2]]) if args else stage
+    start = time.perf_counter()
+    with open(logs / f"{name}.log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "rlhf", stage, "--config", str(config), *args],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        tail = (logs / f"{name}.log").read_text().splitlines()[-15:]
+        print(f"gpu-smoke: {name} FAILED (exit {done.returncode}) after {seconds:.0f} s:\n  " + "\n  ".join(tail))
+    else:
+        print(f"gpu-smoke: {name} ok ({seconds:.0f} s)")
+    return done.returncode == 0, seconds
+
+
+def grpo_row(metrics: Path) -> dict:
+    """Mean seconds per step after the first (warm-up) and the peak GPU memory of one GRPO run."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [r for r in rows if "time/step" in r]
+    timed = train[1:] or train
+    out = {k.removeprefix("time/"): sum(r[k] for r in timed) / len(timed) for k in STEP_TIMES}
+    peaks = [r["memory/peak_gib"] for r in train if r.get("memory/peak_gib") is not None]
+    out["peak_gib"] = max(peaks) if peaks else None
+    out["sharpness"] = any("sharpness" in r for r in rows)
+    out["onpolicy"] = any("onpolicy/rm_accuracy" in r for r in rows)
+    return out
+
+
+def markdown(table: dict, stages: dict, shape: str, device: str) -> str:
+    lines = [f"gpu-smoke: {shape} shape, bf16, device {device}", "",
+             "| method | backend | generate s | score s | update s | step s | peak GPU GiB |", "|---|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        method, backend = name.rsplit("-", 1)
+        peak = "–" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+        lines.append(f"| {method} | {backend} | " + " | ".join(f"{r[k]:.3f}" for k in
+                                                              ("generate", "score", "update", "step")) + f" | {peak} |")
+    lines += ["", "| stage | seconds | ok |", "|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.0f} | {'yes' if v['ok'] else 'FAILED'} |" for k, v in stages.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=3, help="GRPO steps per method (the first is not timed)")
+    p.add_argument("--results", default="results", help="results_dir; the run goes to <results>/gpu-smoke")
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    if unknown := sorted(set(methods) - set(METHODS)):
+        p.error(f"unknown method(s) {', '.join(unknown)}")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            print("gpu-smoke: no CUDA device is visible (use --device cpu for the CPU path)")
+            return 1
+    root = Path(args.results) / "gpu-smoke"
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(smoke_config(Path(args.results), args.device, args.shape, methods, args.steps),
+                                     sort_keys=False))
+    stages, table = {}, {}
+
+    def stage(key: str, *cmd: str) -> bool:
+        ok, seconds = run_stage(config, logs, *cmd)
+        stages[key] = {"ok": ok, "seconds": seconds}
+        return ok
+
+    if all(stage(s, s) for s in ("data", "base", "sft", "sample", "label", "rm")):
+        cfg = yaml.safe_load(config.read_text())
+        for name in cfg["methods"]:
+            if stage(f"grpo {name}", "grpo", "--method", name, "--seed", "0"):
+                table[name] = grpo_row(root / "grpo" / name / "seed0" / "metrics.jsonl")
+        first = next(iter(cfg["methods"]))
+        stage(f"evaluate {first}", "evaluate", "--method", first, "--seed", "0")
+        stage("certify", "certify")
+    failed = [k for k, v in stages.items() if not v["ok"]]
+    failed += [f"grpo {k} (no sharpness / on-policy diagnostics)" for k, r in table.items()
+               if not (r["sharpness"] and r["onpolicy"])]
+    text = markdown(table, stages, args.shape, args.device)
+    (root / "smoke.md").write_text(text)
+    (root / "smoke.json").write_text(json.dumps({"grpo": table, "stages": stages, "failed": failed}, indent=2))
+    print(text)
+    if failed:
+        print(f"gpu-smoke: FAILED: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
