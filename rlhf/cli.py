@@ -37,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "bench":
             s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
             s.add_argument("--timed", type=int, default=20, help="timed steps (mean reported)")
+            s.add_argument("--no-vllm", action="store_true", help="skip the HF vs vLLM sampling comparison")
         if name == "judge-cost":
             s.add_argument("--prompt-tokens", type=float, help="mean tokens of a prompt, when the data stage has not run")
             s.add_argument("--train-prompts", type=int, help="train prompts available, when the data stage has not run")

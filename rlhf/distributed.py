@@ -70,7 +70,7 @@ class Dist:
             torch.cuda.set_device(device)
         if not td.is_initialized():
             # Rank 0 alone runs the gold evaluation while the others wait: allow for a long one.
-            td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+            init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
         return cls(td.get_rank(), td.get_world_size(), device)
 
     def per_rank(self, n: int, what: str) -> int:
@@ -133,11 +133,21 @@ class Dist:
         destroy_process_group()
 
 
+_OWN_GROUP = [False]  # whether this project made the default process group (a vLLM engine may have made it instead)
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    td.init_process_group(backend, **kwargs)
+    _OWN_GROUP[0] = True
+
+
 def destroy_process_group() -> None:
-    """Tear down the process group, through DeepSpeed when it has used it: DeepSpeed caches a clone of the world
-    group, and an engine created later in the same process would otherwise reach for the destroyed one."""
-    if not (td.is_available() and td.is_initialized()):
+    """Tear down the process group we made, through DeepSpeed when it has used it: DeepSpeed caches a clone of the
+    world group, and an engine created later in the same process would otherwise reach for the destroyed one.
+    A group a vLLM engine made in this process is the engine's to tear down (VLLMSampler.close)."""
+    if not (td.is_available() and td.is_initialized() and _OWN_GROUP[0]):
         return
+    _OWN_GROUP[0] = False
     ds_comm = sys.modules.get("deepspeed.comm.comm")  # where DeepSpeed keeps its backend (`cdb`)
     if ds_comm is not None and ds_comm.cdb is not None:
         ds_comm.destroy_process_group()
@@ -260,7 +270,7 @@ class DeepSpeedUpdate:
         self.dist = dist
         if not td.is_initialized():  # one process without torchrun: DeepSpeed still needs a (one-rank) group
             as_one_rank()
-            td.init_process_group("nccl" if dist.device.type == "cuda" else "gloo")
+            init_process_group("nccl" if dist.device.type == "cuda" else "gloo")
         # DeepSpeed's communication layer wraps the existing group (and destroy_process_group releases what it caches)
         deepspeed.init_distributed(dist_backend=td.get_backend(), auto_mpi_discovery=False)
         dtype = next(model.parameters()).dtype

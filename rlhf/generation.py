@@ -16,6 +16,7 @@ class Rollout:
     completion_ids: torch.Tensor   # [N, T]
     completion_mask: torch.Tensor  # [N, T]: 1 up to and including the first EOS
     texts: list[str]               # decoded completions, stripped, without EOS
+    sampler_logprobs: torch.Tensor | None = None  # [N, T] the sampler's log-probs of the tokens (vLLM; NaN: unknown)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -32,7 +33,8 @@ class Rollout:
     def rows(self, index: slice) -> "Rollout":
         """A micro-batch: the same columns, a slice of the completions."""
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-                       self.completion_mask[index], self.texts[index])
+                       self.completion_mask[index], self.texts[index],
+                       None if self.sampler_logprobs is None else self.sampler_logprobs[index])
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """bench: seconds per GRPO step (generation / scoring / update) for noreg, gr (finite difference and exact
 Hessian-vector product) and signcert, and for TRL's
-GRPOTrainer configured as Dr.GRPO on the same model, reward model, batch, G and lengths.
+GRPOTrainer configured as Dr.GRPO on the same model, reward model, batch, G and lengths; then sampling with HF
+generate against vLLM (where installed) at the miniature's size and a larger one.
 
 Each timing is the mean over `--timed` steps after `--warmup` steps, from the SFT policy, in this process.
 Ours runs exactly the stage's `train_step` (which also computes the KL-from-init metric every step).
@@ -10,15 +11,18 @@ from __future__ import annotations
 
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
 from transformers import TrainerCallback
 
 from rlhf.config import grpo_settings
+from rlhf.generation import sample
+from rlhf.models import build_tiny_causal_lm, load_causal_lm
 from rlhf.io import atomic_dir, read_jsonl, write_json
 from rlhf.paths import Paths
-from rlhf.stages.common import setup
+from rlhf.stages.common import setup, sft_tokenizer
 from rlhf.stages.grpo import load_run, train_step
 
 # name -> (the config's method it starts from when the config has it, else these overrides). Timing does not
@@ -80,7 +84,59 @@ def time_trl(cfg, s: dict, prompts: list[str], device, warmup: int, timed: int) 
     return {"step": float(np.mean(timer.times[warmup:]))}
 
 
-def markdown(results: dict, ratios: dict, s: dict, threads: int) -> str:
+# Where vLLM starts to pay off on CPU: the miniature's SFT policy, and a random model of a larger shape (same
+# tokenizer; head_dim 64, which vLLM's CPU attention supports).
+LARGER = dict(arch="qwen2", hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048, max_position_embeddings=128)
+
+
+def _time(fn, warmup: int, timed: int) -> float:
+    times = []
+    for i in range(warmup + timed):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return float(np.mean(times[warmup:]))
+
+
+def time_generation(cfg, s: dict, prompts: list[str], warmup: int, timed: int) -> dict:
+    """Seconds per GRPO step's sampling, HF generate against vLLM (weight push included), at two model sizes;
+    {} when vLLM is not installed."""
+    try:
+        from rlhf.generation_vllm import VLLMSampler
+        import vllm  # noqa: F401
+    except ImportError:
+        print("bench: vllm is not installed: HF vs vLLM generation skipped")
+        return {}
+    B, G, T, temp = s["prompts_per_step"], s["group_size"], s["max_new_tokens"], s["temperature"]
+    batch = lambda i: prompts[i * B:(i + 1) * B]  # noqa: E731
+    tokenizer, out = sft_tokenizer(cfg), {}
+    for size, build in (("miniature", None), ("larger", LARGER)):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Paths.from_config(cfg).sft
+            if build is not None:
+                folder = Path(tmp)
+                build_tiny_causal_lm(build, tokenizer, cfg["seed"]).save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+            model = load_causal_lm(folder, cfg["model"]["dtype"])
+            hf = _time(lambda i: sample(model, tokenizer, batch(i), G, T, temp, batch_size=B * G), warmup, timed)
+            t0 = time.perf_counter()
+            sampler = VLLMSampler(folder, tokenizer, dtype=cfg["model"]["dtype"], max_model_len=None,
+                                  gpu_memory_utilization=s["vllm_gpu_memory_utilization"], seed=cfg["seed"],
+                                  kv_cache_gib=s["vllm_kv_cache_gib"])
+            start = time.perf_counter() - t0
+
+            def vllm_step(i):
+                sampler.load_weights(model)
+                sampler(batch(i), G, T, temp)
+            fast = _time(vllm_step, warmup, timed)
+            sampler.close()
+        n = sum(p.numel() for p in model.parameters())
+        out[size] = {"parameters_m": n / 1e6, "hf": hf, "vllm": fast, "vllm_start": start}
+        print(f"bench: generation, {size} ({n / 1e6:.1f}M parameters): {out[size]}")
+    return out
+
+
+def markdown(results: dict, ratios: dict, s: dict, threads: int, generation: dict | None = None) -> str:
     lines = [f"Seconds per GRPO step, B={s['prompts_per_step']} prompts x G={s['group_size']} completions, "
              f"T_max={s['max_new_tokens']}, {threads} CPU thread(s):", "",
              "| method | generate | score | update | step |", "|---|---|---|---|---|"]
@@ -92,6 +148,11 @@ def markdown(results: dict, ratios: dict, s: dict, threads: int) -> str:
                "signcert_step / noreg_step": "<= 1.05",
                "ours_step / trl_step (same work)": "<= 1.0", "ours_noreg_step / trl_step (ours logs KL every step)": "–"}
     lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
+    if generation:
+        lines += ["", "Sampling per step (same batch), HF generate vs vLLM with the weight push:", "",
+                  "| model | parameters | HF | vLLM | HF / vLLM | vLLM engine start |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {g['parameters_m']:.1f}M | {g['hf']:.3f} | {g['vllm']:.3f} | {g['hf'] / g['vllm']:.2f} | "
+                  f"{g['vllm_start']:.1f} |" for k, g in generation.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -114,8 +175,10 @@ def run(cfg, args):
               "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"],
               "ours_step / trl_step (same work)": results[SAME_WORK_AS_TRL]["step"] / results["trl_grpotrainer"]["step"],
               "ours_noreg_step / trl_step (ours logs KL every step)": results["noreg"]["step"] / results["trl_grpotrainer"]["step"]}
-    text = markdown(results, ratios, cfg["grpo"], args.threads or cfg["resources"]["threads"])
+    generation = {} if args.no_vllm else time_generation(cfg, cfg["grpo"], prompts, warmup, timed)
+    text = markdown(results, ratios, cfg["grpo"], args.threads or cfg["resources"]["threads"], generation)
     with atomic_dir(P.root / "bench") as out:
-        write_json(out / "bench.json", {"results": results, "ratios": ratios, "warmup": warmup, "timed": timed})
+        write_json(out / "bench.json", {"results": results, "ratios": ratios, "generation": generation,
+                                        "warmup": warmup, "timed": timed})
         (out / "bench.md").write_text(text)
     print(text)
