@@ -32,7 +32,7 @@ CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU backend sizes its KV cache from this, not f
 class VLLMSampler:
     def __init__(self, model_path: str | Path, tokenizer, *, dtype: str, max_model_len: int | None,
                  gpu_memory_utilization: float, seed: int, sleep_between_steps: bool = False,
-                 kv_cache_gib: float | None = None):
+                 kv_cache_gib: float | None = None, enforce_eager: bool | None = None):
         # In-process engine: the weight push hands tensors over by reference (set before vLLM reads its env).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
@@ -49,10 +49,12 @@ class VLLMSampler:
             kv_cache_gib = CPU_KV_CACHE_GIB
         memory = ({"kv_cache_memory_bytes": int(kv_cache_gib * 2 ** 30)} if kv_cache_gib is not None
                   else {"gpu_memory_utilization": gpu_memory_utilization})
+        if enforce_eager is None:  # compiling takes ~20 s of start-up on CPU (2.8 s eager, miniature); GPUs want graphs
+            enforce_eager = not on_gpu
         set_num_threads = torch.set_num_threads
         self.llm = LLM(
             model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
-            enable_sleep_mode=sleep_between_steps and on_gpu, **memory,
+            enable_sleep_mode=sleep_between_steps and on_gpu, enforce_eager=enforce_eager, **memory,
             # Under torchrun each rank runs its own engine inside its process, on its own GPU.
             distributed_executor_backend="external_launcher" if distributed else None,
         )

@@ -252,6 +252,7 @@ def test_eos_left_out_by_vllm_is_kept_and_the_engine_sleeps_through_the_update_o
                           sleep_between_steps=True)
     llm = made[0]
     assert llm.kwargs["gpu_memory_utilization"] == 0.3 and llm.kwargs["enable_sleep_mode"]
+    assert not llm.kwargs["enforce_eager"]  # compiled with CUDA graphs on a GPU (eager by default on CPU)
     eos, word = tok.eos_token_id, tok.convert_tokens_to_ids("the")
     llm.script = [[([word, eos], "stop"), ([word, word, word], "length")],
                   [([word], "stop"), ([word, word, eos], "stop")]]  # vLLM may or may not report the EOS token
@@ -322,7 +323,7 @@ def vllm_server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
                              "--host", "127.0.0.1",
                              "--port", str(port), "--served-model-name", JUDGE_NAME, "--chat-template", CHAT_TEMPLATE,
-                             "--max-model-len", "512", "--dtype", "float32"],
+                             "--max-model-len", "512", "--dtype", "float32", "--enforce-eager"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:

@@ -122,7 +122,7 @@ def time_generation(cfg, s: dict, prompts: list[str], warmup: int, timed: int) -
             t0 = time.perf_counter()
             sampler = VLLMSampler(folder, tokenizer, dtype=cfg["model"]["dtype"], max_model_len=None,
                                   gpu_memory_utilization=s["vllm_gpu_memory_utilization"], seed=cfg["seed"],
-                                  kv_cache_gib=s["vllm_kv_cache_gib"])
+                                  kv_cache_gib=s["vllm_kv_cache_gib"], enforce_eager=s["vllm_enforce_eager"])
             start = time.perf_counter() - t0
 
             def vllm_step(i):

@@ -162,7 +162,8 @@ def load_run(cfg: dict, s: dict, device, dist: Dist | None = None, seed: int | N
         from rlhf.generation_vllm import VLLMSampler  # lazy: only this path needs vLLM installed
         vllm = VLLMSampler(P.sft, tokenizer, dtype=cfg["model"]["dtype"], max_model_len=s["vllm_max_model_len"],
                            gpu_memory_utilization=s["vllm_gpu_memory_utilization"], seed=torch.initial_seed() % 2 ** 31,
-                           sleep_between_steps=s["vllm_sleep"], kv_cache_gib=s["vllm_kv_cache_gib"])
+                           sleep_between_steps=s["vllm_sleep"], kv_cache_gib=s["vllm_kv_cache_gib"],
+                           enforce_eager=s["vllm_enforce_eager"])
     return GRPORun(update.model, initial, reference, proxy, tokenizer, update, dist, s, prompts, vllm)
 
 
@@ -358,10 +359,8 @@ def run(cfg, args):
     except BaseException:
         if log is not None:
             log.close(failed=True)
+        close_sampler(ctx)
         raise
-    finally:
-        if ctx.vllm is not None:
-            ctx.vllm.close()
     if main:
         with atomic_dir(P.policy(method, seed)) as out:
             policy.save_pretrained(out)
@@ -370,4 +369,10 @@ def run(cfg, args):
         log.close()
         print(f"grpo: {method} seed {seed}: {s['steps']} steps on {dist.world_size} rank(s) -> {P.policy(method, seed)}")
     dist.barrier()
+    close_sampler(ctx)  # after the last collective: vLLM's shutdown tears down the default process group
     dist.close()
+
+
+def close_sampler(run: GRPORun) -> None:
+    if run.vllm is not None:
+        run.vllm.close()
