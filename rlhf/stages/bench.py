@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from rlhf.config import grpo_settings
 from rlhf.generation import sample
-from rlhf.models import build_tiny_causal_lm, load_causal_lm
 from rlhf.io import atomic_dir, read_jsonl, write_json
+from rlhf.models import build_tiny_causal_lm, load_causal_lm
 from rlhf.paths import Paths
 from rlhf.stages.common import setup, sft_tokenizer
 from rlhf.stages.grpo import load_run, train_step
