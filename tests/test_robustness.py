@@ -174,16 +174,38 @@ def test_trainer_precision_and_warmup_follow_the_config(tmp_path):
     from trl import SFTConfig
 
     from rlhf.errors import ConfigError
-    from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs
+    from rlhf.stages.common import hf_trainer_kwargs
     for dtype, bf16 in (("float32", False), ("bfloat16", True)):
         cfg = load_config(write_config(tmp_path, model={**load_config(REPO / "config" / "micro.yaml")["model"],
                                                         "dtype": dtype}))
         args = SFTConfig(output_dir=str(tmp_path / "t"), **hf_trainer_kwargs(cfg, "sft", Dist()))
         assert args.bf16 is bf16 and not args.fp16 and not args.gradient_checkpointing
         assert args.get_warmup_steps(200) == 6  # sft.warmup_ratio 0.03 of 200 steps
-    assert TRAINER_WEIGHTS == "float32"
     with pytest.raises(ConfigError, match="sft.warmup_ratio"):  # 1.0 would be read as one step
         load_config(write_config(tmp_path, sft={"warmup_ratio": 1.0}))
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage,loader", [("sft", "load_causal_lm"), ("rm", "load_reward_model")])
+def test_trainer_stages_load_fp32_weights_for_a_bf16_config(stage, loader, micro_run, tmp_path, monkeypatch):
+    """The weights the SFT/RM Trainer steps are loaded in float32 whatever model.dtype says (bf16 is its autocast)."""
+    import importlib
+
+    from rlhf.cli import main
+    for part in ("data", "base", "sft", "pairs"):
+        shutil.copytree(micro_run[1] / part, tmp_path / "results" / "micro" / part)
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append([a for a in args if a in ("float32", "bfloat16", "float16")])
+        raise _Loaded  # the load is all this test needs: stop the stage there
+    monkeypatch.setattr(importlib.import_module(f"rlhf.stages.{stage}"), loader, spy)
+    with pytest.raises(_Loaded):
+        main([stage, "--config", str(write_config(tmp_path)), "model.dtype=bfloat16"])
+    assert asked == [["float32"]]
 
 
 def test_bf16_weights_keep_updates_below_their_resolution(tiny_lm):
