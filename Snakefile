@@ -1,39 +1,71 @@
 # The pipeline DAG. All logic lives in the `rlhf` package; each rule is one `python -m rlhf <stage>` call.
 #   snakemake --cores 2                                  # the embedded miniature (config/miniature.yaml)
 #   snakemake --cores 8 --configfile config/other.yaml   # another experiment
-#   snakemake --cores 2 --config 'grpo={lr: 1e-4}'       # overrides, merged and forwarded to every stage
+#   snakemake --cores 2 --config 'grpo={lr: 1e-4}'       # overrides, merged into the experiment's config
+#
+# What reruns a job is exactly what determines its output (rlhf/registry.py): its declared input files, its own view of
+# the config (params.settings: e.g. grpo's resolved method settings, never another stage's section or the config
+# file's name) and the rule's shell command, which is the same text for every config.
 import os
 import re
-import shlex
 
+from rlhf.cli import SIDE_ENV
 from rlhf.cluster import job_spec, launcher, snakemake_resources
-from rlhf.config import load_config, overrides_from_snakemake
+from rlhf.config import config_from_mapping, load_config
 from rlhf.paths import Paths
+from rlhf.registry import SFT_BASELINE, STAGES, canonical, settings_view, side_view
 
-DEFAULT_CONFIG = "config/miniature.yaml"
+DEFAULT_CONFIG = os.path.join(workflow.basedir, "config", "miniature.yaml")
 
-# Exactly one config file, loaded and validated by the same code as the CLI. (Snakemake's `configfile:`
-# directive would deep-merge the default into a --configfile, mixing two experiments.)
-if len(workflow.overwrite_configfiles) > 1:
-    raise ValueError("pass a single --configfile (one experiment per invocation)")
-CONFIG_FILE = str(workflow.overwrite_configfiles[0]) if workflow.overwrite_configfiles else DEFAULT_CONFIG
-# `--config grpo='{steps: 5}'` is forwarded to every stage as an override (braces doubled: shell strings
-# of rules are format templates).
-_overrides = overrides_from_snakemake(dict(workflow.config_settings.config))
-OVERRIDES = " ".join(shlex.quote(o) for o in _overrides).replace("{", "{{").replace("}", "}}")
+# Snakemake's `config`: the merge of --configfile and --config (empty: the miniature). Validated by the same code as
+# the stage CLI, so a typo fails the same way everywhere.
+_experiment = config_from_mapping(config) if config else load_config(DEFAULT_CONFIG)
 config.clear()
-config.update(load_config(CONFIG_FILE, _overrides))
+config.update(_experiment)
 P = Paths.from_config(config)
 METHODS = list(config["methods"])
 SEEDS = config["seeds"]
-SFT_EVAL = "sft"  # evaluation of the SFT policy itself, a baseline row of the report
+# Logging and API-client settings reach every stage through the environment: they change no artifact, so they are
+# no rule's rerun trigger (a Slurm job re-reads this file and sets it again).
+os.environ[SIDE_ENV] = canonical(side_view(config))
 
 
-def rlhf(stage, extra=""):
-    """The shell command of a rule: the stage CLI on this experiment's config, logging to {log}
-    (under torchrun with one rank per GPU for a data-parallel stage that asks for several GPUs)."""
-    return (f"{launcher(config, stage)} -m rlhf {stage} --config {shlex.quote(CONFIG_FILE)} --threads {{threads}} {extra} "
-            f"{OVERRIDES} > {{log}} 2>&1")
+def _files(stage, kind, wildcards=None):
+    method, seed = (wildcards.method, wildcards.seed) if wildcards else ("{method}", "{seed}")
+    files = getattr(STAGES[stage], kind)(P, config, method, seed)
+    return {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in files.items()}
+
+
+def inputs(stage):
+    """The stage's declared inputs (a function of the wildcards for a per-method-and-seed stage)."""
+    return lambda w: _files(stage, "inputs", w if STAGES[stage].per_run else None)
+
+
+def outputs(stage):
+    """The stage's declared outputs; a path without a suffix is a folder."""
+    return {k: directory(v) if not os.path.splitext(v)[1] else v for k, v in _files(stage, "outputs").items()}
+
+
+def params(stage):
+    """The rule's params: the stage's config view (its rerun trigger), its launcher and its work folder."""
+    st = STAGES[stage]
+    view = (lambda w: canonical(settings_view(config, stage, w.method))) if st.per_run else canonical(settings_view(config, stage))
+    work = {k: (lambda w, v=v: v.format(method=w.method, seed=w.seed)) if st.per_run else v
+            for k, v in _files(stage, "work").items()}
+    return {"settings": view, "launcher": launcher(config, stage), **work}
+
+
+def rlhf(stage):
+    """The shell command of a rule: the stage CLI given its view of the config and its declared files, logging to {log}.
+    The text depends on the stage only (and on which files it declares), never on the experiment's settings."""
+    st = STAGES[stage]
+    names = lambda kind: list(_files(stage, kind))
+    files = " ".join([*(f"--input {k} {{input.{k}:q}}" for k in names("inputs")),
+                      *(f"--output {k} {{output.{k}:q}}" for k in names("outputs")),
+                      *(f"--work {k} {{params.{k}:q}}" for k in names("work"))])
+    run = " --method {wildcards.method} --seed {wildcards.seed}" if st.per_run else ""
+    return (f"{{params.launcher}} -m rlhf {stage} --settings {{params.settings:q}} --threads {{threads}}{run} {files} "
+            "> {log:q} 2>&1")
 
 
 def threads(rule):
@@ -51,8 +83,12 @@ def job_resources(rule):
     return snakemake_resources(config, rule)
 
 
+def log(stage):
+    return str(P.logs(f"{stage}_{{method}}_seed{{seed}}" if STAGES[stage].per_run else stage))
+
+
 wildcard_constraints:
-    method="|".join(re.escape(m) for m in [*METHODS, SFT_EVAL]),
+    method="|".join(re.escape(m) for m in [*METHODS, SFT_BASELINE]),
     seed=r"\d+",
 
 

@@ -1,38 +1,59 @@
-"""`python -m rlhf <stage> --config FILE [key.sub=value ...]`: one command per pipeline stage."""
+"""`python -m rlhf <stage> --config FILE [key.sub=value ...]`: one command per pipeline stage.
+
+By hand, a stage reads the experiment's config and finds its files in the experiment's layout. Under Snakemake it is
+given exactly its view of the config (`--settings`, the rule's rerun trigger), its side settings (environment variable
+RLHF_SIDE_SETTINGS) and the files its rule declares (`--input NAME PATH...`, `--output NAME PATH`): rlhf/registry.py.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
+from pathlib import Path
 
-from rlhf.errors import RLHFError
+from rlhf.errors import ConfigError, RLHFError
+from rlhf.registry import SFT_BASELINE, STAGES, merge_views, stage_config, stage_files
 
-STAGES = {
-    "data": "prompts with references, train/test splits",
-    "base": "build the miniature's tokenizer and tiny causal LM (miniature only)",
-    "sft": "supervised fine-tuning on references (completion-only loss)",
-    "sample": "pairs of completions per prompt from the SFT policy",
-    "label": "gold preference for each pair",
-    "rm": "proxy reward model (Bradley-Terry) and its held-out accuracy",
-    "grpo": "Dr.GRPO against the proxy RM for one method and seed",
-    "evaluate": "gold win rate against references for one method and seed (or 'sft')",
-    "certify": "certified-radius validation of the proxy RM (SignCert Fig. 4)",
-    "report": "table and plots over methods x seeds",
-    "bench": "seconds per GRPO step: noreg, gr, signcert and TRL's GRPOTrainer as Dr.GRPO",
-    "judge-cost": "expected requests, tokens and USD of an API judge (gold.type openai) for this experiment",
-}
-PER_RUN = {"grpo", "evaluate"}
+SIDE_ENV = "RLHF_SIDE_SETTINGS"
+
+
+class StageFiles(dict):
+    """name -> Path (or list of Paths); a name the rule did not declare is an error naming the flag to pass."""
+
+    def __init__(self, stage: str, kind: str, items: dict):
+        super().__init__({k: [Path(p) for p in v] if isinstance(v, list) else Path(v) for k, v in items.items()})
+        self.stage, self.kind = stage, kind
+
+    def __missing__(self, name):
+        raise ConfigError(f"stage {self.stage} was not given its {self.kind} '{name}' (--{self.kind} {name} PATH)")
+
+
+class RunFiles:
+    def __init__(self, stage: str, inputs: dict, outputs: dict, work: dict):
+        self.inputs = StageFiles(stage, "input", inputs)
+        self.outputs = StageFiles(stage, "output", outputs)
+        self.work = StageFiles(stage, "work", work)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhf", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m rlhf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, help_ in STAGES.items():
-        s = sub.add_parser(name, help=help_, description=help_)
-        s.add_argument("--config", required=True, help="experiment YAML (validated against workflow/schemas/config.schema.yaml)")
+    for name, st in STAGES.items():
+        s = sub.add_parser(name, help=st.help, description=st.help)
+        how = s.add_mutually_exclusive_group(required=True)
+        how.add_argument("--config", help="experiment YAML (validated against workflow/schemas/config.schema.yaml)")
+        if not st.tool:
+            how.add_argument("--settings", help="the stage's config view as JSON (what the Snakefile passes)")
+            for kind in ("input", "output", "work"):
+                s.add_argument(f"--{kind}", nargs="+", action="append", default=[], metavar=("NAME", "PATH"),
+                               help=f"a declared {kind} (default: the experiment's layout)")
         s.add_argument("--threads", type=int, help="torch CPU threads (default: resources.threads)")
-        if name in PER_RUN:
-            s.add_argument("--method", required=True, help="a key of config.methods" + (" or 'sft'" if name == "evaluate" else ""))
+        if st.per_run:
+            s.add_argument("--method", required=True,
+                           help="a key of config.methods" + (f" or '{SFT_BASELINE}'" if name == "evaluate" else ""))
             s.add_argument("--seed", type=int, required=True, help="policy-optimization seed")
         if name == "bench":
             s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -45,12 +66,71 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given(pairs: list[list[str]], stage: str, kind: str) -> dict:
+    out = {}
+    for name, *paths in pairs:
+        many = kind == "input" and name in STAGES[stage].many
+        if not paths or (len(paths) > 1 and not many):
+            raise ConfigError(f"--{kind} {name}: give the name and " + ("its paths" if many else "one path"))
+        out[name] = paths if many else paths[0]
+    return out
+
+
+def resolve(args) -> tuple[dict, RunFiles | None]:
+    """The stage's config view and files, from --config (the experiment's layout) or from what Snakemake passed."""
+    from rlhf.config import load_config
+    st, method, seed = STAGES[args.stage], getattr(args, "method", None), getattr(args, "seed", None)
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+        if st.tool:
+            return cfg, None
+        if method is not None and method != SFT_BASELINE and method not in cfg["methods"]:
+            raise ConfigError(f"method '{method}' is not in config.methods (have: {', '.join(cfg['methods'])})")
+        view = stage_config(cfg, args.stage, method)
+        files = stage_files(args.stage, cfg, method, seed)
+    else:
+        if args.overrides:
+            raise ConfigError("overrides go with --config; --settings is the complete view")
+        if SIDE_ENV not in os.environ:
+            raise ConfigError(f"--settings needs the side settings in ${SIDE_ENV} (the Snakefile sets it); "
+                              "by hand, run the stage with --config FILE")
+        view = merge_views(json.loads(args.settings), json.loads(os.environ[SIDE_ENV]))
+        files = {"inputs": {}, "outputs": {}, "work": {}}
+    for kind in ("input", "output", "work"):
+        files[kind + "s" if kind != "work" else kind].update(_given(getattr(args, kind), args.stage, kind))
+    return view, RunFiles(args.stage, files["inputs"], files["outputs"], files["work"])
+
+
+TRACE_ENV = "RLHF_TRACE_FILES"  # a folder: each stage process writes there the files it was given and the ones it touched
+_TOUCH = {"open", "os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.copyfile",
+          "os.listdir", "os.scandir", "sqlite3.connect"}
+
+
+def trace_file_access(folder: str, stage: str, files: RunFiles | None) -> None:
+    """Record every path the process opens, lists, writes, renames or deletes (Python's audit events), for the test
+    that compares them with what the rule declares. os.write on a raw descriptor raises no audit event."""
+    fd = os.open(os.path.join(folder, f"{stage}-{os.getpid()}.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    given = {kind: {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in getattr(files, kind).items()}
+             for kind in ("inputs", "outputs", "work")} if files is not None else {}
+    os.write(fd, (json.dumps({"stage": stage, "given": given}) + "\n").encode())
+
+    def hook(event, args):
+        if event in _TOUCH:
+            paths = [a for a in args[:2 if event in ("os.rename", "shutil.copyfile") else 1] if isinstance(a, (str, Path))]
+            mode = args[1] if event == "open" and len(args) > 1 and isinstance(args[1], str) else ""
+            for path in paths:
+                os.write(fd, (json.dumps({"event": event, "path": os.path.abspath(path), "mode": mode}) + "\n").encode())
+    sys.addaudithook(hook)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from rlhf.config import load_config
     try:
-        cfg = load_config(args.config, args.overrides)
-        importlib.import_module(f"rlhf.stages.{args.stage.replace('-', '_')}").run(cfg, args)
+        cfg, files = resolve(args)
+        if os.environ.get(TRACE_ENV):
+            trace_file_access(os.environ[TRACE_ENV], args.stage, files)
+        module = importlib.import_module(f"rlhf.stages.{args.stage.replace('-', '_')}")
+        module.run(cfg, args) if files is None else module.run(cfg, files, args)
     except RLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,14 +9,14 @@ into --ntasks-per-gpu and start the job once per task.
 """
 from __future__ import annotations
 
+from rlhf.registry import STAGES
+
 BUILTIN = {"gpus": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
-BUILTIN_RULES = {"sft": {"cpus": 2}, "sample": {"cpus": 2}, "rm": {"cpus": 2}}
-DATA_PARALLEL = ("sft", "rm", "grpo")  # stages that run one rank per GPU (the rest are one process)
 
 
 def job_spec(cfg: dict, rule: str) -> dict:
     jobs = cfg["resources"]["jobs"]
-    return {**BUILTIN, **BUILTIN_RULES.get(rule, {}), **jobs.get("default", {}), **jobs.get(rule, {})}
+    return {**BUILTIN, "cpus": STAGES[rule].cpus, **jobs.get("default", {}), **jobs.get(rule, {})}
 
 
 def snakemake_resources(cfg: dict, rule: str) -> dict:
@@ -35,6 +35,6 @@ def launcher(cfg: dict, rule: str) -> str:
     --standalone starts a local rendezvous on a free port, so several jobs on one node never collide.
     """
     gpus = job_spec(cfg, rule)["gpus"]
-    if rule in DATA_PARALLEL and gpus > 1:
+    if STAGES[rule].data_parallel and gpus > 1:
         return f"torchrun --standalone --nproc-per-node {gpus}"
     return "python"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import yaml
 
 from rlhf.cluster import job_spec
 from rlhf.errors import ConfigError
+from rlhf.registry import SFT_BASELINE
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads 1e-4 as a float, as YAML 1.2 does (PyYAML's YAML 1.1 wants 1.0e-4)."""
@@ -119,8 +119,9 @@ def _check_semantics(cfg: dict, source: str) -> None:
                           "and a data.num_test")
     if cfg["gold"]["type"] == "reward_model" and "name" not in cfg["gold"]:
         raise ConfigError(f"{source}: gold.name is required when gold.type is 'reward_model'")
-    if "sft" in cfg["methods"]:
-        raise ConfigError(f"{source}: methods.sft: 'sft' names the SFT-policy baseline; choose another method name")
+    if SFT_BASELINE in cfg["methods"]:
+        raise ConfigError(f"{source}: methods.{SFT_BASELINE}: '{SFT_BASELINE}' names the SFT-policy baseline; "
+                          "choose another method name")
     for method in cfg["methods"]:
         m = {**cfg["grpo"], **cfg["methods"][method]}
         if m["reset_every"] and not m["kl_beta"]:
@@ -189,10 +190,22 @@ def _retype(value: Any) -> Any:
     return value
 
 
-def overrides_from_snakemake(config_args: dict) -> list[str]:
-    """`snakemake --config grpo='{steps: 5}'` as stage-CLI overrides. Snakemake leaves scalars nested in a
-    mapping as strings ('5'), so they are re-typed the way YAML would type them."""
-    return [f"{k}={json.dumps(_retype(v))}" for k, v in config_args.items()]
+CONFIG_ROOT = SCHEMA_PATH.parents[2] / "config"  # the project's config folder
+
+
+def _extended(parent, child: str, chain: tuple, folder: Path | None) -> dict:
+    """The config `child` extends: `parent` relative to the child's folder, else to the project's config folder."""
+    if not isinstance(parent, str):
+        raise ConfigError(f"{child}: extends: expected a file name, got {parent!r}")
+    candidates = ([folder / parent] if folder is not None else []) + [CONFIG_ROOT / parent]
+    path = next((c for c in candidates if c.is_file()), candidates[0])
+    return _read_yaml(path, chain)
+
+
+def _merge_onto(parent: dict, child: dict) -> dict:
+    for key, value in child.items():
+        _merge(parent, key, value)
+    return parent
 
 
 def _read_yaml(path: Path, chain: tuple = ()) -> dict:
@@ -210,12 +223,18 @@ def _read_yaml(path: Path, chain: tuple = ()) -> dict:
     parent = cfg.pop("extends", None)
     if parent is None:
         return cfg
-    if not isinstance(parent, str):
-        raise ConfigError(f"{path}: extends: expected a file name, got {parent!r}")
-    merged = _read_yaml(path.parent / parent, (*chain, path.resolve()))
-    for key, value in cfg.items():
-        _merge(merged, key, value)
-    return merged
+    return _merge_onto(_extended(parent, str(path), (*chain, path.resolve()), path.parent), cfg)
+
+
+def config_from_mapping(raw: dict, source: str = "snakemake config") -> dict:
+    """Snakemake's `config` (its merge of --configfile and --config) as a validated config. Snakemake's YAML 1.1
+    reading leaves 1e-4 a string and cannot know where the file was, so numbers are re-typed and `extends` is
+    resolved against the project's config folder."""
+    cfg = _retype(copy.deepcopy(dict(raw)))
+    parent = cfg.pop("extends", None)
+    if parent is not None:
+        cfg = _merge_onto(_extended(parent, source, (), None), cfg)
+    return validate_config(cfg, source=source)
 
 
 def expand_sweeps(cfg: dict, source: str = "config") -> dict:
@@ -235,10 +254,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
     path = Path(path)
     cfg = apply_overrides(_read_yaml(path), overrides or [])
     return validate_config(cfg, source=str(path))
-
-
-def grpo_settings(cfg: dict, method: str) -> dict:
-    """The grpo section with the method's overrides applied."""
-    if method not in cfg["methods"]:
-        raise ConfigError(f"method '{method}' is not in config.methods (have: {', '.join(cfg['methods'])})")
-    return {**cfg["grpo"], **cfg["methods"][method]}

@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -31,6 +32,9 @@ import torch.distributed as td
 from rlhf.algorithms.gr import LocalGradients
 from rlhf.errors import ConfigError
 from rlhf.io import atomic_dir
+
+if TYPE_CHECKING:
+    from rlhf.settings import GRPOSettings
 
 
 def free_port() -> int:
@@ -195,15 +199,15 @@ class TorchUpdate(LocalGradients):
     fp16 would also need loss scaling: it is refused here and runs under DeepSpeed.
     """
 
-    def __init__(self, model: torch.nn.Module, s: dict, dist: Dist):
+    def __init__(self, model: torch.nn.Module, s: "GRPOSettings", dist: Dist):
         super().__init__(model)
-        self.dist, self.max_grad_norm = dist, s["max_grad_norm"]
+        self.dist, self.max_grad_norm = dist, s.max_grad_norm
         self.params = list(model.parameters())
         if any(p.dtype == torch.float16 for p in self.params):
             raise ConfigError("model.dtype float16 needs loss scaling: set grpo.backend: deepspeed (or use bfloat16)")
         low = any(p.dtype == torch.bfloat16 for p in self.params)
         self.master = [p.detach().float().clone() for p in self.params] if low else None
-        self.optimizer = torch.optim.AdamW(self.master or self.params, lr=s["lr"], weight_decay=s["weight_decay"])
+        self.optimizer = torch.optim.AdamW(self.master or self.params, lr=s.lr, weight_decay=s.weight_decay)
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         loss.backward()
@@ -264,7 +268,7 @@ class TorchUpdate(LocalGradients):
 class DeepSpeedUpdate:
     """DeepSpeed ZeRO with the same AdamW, clipping (gradient_clipping) and precision as the model."""
 
-    def __init__(self, model: torch.nn.Module, s: dict, dist: Dist):
+    def __init__(self, model: torch.nn.Module, s: "GRPOSettings", dist: Dist):
         import deepspeed  # lazy: only the GPU environment needs it
 
         self.dist = dist
@@ -278,12 +282,12 @@ class DeepSpeedUpdate:
             # The micro-batching is ours (grpo.micro_batch_size); the engine sees one sample per "micro-batch"
             # and is told where the accumulation boundary is.
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "gradient_clipping": s["max_grad_norm"],
-            "zero_optimization": {"stage": s["zero_stage"]},
+            "gradient_clipping": s.max_grad_norm,
+            "zero_optimization": {"stage": s.zero_stage},
             "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
         }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
         self.model = self.engine.module
 
@@ -344,10 +348,10 @@ def deepspeed_available() -> bool:
     return True
 
 
-def make_update(model: torch.nn.Module, s: dict, dist: Dist):
+def make_update(model: torch.nn.Module, s: "GRPOSettings", dist: Dist):
     """grpo.backend: 'auto' uses DeepSpeed on CUDA (when installed) and torch AdamW otherwise."""
-    if s.get("gr_gamma") and s.get("gr_refresh_master_weights") and \
+    if s.gr_gamma and s.gr_refresh_master_weights and \
             next(model.parameters()).dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError("grpo.gr_refresh_master_weights copies bf16 weights into the fp32 master weights (the GR "
                           "authors' code): it needs model.dtype bfloat16 (float32 weights have no master copy)")
-    return DeepSpeedUpdate(model, s, dist) if use_deepspeed(s["backend"], dist.device) else TorchUpdate(model, s, dist)
+    return DeepSpeedUpdate(model, s, dist) if use_deepspeed(s.backend, dist.device) else TorchUpdate(model, s, dist)

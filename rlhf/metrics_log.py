@@ -16,7 +16,6 @@ from pathlib import Path
 
 from rlhf.errors import DataError
 from rlhf.io import _finite
-from rlhf.paths import Paths
 
 _CREDENTIAL = re.compile(r"(api_?key|token|secret|password)", re.I)
 
@@ -43,7 +42,7 @@ def start_wandb(cfg: dict, job: str, job_type: str, run_config: dict | None):
 
     w = cfg["wandb"]
     os.environ.setdefault("WANDB_MODE", w["mode"])
-    folder = Paths.from_config(cfg).wandb
+    folder = Path(w["dir"])
     folder.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=w["project"], group=cfg["experiment"], job_type=job_type, name=job,
                       id=wandb_id(cfg["experiment"], job), resume="allow", dir=str(folder),

@@ -45,6 +45,9 @@ class Paths:
     def policy(self, method: str, seed) -> Path:
         return self.grpo(method, seed) / "policy"
 
+    def grpo_work(self, method: str, seed) -> Path:
+        return self.grpo(method, seed) / "work"  # checkpoint and the live metrics log while the run is in progress
+
     def grpo_metrics(self, method: str, seed) -> Path:
         return self.grpo(method, seed) / "metrics.jsonl"
 

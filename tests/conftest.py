@@ -57,6 +57,13 @@ def record_applied_gradient(update) -> dict:
     return seen
 
 
+def micro_grpo(**overrides):
+    """The micro config's GRPO settings (every field; schema defaults) with some replaced."""
+    from rlhf.config import load_config
+    from rlhf.settings import GRPOSettings
+    return GRPOSettings(**{**load_config(REPO / "config" / "micro.yaml")["grpo"], **overrides})
+
+
 @pytest.fixture
 def micro_config(tmp_path):
     return write_config(tmp_path)
@@ -126,6 +133,9 @@ def jobs(dry_run_output: str) -> dict[str, int]:
 
 @pytest.fixture(scope="session")
 def micro_snakemake(tmp_path_factory):
-    """The micro DAG run once by local Snakemake: (config, dry run, run). Tests never assert elapsed time."""
+    """The micro DAG run once by local Snakemake: (config, dry run, run), every stage process recording the files it
+    was given and touched under <config folder>/trace (rlhf.cli.trace_file_access). Tests never assert elapsed time."""
+    from rlhf.cli import TRACE_ENV
     cfg = write_config(tmp_path_factory.mktemp("micro_snakemake"))
-    return cfg, snakemake(cfg, "-n"), snakemake(cfg)
+    (cfg.parent / "trace").mkdir()
+    return cfg, snakemake(cfg, "-n"), snakemake(cfg, env={**os.environ, TRACE_ENV: str(cfg.parent / "trace")})

@@ -1,9 +1,10 @@
 import json
 
 from rlhf.cli import main
+from rlhf.stages.bench import cpu_has_bf16, like_for_like, markdown
 
 
-def test_bench_times_ours_and_trl(micro_run, capsys):
+def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
     """(HF vs vLLM sampling: tests/test_vllm.py; the micro model's head_dim 16 is not one vLLM's CPU kernels take.)"""
     cfg, root = micro_run
     assert main(["bench", "--config", str(cfg), "--warmup", "1", "--timed", "2", "--no-vllm"]) == 0
@@ -11,7 +12,32 @@ def test_bench_times_ours_and_trl(micro_run, capsys):
     for name in ("noreg", "gr", "gr_hvp", "signcert"):
         r = result["results"][name]
         assert 0 < r["generate"] < r["step"] and 0 < r["update"] < r["step"]
-    assert result["results"]["trl_grpotrainer"]["step"] > 0
+    precisions = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
+    for dtype in precisions:  # what each side actually ran, read back from the trainers, is the same
+        ours, trl = (result["results"][f"{name} ({dtype})"]["work"] for name in ("noreg_without_kl_metric", "trl_grpotrainer"))
+        assert ours == trl and ours["weights"] == dtype and ours["autocast"] is None
+        assert ours["completions_per_step"] == 2 * 4 and not ours["reference_forward"]  # micro: B=2, G=4
     assert set(result["ratios"]) == {"gr_update / noreg_update", "gr_hvp_update / noreg_update", "signcert_step / noreg_step",
-                                     "ours_step / trl_step (same work)", "ours_noreg_step / trl_step (ours logs KL every step)"}
+                                     *(f"ours_step / trl_step ({p}, same work)" for p in precisions)}
+    assert result["not_comparable"] == {}
     assert "| ratio | value | target |" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_ratio_for_different_work():
+    """TRL's own default (bf16 autocast) against ours in fp32, or ours logging KL: named, and no number."""
+    work = {"weights": "float32", "autocast": None, "completions_per_step": 64, "max_new_tokens": 20,
+            "reference_forward": False}
+    ours, trl = {"step": 0.5, "work": work}, {"step": 5.0, "work": {**work, "autocast": "bf16"}}
+    assert like_for_like(ours, trl) == "autocast: ours None vs TRL bf16"
+    assert like_for_like({**ours, "work": {**work, "reference_forward": True}}, {**ours}) == \
+        "reference_forward: ours True vs TRL False"
+    assert like_for_like(ours, {"step": 1.0, "work": dict(work)}) is None
+    text = markdown({}, {}, _settings(), 1, not_comparable={"ours_step / trl_step (float32, same work)": "autocast"})
+    assert "| ours_step / trl_step (float32, same work) | not the same work: autocast | – |" in text
+
+
+def _settings():
+    from rlhf.config import load_config
+    from rlhf.settings import GRPOSettings
+    from tests.conftest import REPO
+    return GRPOSettings(**load_config(REPO / "config" / "micro.yaml")["grpo"])

@@ -1,8 +1,11 @@
 import pytest
 import yaml
 
-from rlhf.config import apply_overrides, grpo_settings, load_config, overrides_from_snakemake
+import dataclasses
+
+from rlhf.config import _schema, apply_overrides, config_from_mapping, load_config
 from rlhf.errors import ConfigError
+from rlhf.settings import GRPOSettings
 from tests.conftest import REPO
 
 
@@ -73,19 +76,31 @@ def test_overrides_are_typed_and_merge_sections(tmp_path):
         apply_overrides({}, ["grpo.lr"])
 
 
-def test_snakemake_overrides_are_retyped():
-    out = overrides_from_snakemake({"grpo": {"steps": "5", "lr": "1e-4"}, "experiment": "x"})
-    cfg = apply_overrides({"grpo": {"group_size": 8}}, out)
-    assert cfg == {"grpo": {"group_size": 8, "steps": 5, "lr": 1e-4}, "experiment": "x"}
+def test_snakemakes_config_mapping_is_retyped_and_extends_the_project_config():
+    """Snakemake's YAML 1.1 reading leaves 1e-4 and nested scalars of --config as strings; `extends` resolves
+    against the project's config folder (Snakemake does not say where the file was)."""
+    cfg = config_from_mapping({"extends": "micro.yaml", "grpo": {"steps": "5", "lr": "1e-4"}, "experiment": "x"})
+    assert cfg["grpo"]["steps"] == 5 and cfg["grpo"]["lr"] == 1e-4 and cfg["experiment"] == "x"
+    assert cfg["grpo"]["group_size"] == 4  # from config/micro.yaml
+    paper = config_from_mapping({"extends": "paper/gr-tldr-pythia-1b.yaml"})
+    assert paper == load_config(REPO / "config" / "paper" / "gr-tldr-pythia-1b.yaml")
 
 
 def test_method_overrides_only_what_it_names():
     cfg = load_config(REPO / "config" / "miniature.yaml")
-    s = grpo_settings(cfg, "kl")
-    assert s["kl_beta"] == 0.1 and s["lr"] == cfg["grpo"]["lr"]
-    assert grpo_settings(cfg, "noreg")["kl_beta"] == 0.0
+    s = GRPOSettings.for_method(cfg, "kl")
+    assert s.kl_beta == 0.1 and s.lr == cfg["grpo"]["lr"]
+    assert GRPOSettings.for_method(cfg, "noreg").kl_beta == 0.0
     with pytest.raises(ConfigError, match="method 'ppo' is not in config.methods"):
-        grpo_settings(cfg, "ppo")
+        GRPOSettings.for_method(cfg, "ppo")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.kl_beta = 0.2
+
+
+def test_grpo_settings_fields_are_the_schemas():
+    """The typed settings and the schema (documentation, defaults, validation) name the same fields."""
+    schema = _schema()["$defs"]["grpo"]["properties"]
+    assert {f.name for f in dataclasses.fields(GRPOSettings)} == set(schema)
 
 
 def test_sections_behind_a_ref_get_their_defaults(tmp_path):

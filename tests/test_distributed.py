@@ -53,7 +53,9 @@ def _problem():
 
 def one_step(dist: Dist, settings: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
     """One grpo_step on this rank's rows; (gradient given to the optimizer, weights after the step, stats)."""
-    from rlhf.stages.grpo import grpo_step
+    from rlhf.trainer import grpo_step
+    from tests.conftest import micro_grpo
+    settings = micro_grpo(**settings)
     model, reference, rollout, scores = _problem()
     k = rollout.completion_ids.shape[0] // dist.world_size
     rows = slice(dist.rank * k, (dist.rank + 1) * k)
@@ -174,7 +176,7 @@ def test_grpo_stage_under_torchrun_with_two_ranks(micro_run, tmp_path):
     df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
     assert df.dropna(subset=["proxy_reward"])["step"].tolist() == [1, 2, 3, 4]  # one line per step, not per rank
     assert (df.dropna(subset=["g2_norm"])["g2_norm"] > 0).all()
-    assert (run_dir / "policy" / "model.safetensors").is_file() and not (run_dir / "checkpoint").exists()
+    assert (run_dir / "policy" / "model.safetensors").is_file() and not (run_dir / "work").exists()
 
 
 @needs_deepspeed
@@ -190,7 +192,7 @@ def test_grpo_stage_resumes_under_deepspeed(micro_run, tmp_path, monkeypatch, ca
     restore = _interrupt_at_step(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         main(args)
-    ckpt = dst / "grpo" / "gr" / "seed0" / "checkpoint"
+    ckpt = dst / "grpo" / "gr" / "seed0" / "work" / "checkpoint"
     assert (ckpt / "trainer_state.pt").is_file() and any((ckpt / "deepspeed").rglob("*optim_states.pt"))
     restore()
     assert main(args) == 0

@@ -13,18 +13,18 @@ from rlhf.errors import ConfigError
 from rlhf.generation import sample
 from rlhf.policy import token_logprobs
 from rlhf.rewards.proxy_rm import Scores
-from rlhf.stages.grpo import grpo_step
-from tests.conftest import REPO, record_applied_gradient
+from rlhf.settings import GRPOSettings
+from rlhf.trainer import grpo_step
+from tests.conftest import micro_grpo, record_applied_gradient
 
 G, T_MAX, GAMMA, EPS = 4, 5, 0.5, 1e-4
 PROMPTS = ["post : alice lost the car . tldr :", "post : bob sold the key . tldr :"]
 
 
-def settings(**overrides) -> dict:
+def settings(**overrides) -> GRPOSettings:
     """The micro config's grpo section (all fields, schema defaults) with a GR method's overrides."""
-    cfg = load_config(REPO / "config" / "micro.yaml")
-    return {**cfg["grpo"], "group_size": G, "max_new_tokens": T_MAX, "gr_gamma": GAMMA, "gr_eps": EPS,
-            "backend": "torch", "lr": 1e-3, **overrides}
+    return micro_grpo(**{"group_size": G, "max_new_tokens": T_MAX, "gr_gamma": GAMMA, "gr_eps": EPS,
+                         "backend": "torch", "lr": 1e-3, **overrides})
 
 
 def run_step(model, rollout, rewards, s) -> list[torch.Tensor]:
@@ -154,9 +154,9 @@ def test_master_weight_refresh_trains_from_the_bf16_weights(tiny_lm, backend):
     runs = []
     for refresh in (False, True):
         update = make_update(copy.deepcopy(base).to(torch.bfloat16), s, Dist())
-        grpo_step(update, Dist(), rollout, scores, None, 0.0, {**s, "gr_gamma": 0.0})  # masters gain sub-bf16 bits
+        grpo_step(update, Dist(), rollout, scores, None, 0.0, s.replace(gr_gamma=0.0))  # masters gain sub-bf16 bits
         before = _masters(update)
-        grpo_step(update, Dist(), rollout, scores, None, 0.0, {**s, "gr_refresh_master_weights": refresh})
+        grpo_step(update, Dist(), rollout, scores, None, 0.0, s.replace(gr_refresh_master_weights=refresh))
         runs.append((before, _masters(update)))
     (before, plain), (before_again, refreshed) = runs
     rounding = [b.to(torch.bfloat16).float() - b for b in before]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from rlhf.config import load_config
+from rlhf.registry import stage_config
 from rlhf.errors import ConfigError, RewardError
 from rlhf.io import read_json, read_jsonl
 from rlhf.judge import prompt as jp
@@ -36,7 +37,8 @@ def api_key(monkeypatch):
 
 def judge_cfg(tmp_path, url, **judge):
     base = {"base_url": url, "timeout": 1.0, "max_backoff": 2.0, "concurrency": 4, "requests_per_minute": 6000}
-    return load_config(write_config(tmp_path, gold={"type": "openai", "judge": {**base, **judge}}))
+    cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {**base, **judge}}))
+    return stage_config(cfg, "label")  # what the label stage gets: its view, the experiment's judge cache filled in
 
 
 def pairs(n):
@@ -181,7 +183,7 @@ def test_key_stays_out_of_errors_cache_and_output(tmp_path, capfd):
 
 def test_missing_key_and_unpriced_model_are_config_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    cfg = load_config(write_config(tmp_path, gold={"type": "openai"}))
+    cfg = stage_config(load_config(write_config(tmp_path, gold={"type": "openai"})), "label")
     with pytest.raises(ConfigError, match="set the environment variable OPENAI_API_KEY"):
         make_gold(cfg)
     cfg = judge_cfg(tmp_path, "http://127.0.0.1:9/v1", model="my-open-judge")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from rlhf.config import load_config
 from rlhf.distributed import Dist, make_update
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, micro_grpo, write_config
 
 TIMES = ("time/generate", "time/score", "time/update", "time/step")
 # One method that exercises every piece of resumable state: GR, SignCert, a KL reference that is reset.
@@ -74,7 +74,7 @@ def test_sigkill_at_random_points_always_resumes_to_the_uninterrupted_result(mic
 
     config = _upstream(micro_run, tmp_path / "killed", methods=MIX, grpo=grpo)
     run_dir = tmp_path / "killed" / "results" / "micro" / "grpo" / "mix" / "seed0"
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / "work" / "metrics.jsonl"  # the live log of the run in progress
     rng = random.Random(0)
     progress = []  # metrics lines of this process when it was killed (-1: still loading)
     thresholds = sorted(rng.randrange(len(expected[1]) + 1) for _ in range(10))
@@ -212,7 +212,7 @@ def test_bf16_weights_keep_updates_below_their_resolution(tiny_lm):
     """AdamW at lr 3e-6 on bf16 weights of scale 0.02: each step is far below half a bf16 spacing. The torch
     backend steps fp32 master weights: after 50 steps the bf16 weights are the rounded fp32 trajectory."""
     model, _ = tiny_lm
-    s = {"lr": 3e-6, "weight_decay": 0.0, "max_grad_norm": 1e9, "backend": "torch"}
+    s = micro_grpo(lr=3e-6, weight_decay=0.0, max_grad_norm=1e9, backend="torch")
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     update = make_update(bf16, s, Dist())
     fp32 = copy.deepcopy(bf16).float()  # the same start, stepped in fp32
@@ -238,8 +238,7 @@ def test_fp16_on_the_torch_backend_is_refused(tiny_lm):
     from rlhf.errors import ConfigError
     model, _ = tiny_lm
     with pytest.raises(ConfigError, match="float16 needs loss scaling"):
-        make_update(copy.deepcopy(model).to(torch.float16), {"lr": 1e-3, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                                                             "backend": "torch"}, Dist())
+        make_update(copy.deepcopy(model).to(torch.float16), micro_grpo(backend="torch"), Dist())
 
 
 def test_noise_is_created_on_the_tensors_device_by_construction(monkeypatch):

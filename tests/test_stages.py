@@ -26,7 +26,7 @@ def test_stage_artifacts(micro_run):
     rm = read_json(root / "rm" / "metrics.json")
     assert 0.0 <= rm["accuracy_vs_labels"] <= 1.0 and rm["n_heldout"] >= 1
     assert not list(root.rglob("*.tmp-*")), "temporary artifacts left behind"
-    assert not (root / "grpo" / "noreg" / "seed0" / "checkpoint").exists(), "checkpoint of a finished run kept"
+    assert not (root / "grpo" / "noreg" / "seed0" / "work").exists(), "work folder of a finished run kept"
 
 
 def test_grpo_metrics_log_every_step_and_gold_evals(micro_run):
@@ -122,8 +122,8 @@ def test_nan_proxy_reward_fails_clearly_without_a_policy(micro_run, tmp_path, ca
 
 def _interrupt_at_step(monkeypatch, n):
     """Make the n-th GRPO update raise, as a preemption would."""
-    from rlhf.stages import grpo
-    real_step, calls = grpo.grpo_step, []
+    from rlhf import trainer
+    real_step, calls = trainer.grpo_step, []
 
     def dying_step(*a, **k):
         calls.append(1)
@@ -131,8 +131,8 @@ def _interrupt_at_step(monkeypatch, n):
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
-    monkeypatch.setattr(grpo, "grpo_step", dying_step)
-    return lambda: monkeypatch.setattr(grpo, "grpo_step", real_step)
+    monkeypatch.setattr(trainer, "grpo_step", dying_step)
+    return lambda: monkeypatch.setattr(trainer, "grpo_step", real_step)
 
 
 def test_grpo_resumes_from_checkpoint(micro_run, tmp_path, monkeypatch, capsys):
@@ -143,9 +143,11 @@ def test_grpo_resumes_from_checkpoint(micro_run, tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         main(["grpo", "--config", str(cfg), "--method", "kl", "--seed", "0"])
     run_dir = dst / "grpo" / "kl" / "seed0"
-    assert (run_dir / "checkpoint" / "trainer_state.pt").is_file() and not (run_dir / "policy").exists()
-    state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
-    optimizer = torch.load(run_dir / "checkpoint" / "optimizer.pt", weights_only=False)
+    ckpt = run_dir / "work" / "checkpoint"  # the work folder: kept across attempts, not a Snakemake output
+    assert (ckpt / "trainer_state.pt").is_file() and not (run_dir / "policy").exists()
+    assert not (run_dir / "metrics.jsonl").exists()  # the output appears only with the policy
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=False)
     steps = [int(v["step"]) for v in optimizer["optimizer"]["state"].values()]
     assert state["step"] == 2 and steps and set(steps) == {2}  # the optimizer that was stepped, not a fresh one
     restore()
@@ -154,7 +156,7 @@ def test_grpo_resumes_from_checkpoint(micro_run, tmp_path, monkeypatch, capsys):
     df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
     assert df.dropna(subset=["proxy_reward"])["step"].tolist() == [1, 2, 3, 4]
     assert df.dropna(subset=["eval/win_rate"])["step"].tolist() == [0, 2, 4]
-    assert (run_dir / "policy" / "model.safetensors").is_file() and not (run_dir / "checkpoint").exists()
+    assert (run_dir / "policy" / "model.safetensors").is_file() and not (run_dir / "work").exists()
 
 
 def test_checkpoint_from_other_settings_is_not_resumed(micro_run, tmp_path, monkeypatch, capsys):

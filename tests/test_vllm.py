@@ -182,12 +182,14 @@ def test_bench_times_hf_and_vllm_sampling(shared_engine, engine_dir, micro_run, 
     from rlhf.config import load_config
     from rlhf.stages import bench
     monkeypatch.setattr(bench, "LARGER", MINIATURE)  # the shared engine's shape: no second engine start here
+    from rlhf.settings import GRPOSettings
     cfg = load_config(_vllm_experiment(tmp_path, micro_run, engine_dir, 4))
+    settings = GRPOSettings(**cfg["grpo"])
     prompts = [r["prompt"] for r in read_jsonl(tmp_path / "results" / "micro" / "data" / "train.jsonl")]
-    out = bench.time_generation(cfg, cfg["grpo"], prompts, warmup=0, timed=2)
+    out = bench.time_generation(cfg, settings, prompts, warmup=0, timed=2)
     assert set(out) == {"miniature", "larger"}
     assert all(g["hf"] > 0 and g["vllm"] > 0 and g["parameters_m"] > 1 for g in out.values())
-    assert "| miniature |" in bench.markdown({}, {}, cfg["grpo"], 1, out)
+    assert "| miniature |" in bench.markdown({}, {}, settings, 1, out)
 
 
 def test_missing_vllm_is_one_config_error(micro_run, tmp_path, capsys, monkeypatch):
@@ -353,7 +355,8 @@ def test_judge_client_against_vllm_serve_parses_caches_and_resumes(vllm_server, 
     from rlhf.judge import prompt as jp
     from rlhf.rewards.gold import make_gold
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a self-hosted server needs no key
-    cfg = load_config(_judge_config(tmp_path, vllm_server))
+    from rlhf.registry import stage_config
+    cfg = stage_config(load_config(_judge_config(tmp_path, vllm_server)), "label")
     prompts = [f"post : person {i} fixed the bike . tldr :" for i in range(12)]
     a = [f"person {i} fixed bike" for i in range(12)]
     b = [f"bike {'was ' * (i % 3)}fixed" for i in range(12)]

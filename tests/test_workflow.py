@@ -1,5 +1,7 @@
-"""The Snakemake DAG on the micro config: whole run, dry run, and what --forcerun rm reruns."""
+"""The Snakemake DAG on the micro config: whole run, what a change reruns, and what each stage reads and writes."""
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -16,12 +18,86 @@ def test_whole_dag_on_micro_config(micro_snakemake):
     report = cfg.parent / "results" / "micro" / "report"
     assert (report / "table.csv").is_file() and (report / "rewards_vs_step.png").is_file()
 
-    nothing = snakemake(cfg, "-n")
-    assert "Nothing to be done" in nothing.stdout + nothing.stderr
 
-    forced = snakemake(cfg, "-n", "--forcerun", "rm")
-    assert forced.returncode == 0, forced.stderr
-    assert jobs(forced.stdout) == {"rm": 1, "grpo": 5, "evaluate": 6, "certify": 1, "report": 1, "all": 1}
+def _scheduled(cfg, *args, cwd=None, configfile=None) -> dict:
+    """{rule: jobs} a dry run schedules ({} when nothing is to be done)."""
+    out = subprocess.run([*SNAKEMAKE, "--directory", str(cfg.parent), "--configfile", configfile or str(cfg), "-n",
+                          "--cores", "1", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {} if "Nothing to be done" in out.stdout + out.stderr else jobs(out.stdout)
+
+
+DOWNSTREAM_OF_RM = {"rm": 1, "grpo": 5, "evaluate": 6, "certify": 1, "report": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_a_change_reruns_exactly_what_depends_on_it(micro_snakemake):
+    """Rerun triggers are a rule's inputs, its own view of the config and its (config-independent) command: never the
+    config file's spelling, another stage's section, or side settings (logging, the judge client's pacing)."""
+    cfg, _, run = micro_snakemake
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _scheduled(cfg) == {}
+    assert _scheduled(cfg, cwd=cfg.parent, configfile="config.yaml") == {}  # relative spelling of the same file
+    assert _scheduled(cfg, cwd=cfg.parent.parent, configfile=f"{cfg.parent.name}/config.yaml") == {}
+    assert _scheduled(cfg, "--config", "wandb={project: elsewhere}") == {}
+    assert _scheduled(cfg, "--config", "gold={judge: {concurrency: 3, timeout: 5}}") == {}
+    assert _scheduled(cfg, "--config", "grpo={lr: 5.0e-3}") == {"grpo": 5, "evaluate": 5, "report": 1, "all": 1}
+    assert _scheduled(cfg, "--config", "methods={kl: {kl_beta: 0.2}}") == {"grpo": 1, "evaluate": 1, "report": 1,
+                                                                           "all": 1}
+    assert _scheduled(cfg, "--config", "evaluate={temperature: 0.7}") == {"evaluate": 6, "report": 1, "all": 1}
+    assert _scheduled(cfg, "--config", "certify={noise_samples: 3}") == {"certify": 1, "report": 1, "all": 1}
+    assert _scheduled(cfg, "--config", "rm={lr: 2.0e-3}") == DOWNSTREAM_OF_RM
+    assert _scheduled(cfg, "--forcerun", "rm") == DOWNSTREAM_OF_RM
+    assert _scheduled(cfg, "--config", "sft={lr: 1.0e-3}") == {"sft": 1, "sample": 1, "label": 1, **DOWNSTREAM_OF_RM}
+    assert _scheduled(cfg, "--config", "seeds=[0, 1]") == {"grpo": 5, "evaluate": 5, "report": 1, "all": 1}
+
+
+def test_the_default_config_and_its_file_give_identical_jobs(tmp_path):
+    """`snakemake` and `snakemake --configfile config/miniature.yaml` are the same experiment, command for command."""
+    def dry(*args):
+        out = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "-n", "-p", "--cores", "1", *args],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return sorted(line for line in out.stdout.splitlines() if " -m rlhf " in line)  # the jobs' commands
+    plain = dry()
+    assert sum("-m rlhf grpo --settings" in line for line in plain) == 18  # 6 methods x 3 seeds
+    assert dry("--configfile", str(REPO / "config" / "miniature.yaml")) == plain
+    assert not any("miniature.yaml" in line for line in plain)  # no command names the config file
+
+
+def _under(path: Path, roots) -> bool:
+    """path is a declared path, inside one, or inside the atomic temporary sibling (<name>.tmp-*) of one."""
+    return any(p == r or p.parent == r.parent and p.name.startswith(f"{r.name}.tmp-")
+               for r in roots for p in (path, *path.parents))
+
+
+@pytest.mark.slow
+def test_each_stage_touches_only_the_files_its_rule_declares(micro_snakemake):
+    """Every stage process of the micro run recorded what it opened, listed, wrote, renamed and deleted under the
+    experiment (Python audit events): reads stay inside its declared inputs and outputs, writes inside its outputs
+    (or their atomic temporary siblings) and its work folder, and every declared input is read."""
+    cfg, _, run = micro_snakemake
+    assert run.returncode == 0, run.stderr[-3000:]
+    root = (cfg.parent / "results" / "micro").resolve()
+    traces = sorted((cfg.parent / "trace").glob("*.jsonl"))
+    seen = set()
+    for trace in traces:
+        head, *events = [json.loads(line) for line in trace.read_text().splitlines()]
+        stage, given = head["stage"], head["given"]
+        seen.add(stage)
+        paths = lambda kind: [Path(p).resolve() for v in given[kind].values() for p in (v if isinstance(v, list) else [v])]
+        inputs, writable = paths("inputs"), paths("outputs") + paths("work")
+        touched = [(Path(e["path"]).resolve(), e) for e in events if root in Path(e["path"]).resolve().parents]
+        for path, e in touched:
+            writes = e["event"] in ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree") or \
+                any(c in e["mode"] for c in "wax+")
+            if e["event"] in ("os.mkdir", "os.scandir", "os.listdir") and any(path in w.parents for w in writable):
+                continue  # the folders an output lives in: made, and listed for stale temporaries of an atomic write
+            allowed = writable if writes else inputs + writable
+            assert _under(path, allowed), f"{stage} {e['event']} {path}: not declared by its rule"
+        for path in inputs:
+            assert any(p == path or path in p.parents for p, _ in touched), f"{stage} never read its input {path}"
+    assert seen == {"data", "base", "sft", "sample", "label", "rm", "grpo", "evaluate", "certify", "report"}
 
 
 def test_snakemake_config_error_names_the_field(tmp_path):

@@ -25,7 +25,6 @@ g2) are full gradients averaged over data-parallel ranks, so every rank perturbs
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
@@ -42,8 +41,6 @@ class GRStats:
     g2_norm: float       # ||g2|| before clipping (hvp: nan, there is no second gradient)
     loss: float          # this rank's L(phi): as returned by the closure / summed over the micro-batch losses
     curvature: float     # g1_hat^T H g1_hat / ||g1_hat||^2 on S: the estimator's curvature along g1 (FD: from g2)
-    seconds_g1: float    # the first gradient pass
-    seconds_g2: float    # the second pass (FD) or the Hessian-vector product (hvp)
     realized_perturbation: float = float("nan")  # FD: ||phi'_stored - phi|| / ||eps * g1_hat|| on S (1 = exact)
     perturbation_error: float = float("nan")     # FD: ||(phi'_stored - phi) - eps * g1_hat|| / ||eps * g1_hat|| (0 = exact)
     changed_fraction: float = float("nan")       # FD: share of the elements of S that the perturbation changed
@@ -148,10 +145,8 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
     grads = grads or LocalGradients(model)
 
     grads.zero()
-    t0 = time.perf_counter()
     loss = loss_closure()
     g1 = grads.read(params)
-    t1 = time.perf_counter()
     g1_norm, s1 = _clip_coef(g1, g1_clip)
 
     saved = [p.detach().clone() if s else None for p, s in zip(params, in_s)]
@@ -182,7 +177,6 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
                     p.copy_(before)
         if on_weights_changed:
             on_weights_changed()
-    t2 = time.perf_counter()
     g2_norm, s2 = _clip_coef(g2, g2_clip)
 
     final, v, curvature_term = [], [], []
@@ -200,7 +194,7 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
     grads.write(params, final)
     loss_value = loss.item() if isinstance(loss, torch.Tensor) else float(loss or 0.0)
     ratio = (lambda x: (x / intended_sq) ** 0.5 if intended_sq > 0 else float("nan"))
-    return GRStats(g1_norm, g2_norm, loss_value, curvature, t1 - t0, t2 - t1, ratio(moved_sq), ratio(error_sq),
+    return GRStats(g1_norm, g2_norm, loss_value, curvature, ratio(moved_sq), ratio(error_sq),
                    changed / max(total, 1))
 
 
@@ -240,7 +234,6 @@ def hvp_gr(model: torch.nn.Module, micro_losses: Sequence[Callable[[], torch.Ten
     keep_graph = len(micro_losses) == 1  # else g1 must be complete before the first H v product
 
     with double_backward_attention(model):
-        t0 = time.perf_counter()
         g1_local, kept, loss_value = [torch.zeros_like(_fp32(p)) for p in params], None, 0.0
         for micro_loss in micro_losses:
             loss = micro_loss()
@@ -252,14 +245,12 @@ def hvp_gr(model: torch.nn.Module, micro_losses: Sequence[Callable[[], torch.Ten
         g1 = grads.mean_over_ranks(g1_local)
         g1_norm, s1 = _clip_coef(g1, g1_clip)
         v = [s1 * g for g, s in zip(g1, in_s) if s]
-        t1 = time.perf_counter()
         hv_local = [torch.zeros_like(x) for x in v]
         for micro_loss in micro_losses:
             g_s = kept if keep_graph else _grad(micro_loss(), s_params, create_graph=True)
             for acc, x in zip(hv_local, _grad(_dot(g_s, v), s_params, create_graph=False)):
                 acc += x.detach()
             kept = None
-        t2 = time.perf_counter()
 
     vhv, vv = grads.mean_over_ranks([_dot(v, hv_local).double().reshape(1)])[0].item(), _dot(v, v).item()
     del g1, v
@@ -272,4 +263,4 @@ def hvp_gr(model: torch.nn.Module, micro_losses: Sequence[Callable[[], torch.Ten
     del hv_local, hv
     grads.zero()
     grads.write_rank_average(params, g1_local)
-    return GRStats(g1_norm, float("nan"), loss_value, vhv / max(vv, 1e-30), t1 - t0, t2 - t1)
+    return GRStats(g1_norm, float("nan"), loss_value, vhv / max(vv, 1e-30))

@@ -92,10 +92,6 @@ class AnswerCache:
                 "SELECT COALESCE(SUM(reserved_usd), 0) FROM batches WHERE state IN ('submitting', 'open')").fetchone()[0]
         return float(answered) + float(pending)
 
-    def count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-
     # --- Batch API bookkeeping -------------------------------------------------------------------------
     def add_submission(self, submission: str, keys: list[str], reserved_usd: float) -> None:
         with self._lock:

@@ -138,9 +138,10 @@ class JudgeGold(Gold):
 
     def __init__(self, cfg: dict):
         from rlhf.judge.client import ChatClient
-        from rlhf.paths import Paths
         self.cfg, self.seed = cfg["gold"]["judge"], cfg["seed"]
-        self.client = ChatClient(self.cfg, self.cfg["cache"] or Paths.from_config(cfg).judge_cache)
+        if self.cfg.get("cache") is None:  # stages get the experiment's default (rlhf.registry.side_view)
+            raise ConfigError("gold.judge.cache: the judge needs its answer cache file (every paid answer is kept)")
+        self.client = ChatClient(self.cfg, self.cfg["cache"])
 
     def _first_wins(self, prompts, first, second, flip: bool, desc: str) -> np.ndarray:
         from rlhf.judge import prompt as jp

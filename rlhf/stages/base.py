@@ -6,20 +6,19 @@ from rlhf.data.miniature import MiniatureSpec
 from rlhf.errors import ConfigError
 from rlhf.io import atomic_dir
 from rlhf.models import build_tiny_causal_lm, build_word_tokenizer, load_tokenizer
-from rlhf.paths import Paths
 from rlhf.stages.common import setup
 
 
-def run(cfg, args):
+def run(cfg, files, args):
     if "build" not in cfg["model"]:
         raise ConfigError("the base stage builds a tiny model from model.build; this config names model.name instead")
-    setup(cfg, args)
+    setup(cfg, args, device=False)  # built on the CPU, wherever it later runs
     tokenizer = build_word_tokenizer(MiniatureSpec.from_config(cfg).vocabulary())
     model = build_tiny_causal_lm(cfg["model"]["build"], tokenizer, cfg["seed"])
-    P = Paths.from_config(cfg)
-    with atomic_dir(P.base) as out:
+    folder = files.outputs["model"]
+    with atomic_dir(folder) as out:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         load_tokenizer(out)  # the saved folder must load back through the project's loader and encode text
     n = sum(p.numel() for p in model.parameters())
-    print(f"base: {type(model).__name__} with {n / 1e6:.2f}M parameters, vocabulary {len(tokenizer)} -> {P.base}")
+    print(f"base: {type(model).__name__} with {n / 1e6:.2f}M parameters, vocabulary {len(tokenizer)} -> {folder}")

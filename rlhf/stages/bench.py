@@ -17,13 +17,13 @@ import numpy as np
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from rlhf.config import grpo_settings
 from rlhf.generation import sample
 from rlhf.io import atomic_dir, read_jsonl, write_json
 from rlhf.models import build_tiny_causal_lm, load_causal_lm
 from rlhf.paths import Paths
-from rlhf.stages.common import setup, sft_tokenizer
-from rlhf.stages.grpo import load_run, train_step
+from rlhf.settings import GRPOSettings
+from rlhf.stages.common import setup, tokenizer_of
+from rlhf.trainer import load_run, train_step
 
 # name -> (the config's method it starts from when the config has it, else these overrides). Timing does not
 # depend on the values; gr_hvp is the config's gr with the exact Hessian-vector-product estimator.
@@ -35,13 +35,40 @@ EXTRA = {"gr_hvp": {"gr_estimator": "hvp"}}
 SAME_WORK_AS_TRL = "noreg_without_kl_metric"
 
 
-def time_ours(cfg, s: dict, device, warmup: int, timed: int) -> dict:
-    run = load_run(cfg, s, device)  # the same prompt draws for every method (the sampler is seeded by cfg.seed)
+def _load(cfg, s: GRPOSettings, device):
+    """The trainer on the experiment's SFT policy and proxy RM; the same prompt draws for every method (the sampler
+    is seeded by cfg.seed)."""
+    P = Paths.from_config(cfg)
+    return load_run(cfg, s, P.train, P.sft, P.rm, device)
+
+
+def time_ours(cfg, s: GRPOSettings, device, warmup: int, timed: int) -> dict:
+    run = _load(cfg, s, device)
     rows = []
-    for update in range(1, warmup + timed + 1):
-        rows.append(train_step(run, run.prompts.batch(s["prompts_per_step"]), update))
+    for step in range(1, warmup + timed + 1):
+        rows.append(train_step(run, run.prompts.batch(s.prompts_per_step), step))
     keys = ("time/generate", "time/score", "time/update", "time/step")
-    return {k.removeprefix("time/"): float(np.mean([r[k] for r in rows[warmup:]])) for k in keys}
+    out = {k.removeprefix("time/"): float(np.mean([r[k] for r in rows[warmup:]])) for k in keys}
+    return {**out, "work": {"weights": str(next(run.policy.parameters()).dtype).removeprefix("torch."),
+                            "autocast": None, "completions_per_step": s.prompts_per_step * s.group_size,
+                            "max_new_tokens": s.max_new_tokens,
+                            "reference_forward": s.kl_beta > 0 or s.kl_metric_every <= warmup + timed}}
+
+
+def like_for_like(ours: dict, trl: dict) -> str | None:
+    """Why two timings are not the same work (precision, batch, lengths, an extra forward pass), or None."""
+    diff = [f"{k}: ours {ours['work'][k]} vs TRL {trl['work'][k]}" for k in ours["work"]
+            if ours["work"][k] != trl["work"][k]]
+    return "; ".join(diff) or None
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX512-BF16 or AMX): without it bf16 on CPU is emulated and timing it is moot."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class _StepTimer(TrainerCallback):
@@ -55,33 +82,38 @@ class _StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def time_trl(cfg, s: dict, prompts: list[str], device, warmup: int, timed: int) -> dict:
+def time_trl(cfg, s: GRPOSettings, prompts: list[str], device, warmup: int, timed: int) -> dict:
     """TRL's GRPOTrainer as Dr.GRPO: loss_type='dr_grpo', scale_rewards='none', beta=0, one update per batch,
     in the model's precision without activation checkpointing, as ours."""
     from trl import GRPOConfig, GRPOTrainer
-    run = load_run(cfg, s, device)
+    run = _load(cfg, s, device)
     run.tokenizer.padding_side = "left"
-    B, G = s["prompts_per_step"], s["group_size"]
+    B, G = s.prompts_per_step, s.group_size
 
     def proxy_reward(prompts, completions, **kwargs):
         return run.proxy(prompts, [c.strip() for c in completions]).rewards.tolist()
 
     timer = _StepTimer()
+    autocast = {"bfloat16": "bf16", "float16": "fp16"}
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(output_dir=tmp, loss_type="dr_grpo", scale_rewards="none", beta=0.0, num_iterations=1,
                           num_generations=G, per_device_train_batch_size=B * G, gradient_accumulation_steps=1,
-                          max_completion_length=s["max_new_tokens"], temperature=s["temperature"], top_k=0, top_p=1.0,
-                          learning_rate=s["lr"], max_grad_norm=s["max_grad_norm"], epsilon=s["clip_eps"],
+                          max_completion_length=s.max_new_tokens, temperature=s.temperature, top_k=0, top_p=1.0,
+                          learning_rate=s.lr, max_grad_norm=s.max_grad_norm, epsilon=s.clip_eps,
                           max_steps=warmup + timed, logging_steps=1, save_strategy="no", report_to=[],
                           use_cpu=device.type == "cpu", seed=cfg["seed"], dataloader_num_workers=0, disable_tqdm=True,
                           # TRL defaults to bf16 autocast and activation checkpointing; ours runs the model's dtype
-                          # without checkpointing (on a CPU without bf16 instructions TRL's default was 10x slower)
-                          bf16=False, gradient_checkpointing=False)
+                          # without either (on a CPU without bf16 instructions TRL's default was 10x slower)
+                          bf16=False, fp16=False, gradient_checkpointing=False)
         trainer = GRPOTrainer(model=run.policy, reward_funcs=proxy_reward, args=args,
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
                               processing_class=run.tokenizer, callbacks=[timer])
         trainer.train()
-    return {"step": float(np.mean(timer.times[warmup:]))}
+    work = {"weights": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
+            "autocast": next((v for k, v in autocast.items() if getattr(args, v)), None),
+            "completions_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "max_new_tokens": args.max_completion_length, "reference_forward": args.beta > 0}
+    return {"step": float(np.mean(timer.times[warmup:])), "work": work}
 
 
 # Where vLLM starts to pay off on CPU: the miniature's SFT policy, and a random model of a larger shape (same
@@ -98,7 +130,7 @@ def _time(fn, warmup: int, timed: int) -> float:
     return float(np.mean(times[warmup:]))
 
 
-def time_generation(cfg, s: dict, prompts: list[str], warmup: int, timed: int) -> dict:
+def time_generation(cfg, s: GRPOSettings, prompts: list[str], warmup: int, timed: int) -> dict:
     """Seconds per GRPO step's sampling, HF generate against vLLM (weight push included), at two model sizes;
     {} when vLLM is not installed."""
     try:
@@ -107,9 +139,9 @@ def time_generation(cfg, s: dict, prompts: list[str], warmup: int, timed: int) -
     except ImportError:
         print("bench: vllm is not installed: HF vs vLLM generation skipped")
         return {}
-    B, G, T, temp = s["prompts_per_step"], s["group_size"], s["max_new_tokens"], s["temperature"]
+    B, G, T, temp = s.prompts_per_step, s.group_size, s.max_new_tokens, s.temperature
     batch = lambda i: prompts[i * B:(i + 1) * B]  # noqa: E731
-    tokenizer, out = sft_tokenizer(cfg), {}
+    tokenizer, out = tokenizer_of(Paths.from_config(cfg).sft, cfg), {}
     for size, build in (("miniature", None), ("larger", LARGER)):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Paths.from_config(cfg).sft
@@ -121,8 +153,8 @@ def time_generation(cfg, s: dict, prompts: list[str], warmup: int, timed: int) -
             hf = _time(lambda i: sample(model, tokenizer, batch(i), G, T, temp, batch_size=B * G), warmup, timed)
             t0 = time.perf_counter()
             sampler = VLLMSampler(folder, tokenizer, dtype=cfg["model"]["dtype"], max_model_len=None,
-                                  gpu_memory_utilization=s["vllm_gpu_memory_utilization"], seed=cfg["seed"],
-                                  kv_cache_gib=s["vllm_kv_cache_gib"], enforce_eager=s["vllm_enforce_eager"])
+                                  gpu_memory_utilization=s.vllm_gpu_memory_utilization, seed=cfg["seed"],
+                                  kv_cache_gib=s.vllm_kv_cache_gib, enforce_eager=s.vllm_enforce_eager)
             start = time.perf_counter() - t0
 
             def vllm_step(i):
@@ -136,9 +168,10 @@ def time_generation(cfg, s: dict, prompts: list[str], warmup: int, timed: int) -
     return out
 
 
-def markdown(results: dict, ratios: dict, s: dict, threads: int, generation: dict | None = None) -> str:
-    lines = [f"Seconds per GRPO step, B={s['prompts_per_step']} prompts x G={s['group_size']} completions, "
-             f"T_max={s['max_new_tokens']}, {threads} CPU thread(s):", "",
+def markdown(results: dict, ratios: dict, s: GRPOSettings, threads: int, generation: dict | None = None,
+             not_comparable: dict | None = None, precisions: list[str] = ("float32",)) -> str:
+    lines = [f"Seconds per GRPO step, B={s.prompts_per_step} prompts x G={s.group_size} completions, "
+             f"T_max={s.max_new_tokens}, {threads} CPU thread(s):", "",
              "| method | generate | score | update | step |", "|---|---|---|---|---|"]
     for name, r in results.items():
         cells = " | ".join(f"{r[k]:.3f}" if k in r else "–" for k in ("generate", "score", "update", "step"))
@@ -146,8 +179,11 @@ def markdown(results: dict, ratios: dict, s: dict, threads: int, generation: dic
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     targets = {"gr_update / noreg_update": "<= 2.2", "gr_hvp_update / noreg_update": "<= 2.5 (floor 2)",
                "signcert_step / noreg_step": "<= 1.05",
-               "ours_step / trl_step (same work)": "<= 1.0", "ours_noreg_step / trl_step (ours logs KL every step)": "–"}
+               **{f"ours_step / trl_step ({p}, same work)": "<= 1.0" for p in ("float32", "bfloat16")}}
     lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
+    lines += [f"| {k} | not the same work: {why} | – |" for k, why in (not_comparable or {}).items()]
+    if "bfloat16" not in precisions:
+        lines += ["", "No bf16 pair: this CPU has no bf16 instructions (AVX512-BF16 / AMX), so bf16 would be emulated."]
     if generation:
         lines += ["", "Sampling per step (same batch), HF generate vs vLLM with the weight push:", "",
                   "| model | parameters | HF | vLLM | HF / vLLM | vLLM engine start |", "|---|---|---|---|---|---|"]
@@ -163,22 +199,34 @@ def run(cfg, args):
     warmup, timed = args.warmup, args.timed
     results = {}
     for name, (method, overrides) in METHODS.items():
-        s = grpo_settings(cfg, method) if method in cfg["methods"] else {**cfg["grpo"], **overrides}
-        s = {**s, **EXTRA.get(name, {})}
+        s = GRPOSettings.for_method(cfg, method) if method in cfg["methods"] else GRPOSettings(**{**cfg["grpo"], **overrides})
+        s = s.replace(**EXTRA.get(name, {}))
         results[name] = time_ours(cfg, s, device, warmup, timed)
         print(f"bench: {name}: {results[name]}")
-    results[SAME_WORK_AS_TRL] = time_ours(cfg, {**cfg["grpo"], "kl_metric_every": 10**9}, device, warmup, timed)
-    results["trl_grpotrainer"] = time_trl(cfg, cfg["grpo"], prompts, device, warmup, timed)
-    print(f"bench: trl: {results['trl_grpotrainer']}")
     ratios = {"gr_update / noreg_update": results["gr"]["update"] / results["noreg"]["update"],
               "gr_hvp_update / noreg_update": results["gr_hvp"]["update"] / results["noreg"]["update"],
-              "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"],
-              "ours_step / trl_step (same work)": results[SAME_WORK_AS_TRL]["step"] / results["trl_grpotrainer"]["step"],
-              "ours_noreg_step / trl_step (ours logs KL every step)": results["noreg"]["step"] / results["trl_grpotrainer"]["step"]}
-    generation = {} if args.no_vllm else time_generation(cfg, cfg["grpo"], prompts, warmup, timed)
-    text = markdown(results, ratios, cfg["grpo"], args.threads or cfg["resources"]["threads"], generation)
+              "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"]}
+    # Ours against TRL: the same model, batch, lengths and precision (weights in that dtype, no autocast), and no
+    # reference forward pass on either side; a pair that differs in any of these gets no ratio.
+    precisions = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_has_bf16() else [])
+    not_comparable = {}
+    for dtype in precisions:
+        cfg_p = {**cfg, "model": {**cfg["model"], "dtype": dtype}}
+        ours = time_ours(cfg_p, GRPOSettings(**{**cfg["grpo"], "kl_metric_every": 10**9}), device, warmup, timed)
+        trl = time_trl(cfg_p, GRPOSettings(**cfg["grpo"]), prompts, device, warmup, timed)
+        results[f"{SAME_WORK_AS_TRL} ({dtype})"], results[f"trl_grpotrainer ({dtype})"] = ours, trl
+        print(f"bench: ours / trl ({dtype}): {ours} / {trl}")
+        key = f"ours_step / trl_step ({dtype}, same work)"
+        if (reason := like_for_like(ours, trl)) is None:
+            ratios[key] = ours["step"] / trl["step"]
+        else:
+            not_comparable[key] = reason
+            print(f"bench: {key}: no ratio, not the same work: {reason}")
+    generation = {} if args.no_vllm else time_generation(cfg, GRPOSettings(**cfg["grpo"]), prompts, warmup, timed)
+    text = markdown(results, ratios, GRPOSettings(**cfg["grpo"]), args.threads or cfg["resources"]["threads"], generation,
+                    not_comparable, precisions)
     with atomic_dir(P.root / "bench") as out:
-        write_json(out / "bench.json", {"results": results, "ratios": ratios, "generation": generation,
-                                        "warmup": warmup, "timed": timed})
+        write_json(out / "bench.json", {"results": results, "ratios": ratios, "not_comparable": not_comparable,
+                                        "generation": generation, "warmup": warmup, "timed": timed})
         (out / "bench.md").write_text(text)
     print(text)

@@ -25,11 +25,10 @@ from rlhf.algorithms.signcert import certified_radius  # noqa: E402
 from rlhf.generation import sample  # noqa: E402
 from rlhf.io import atomic_dir, read_jsonl, write_json, write_jsonl  # noqa: E402
 from rlhf.models import load_causal_lm  # noqa: E402
-from rlhf.paths import Paths  # noqa: E402
 from rlhf.rewards.gold import make_gold  # noqa: E402
 from rlhf.rewards.proxy_rm import RewardScorer  # noqa: E402
 from rlhf.rng import DeviceNoise  # noqa: E402
-from rlhf.stages.common import load_proxy, setup, sft_tokenizer  # noqa: E402
+from rlhf.stages.common import load_proxy, setup, tokenizer_of  # noqa: E402
 
 RATES = {"model_noise": "whole-model noise", "embedding_noise": "input-embedding noise", "gold_agreement": "agreement with gold"}
 
@@ -76,14 +75,14 @@ def plot(table: pd.DataFrame, path) -> None:
     plt.close(fig)
 
 
-def run(cfg, args):
+def run(cfg, files, args):
     device = setup(cfg, args)
-    c, P = cfg["certify"], Paths.from_config(cfg)
+    c, inputs = cfg["certify"], files.inputs
     G, bs = c["group_size"], cfg["rm"]["batch_size_scoring"]
-    rows = read_jsonl(P.test, required=("prompt",))[: c["num_prompts"]]
-    tokenizer = sft_tokenizer(cfg)
-    policy = load_causal_lm(P.sft, cfg["model"]["dtype"], device)
-    proxy = load_proxy(cfg, tokenizer, device)
+    rows = read_jsonl(inputs["test"], required=("prompt",))[: c["num_prompts"]]
+    tokenizer = tokenizer_of(inputs["sft"], cfg)
+    policy = load_causal_lm(inputs["sft"], cfg["model"]["dtype"], device)
+    proxy = load_proxy(inputs["rm"], cfg, tokenizer, device)
     rm = proxy.model
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     texts = sample(policy, tokenizer, [r["prompt"] for r in rows], G, c["max_new_tokens"], c["temperature"]).texts
@@ -117,7 +116,7 @@ def run(cfg, args):
         if col in kept and kept[col].notna().sum() > 2:
             x = kept.dropna(subset=[col])
             summary[f"spearman_radius_{col}"] = float(stats.spearmanr(x["radius"], x[col]).statistic)
-    with atomic_dir(P.certify) as out:
+    with atomic_dir(files.outputs["certify"]) as out:
         table.to_csv(out / "deciles.csv", index=False)
         write_jsonl(out / "completions.jsonl", df.to_dict("records"))
         write_json(out / "summary.json", summary)

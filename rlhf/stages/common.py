@@ -7,36 +7,31 @@ import torch
 
 from rlhf.distributed import Dist, trainer_deepspeed_config
 from rlhf.models import device_from_config, load_reward_model, load_tokenizer
-from rlhf.paths import Paths
 from rlhf.rewards.proxy_rm import RewardScorer
 
 
-def setup(cfg: dict, args, seed: int | None = None) -> torch.device:
-    """Threads, seeds and device for a stage process."""
+def setup(cfg: dict, args, seed: int | None = None, device: bool = True) -> torch.device | None:
+    """Threads, seeds and (device=True: for a stage that declares resources.device) the device of a stage process."""
     threads = getattr(args, "threads", None) or cfg["resources"]["threads"]
     torch.set_num_threads(threads)
     seed = cfg["seed"] if seed is None else seed
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return device_from_config(cfg)
+    return device_from_config(cfg) if device else None
 
 
-def base_model_path(cfg: dict) -> str:
-    """The model SFT starts from: the tiny model the base stage built, or a hub id / folder."""
-    return str(Paths.from_config(cfg).base) if "build" in cfg["model"] else cfg["model"]["name"]
-
-
-def sft_tokenizer(cfg: dict):
-    return load_tokenizer(Paths.from_config(cfg).sft, pad_token=cfg["model"]["pad_token"])
+def tokenizer_of(folder, cfg: dict):
+    """The tokenizer saved with a model folder (the SFT policy's, for every stage after SFT)."""
+    return load_tokenizer(folder, pad_token=cfg["model"]["pad_token"])
 
 
 TRAINER_WEIGHTS = "float32"  # SFT and RM train fp32 weights; model.dtype sets their mixed precision
 
 
-def load_proxy(cfg: dict, tokenizer, device) -> RewardScorer:
+def load_proxy(folder, cfg: dict, tokenizer, device) -> RewardScorer:
     """The trained proxy RM (frozen) behind the scorer that returns rewards and features."""
-    model = load_reward_model(Paths.from_config(cfg).rm, tokenizer, cfg["model"]["dtype"], device)
+    model = load_reward_model(folder, tokenizer, cfg["model"]["dtype"], device)
     return RewardScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"])
 
 

@@ -3,15 +3,14 @@ import numpy as np
 
 from rlhf.errors import RewardError
 from rlhf.io import read_jsonl, write_jsonl
-from rlhf.paths import Paths
 from rlhf.rewards.gold import make_gold
 from rlhf.stages.common import setup
 
 
-def run(cfg, args):
+def run(cfg, files, args):
     device = setup(cfg, args)
-    P = Paths.from_config(cfg)
-    pairs = read_jsonl(P.samples, required=("prompt", "a", "b"))
+    out = files.outputs["labels"]
+    pairs = read_jsonl(files.inputs["samples"], required=("prompt", "a", "b"))
     gold = make_gold(cfg, device)
     prompts, a, b = ([p[k] for p in pairs] for k in ("prompt", "a", "b"))
     prefer_a, scores_a, scores_b = gold.label(prompts, a, b, np.random.default_rng(cfg["seed"]))
@@ -28,6 +27,6 @@ def run(cfg, args):
         if scores_a is not None:
             row["gold_chosen"], row["gold_rejected"] = (scores_a[i], scores_b[i]) if first else (scores_b[i], scores_a[i])
         rows.append(row)
-    write_jsonl(P.labels, rows)
+    write_jsonl(out, rows)
     dropped = f"; {int(undecided.sum())} left out, the judge's answer unparseable" if undecided.any() else ""
-    print(f"label: {len(rows)} of {len(pairs)} pairs labeled by gold '{cfg['gold']['type']}'{dropped} -> {P.labels}")
+    print(f"label: {len(rows)} of {len(pairs)} pairs labeled by gold '{cfg['gold']['type']}'{dropped} -> {out}")

@@ -20,8 +20,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from rlhf.io import atomic_dir, read_json  # noqa: E402
-from rlhf.paths import Paths  # noqa: E402
-from rlhf.stages.evaluate import SFT  # noqa: E402
 from rlhf.stats import mean_ci  # noqa: E402
 
 TABLE_METRICS = ["win_rate", "gold_reward", "proxy_reward", "kl", "length"]
@@ -159,20 +157,19 @@ def plot_diagnostics(curves: dict, out) -> None:
     plt.close(fig)
 
 
-def run(cfg, args):
-    P = Paths.from_config(cfg)
-    runs = [(m, s) for m in cfg["methods"] for s in cfg["seeds"]]
-    evals = pd.DataFrame([read_json(P.evaluation(SFT, cfg["seed"]) / "metrics.json")] +
-                         [read_json(P.evaluation(m, s) / "metrics.json") for m, s in runs])
-    curves = {(m, s): read_metrics(P.grpo_metrics(m, s)) for m, s in runs}
-    table, over = summarize(evals), overoptimization(curves)
-    with atomic_dir(P.report) as out:
+def run(cfg, files, args):
+    """inputs: `evals` (the SFT baseline's first, then one per GRPO run), `metrics` (the GRPO runs' training curves,
+    in the order of evals[1:]) and `certify`."""
+    evals = [read_json(folder / "metrics.json") for folder in files.inputs["evals"]]
+    curves = {(e["method"], e["seed"]): read_metrics(path) for e, path in zip(evals[1:], files.inputs["metrics"],
+                                                                             strict=True)}
+    table, over = summarize(pd.DataFrame(evals)), overoptimization(curves)
+    certify, folder = files.inputs["certify"], files.outputs["report"]
+    with atomic_dir(folder) as out:
         table.to_csv(out / "table.csv", index=False)
         over.to_csv(out / "overoptimization.csv", index=False)
-        (out / "table.md").write_text(markdown(table, over))
+        shutil.copy(certify / "radius_validation.png", out / "radius_validation.png")
+        (out / "table.md").write_text(markdown(table, over) + certify_markdown(certify))
         plot_curves(curves, out)
         plot_diagnostics(curves, out)
-        if (P.certify / "radius_validation.png").is_file():
-            shutil.copy(P.certify / "radius_validation.png", out / "radius_validation.png")
-            (out / "table.md").write_text(markdown(table, over) + certify_markdown(P.certify))
-    print((P.report / "table.md").read_text())
+    print((folder / "table.md").read_text())

@@ -15,9 +15,8 @@ from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.io import read_jsonl, write_json
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import load_reward_model, rm_input_ids
-from rlhf.paths import Paths
 from rlhf.rewards.proxy_rm import RewardScorer
-from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, sft_tokenizer, trainer_engine
+from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, tokenizer_of, trainer_engine
 from rlhf.stats import preference_metrics
 
 
@@ -45,20 +44,20 @@ def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
     return out
 
 
-def run(cfg, args):
+def run(cfg, files, args):
     dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
     device = dist.device
-    r, P = cfg["rm"], Paths.from_config(cfg)
-    rows = read_jsonl(P.labels, required=("prompt", "chosen", "rejected"))
+    r, labels, sft = cfg["rm"], files.inputs["labels"], files.inputs["sft"]
+    rows = read_jsonl(labels, required=("prompt", "chosen", "rejected"))
     heldout, train = split_by_prompt(rows, r["eval_fraction"], cfg["seed"])
     if not train:
-        raise DataError(f"{P.labels}: {len(rows)} labeled pairs leave nothing to train on after holding out "
+        raise DataError(f"{labels}: {len(rows)} labeled pairs leave nothing to train on after holding out "
                         f"{len(heldout)} (rm.eval_fraction = {r['eval_fraction']})")
-    tokenizer = sft_tokenizer(cfg)
-    model = load_reward_model(P.sft, tokenizer, TRAINER_WEIGHTS, device)
+    tokenizer = tokenizer_of(sft, cfg)
+    model = load_reward_model(sft, tokenizer, TRAINER_WEIGHTS, device)
     dataset = Dataset.from_list([{"chosen_ids": rm_input_ids(tokenizer, x["prompt"], x["chosen"]),
                                   "rejected_ids": rm_input_ids(tokenizer, x["prompt"], x["rejected"])} for x in train])
-    with shared_atomic_dir(dist, P.rm) as out:
+    with shared_atomic_dir(dist, files.outputs["model"]) as out:
         trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
                                 args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r["weight_decay"],
                                                   **hf_trainer_kwargs(cfg, "rm", dist)))

@@ -2,16 +2,15 @@
 from rlhf.generation import sample
 from rlhf.io import read_jsonl, write_jsonl
 from rlhf.models import load_causal_lm
-from rlhf.paths import Paths
-from rlhf.stages.common import setup, sft_tokenizer
+from rlhf.stages.common import setup, tokenizer_of
 
 
-def run(cfg, args):
+def run(cfg, files, args):
     device = setup(cfg, args)
-    s, P = cfg["sample"], Paths.from_config(cfg)
-    rows = read_jsonl(P.train, required=("prompt",))[: s["num_prompts"]]
-    tokenizer = sft_tokenizer(cfg)
-    policy = load_causal_lm(P.sft, cfg["model"]["dtype"], device)
+    s, sft, out = cfg["sample"], files.inputs["sft"], files.outputs["samples"]
+    rows = read_jsonl(files.inputs["train"], required=("prompt",))[: s["num_prompts"]]
+    tokenizer = tokenizer_of(sft, cfg)
+    policy = load_causal_lm(sft, cfg["model"]["dtype"], device)
     prompts = [r["prompt"] for r in rows]
     k = 2 * s["pairs_per_prompt"]
     rollout = sample(policy, tokenizer, prompts, k, s["max_new_tokens"], s["temperature"], s["batch_size"])
@@ -23,5 +22,5 @@ def run(cfg, args):
                 identical += 1
                 continue
             pairs.append({"prompt": prompt, "a": a, "b": b, "prompt_index": i})
-    write_jsonl(P.samples, pairs)
-    print(f"sample: {len(pairs)} pairs from {len(prompts)} prompts ({identical} identical pairs dropped) -> {P.samples}")
+    write_jsonl(out, pairs)
+    print(f"sample: {len(pairs)} pairs from {len(prompts)} prompts ({identical} identical pairs dropped) -> {out}")

@@ -12,8 +12,7 @@ from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.io import read_jsonl
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import encode_completion, encode_prompt, load_causal_lm, load_tokenizer
-from rlhf.paths import Paths
-from rlhf.stages.common import TRAINER_WEIGHTS, base_model_path, hf_trainer_kwargs, setup, trainer_engine
+from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, trainer_engine
 
 
 def tokenize(tokenizer, rows: list[dict]) -> Dataset:
@@ -24,16 +23,16 @@ def tokenize(tokenizer, rows: list[dict]) -> Dataset:
     return Dataset.from_list([encode(r) for r in rows])
 
 
-def run(cfg, args):
+def run(cfg, files, args):
     dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
     device = dist.device
-    P = Paths.from_config(cfg)
-    train = read_jsonl(P.train, required=("prompt", "reference"))
-    base = base_model_path(cfg)
+    train = read_jsonl(files.inputs["train"], required=("prompt", "reference"))
+    base = str(files.inputs.get("base") or cfg["model"]["name"])  # the base stage's tiny model, or a hub id / folder
+    folder = files.outputs["model"]
     tokenizer = load_tokenizer(base, pad_token=cfg["model"]["pad_token"])
     model = load_causal_lm(base, TRAINER_WEIGHTS, device)
     model.config.pad_token_id = tokenizer.pad_token_id
-    with shared_atomic_dir(dist, P.sft) as out:
+    with shared_atomic_dir(dist, folder) as out:
         args_ = SFTConfig(output_dir=str(out / "trainer"), completion_only_loss=True,
                           **hf_trainer_kwargs(cfg, "sft", dist))
         trainer = SFTTrainer(model=model, args=args_, train_dataset=tokenize(tokenizer, train),
@@ -44,5 +43,5 @@ def run(cfg, args):
             tokenizer.save_pretrained(out)
             write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "sft", cfg["sft"])
             shutil.rmtree(out / "trainer", ignore_errors=True)
-            print(f"sft: {trainer.state.global_step} steps ({trainer_engine(trainer)}) -> {P.sft}")
+            print(f"sft: {trainer.state.global_step} steps ({trainer_engine(trainer)}) -> {folder}")
     dist.close()

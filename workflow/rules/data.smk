@@ -1,13 +1,16 @@
 rule data:
+    input:
+        unpack(inputs("data")),
     output:
-        train=str(P.train),
-        test=str(P.test),
+        **outputs("data"),
+    params:
+        **params("data"),
     conda:
         conda_env("data")
     threads: threads("data")
     resources:
         **job_resources("data"),
     log:
-        str(P.logs("data")),
+        log("data"),
     shell:
         rlhf("data")

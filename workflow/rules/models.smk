@@ -1,48 +1,54 @@
 if "build" in config["model"]:
 
     rule base:
+        input:
+            unpack(inputs("base")),
         output:
-            directory(str(P.base)),
+            **outputs("base"),
+        params:
+            **params("base"),
         conda:
             conda_env("base")
         threads: threads("base")
         resources:
             **job_resources("base"),
         log:
-            str(P.logs("base")),
+            log("base"),
         shell:
             rlhf("base")
 
 
 rule sft:
     input:
-        train=str(P.train),
-        base=[str(P.base)] if "build" in config["model"] else [],
+        unpack(inputs("sft")),
     output:
-        directory(str(P.sft)),
+        **outputs("sft"),
+    params:
+        **params("sft"),
     conda:
         conda_env("sft")
     threads: threads("sft")
     resources:
         **job_resources("sft"),
     log:
-        str(P.logs("sft")),
+        log("sft"),
     shell:
         rlhf("sft")
 
 
 rule rm:
     input:
-        labels=str(P.labels),
-        sft=str(P.sft),
+        unpack(inputs("rm")),
     output:
-        directory(str(P.rm)),
+        **outputs("rm"),
+    params:
+        **params("rm"),
     conda:
         conda_env("rm")
     threads: threads("rm")
     resources:
         **job_resources("rm"),
     log:
-        str(P.logs("rm")),
+        log("rm"),
     shell:
         rlhf("rm")

@@ -1,35 +1,34 @@
 rule grpo:
     input:
-        train=str(P.train),
-        test=str(P.test),
-        sft=str(P.sft),
-        rm=str(P.rm),
+        unpack(inputs("grpo")),
     output:
-        directory(str(P.policy("{method}", "{seed}"))),
+        **outputs("grpo"),
+    params:
+        **params("grpo"),
     conda:
         conda_env("grpo")
     threads: threads("grpo")
     resources:
         **job_resources("grpo"),
     log:
-        str(P.logs("grpo_{method}_seed{seed}")),
+        log("grpo"),
     shell:
-        rlhf("grpo", "--method {wildcards.method} --seed {wildcards.seed}")
+        rlhf("grpo")
 
 
 rule evaluate:
     input:
-        policy=lambda w: str(P.sft) if w.method == SFT_EVAL else str(P.policy(w.method, w.seed)),
-        test=str(P.test),
-        rm=str(P.rm),
+        unpack(inputs("evaluate")),
     output:
-        directory(str(P.evaluation("{method}", "{seed}"))),
+        **outputs("evaluate"),
+    params:
+        **params("evaluate"),
     conda:
         conda_env("evaluate")
     threads: threads("evaluate")
     resources:
         **job_resources("evaluate"),
     log:
-        str(P.logs("evaluate_{method}_seed{seed}")),
+        log("evaluate"),
     shell:
-        rlhf("evaluate", "--method {wildcards.method} --seed {wildcards.seed}")
+        rlhf("evaluate")

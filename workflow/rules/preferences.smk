@@ -1,31 +1,34 @@
 rule sample:
     input:
-        train=str(P.train),
-        sft=str(P.sft),
+        unpack(inputs("sample")),
     output:
-        str(P.samples),
+        **outputs("sample"),
+    params:
+        **params("sample"),
     conda:
         conda_env("sample")
     threads: threads("sample")
     resources:
         **job_resources("sample"),
     log:
-        str(P.logs("sample")),
+        log("sample"),
     shell:
         rlhf("sample")
 
 
 rule label:
     input:
-        str(P.samples),
+        unpack(inputs("label")),
     output:
-        str(P.labels),
+        **outputs("label"),
+    params:
+        **params("label"),
     conda:
         conda_env("label")
     threads: threads("label")
     resources:
         **job_resources("label"),
     log:
-        str(P.logs("label")),
+        log("label"),
     shell:
         rlhf("label")

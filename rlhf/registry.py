@@ -1,0 +1,207 @@
+"""The one list of stages: what each reads and writes, which settings determine its output, what it asks a cluster
+for. Used by the CLI (`python -m rlhf --help`), the Snakefile (each rule's input, output, params and shell command)
+and rlhf/cluster.py (default resources).
+
+A stage receives exactly its files and a *view* of the config: the fields listed in `settings` (its rerun trigger in
+Snakemake: a changed field reruns the stage and what depends on it, nothing else) plus the side settings below, which
+change how a stage reports or talks to an API but not what it produces (they never rerun anything). A stage that reads
+a field outside its view fails with KeyError in every run, so a missing declaration cannot go unnoticed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from rlhf.errors import ConfigError
+from rlhf.paths import Paths
+from rlhf.settings import GRPOSettings
+
+SFT_BASELINE = "sft"  # the `evaluate` method name of the SFT policy itself: a baseline row of the report
+
+# Fields that never change an artifact: logging, and how the judge client paces, retries and pays for requests
+# (its answers are cached by request content). Passed to every stage, excluded from every rerun trigger.
+SIDE_SETTINGS = ("experiment", "wandb", "resources.threads", *(f"gold.judge.{k}" for k in (
+    "cache", "api_key_env", "concurrency", "requests_per_minute", "timeout", "max_attempts", "max_backoff",
+    "budget_usd", "prices", "batch_api", "batch_discount", "batch_max_requests", "batch_poll_seconds")))
+
+MODEL = ("model.dtype", "model.pad_token", "resources.device")   # how a stage loads the project's models
+GOLD = ("gold", "data.source", "data.miniature", "seed")   # the gold (scores, labels, judge requests)
+PROXY = ("rm.batch_size_scoring",)
+
+Files = Callable[..., dict]  # (paths, cfg, method, seed) -> {name: path or [paths]}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    settings: tuple[str, ...] = ()          # dotted config fields the output depends on
+    inputs: Files = lambda P, cfg, m, s: {}
+    outputs: Files = lambda P, cfg, m, s: {}
+    work: Files = lambda P, cfg, m, s: {}   # resumable state a stage keeps between attempts (not a Snakemake output:
+    #                                         Snakemake deletes the outputs of a failed job before its next attempt)
+    per_run: bool = False                   # one job per (method, seed)
+    data_parallel: bool = False             # torchrun with one rank per GPU when its job has several
+    cpus: int = 1                           # default cpus of its cluster job (config resources.jobs overrides)
+    tool: bool = False                      # a command beside the DAG, not a rule (reads the whole config)
+    many: tuple[str, ...] = ()              # inputs that are a list of paths (one per method and seed)
+
+    def applies(self, cfg: dict) -> bool:
+        return self.name != "base" or "build" in cfg["model"]
+
+
+def _data_inputs(P, cfg, m, s):
+    """data.source jsonl: the user's files are inputs (an edited file reruns data); other sources are named."""
+    return {k: Path(cfg["data"][k]) for k in ("train_file", "test_file") if cfg["data"]["source"] == "jsonl"}
+
+
+def _sft_inputs(P, cfg, m, s):
+    return {"train": P.train, **({"base": P.base} if "build" in cfg["model"] else {})}
+
+
+def _eval_inputs(P, cfg, m, s):
+    policy = P.sft if m == SFT_BASELINE else P.policy(m, s)
+    return {"policy": policy, "sft": P.sft, "rm": P.rm, "test": P.test}
+
+
+def _report_inputs(P, cfg, m, s):
+    runs = [(mm, ss) for mm in cfg["methods"] for ss in cfg["seeds"]]
+    return {"evals": [P.evaluation(SFT_BASELINE, cfg["seed"])] + [P.evaluation(mm, ss) for mm, ss in runs],
+            "metrics": [P.grpo_metrics(mm, ss) for mm, ss in runs], "certify": P.certify}
+
+
+STAGES: dict[str, Stage] = {st.name: st for st in [
+    Stage("data", "prompts with references, train/test splits",
+          settings=("seed", "data", "model.name", "model.pad_token"), inputs=_data_inputs,
+          outputs=lambda P, cfg, m, s: {"train": P.train, "test": P.test}),
+    Stage("base", "build the miniature's tokenizer and tiny causal LM (miniature only)",
+          settings=("seed", "model.build", "data.miniature"),
+          outputs=lambda P, cfg, m, s: {"model": P.base}),
+    Stage("sft", "supervised fine-tuning on references (completion-only loss)",
+          settings=("seed", "model.name", *MODEL, "sft"), inputs=_sft_inputs,
+          outputs=lambda P, cfg, m, s: {"model": P.sft}, data_parallel=True, cpus=2),
+    Stage("sample", "pairs of completions per prompt from the SFT policy",
+          settings=("seed", *MODEL, "sample"), inputs=lambda P, cfg, m, s: {"train": P.train, "sft": P.sft},
+          outputs=lambda P, cfg, m, s: {"samples": P.samples}, cpus=2),
+    Stage("label", "gold preference for each pair",
+          settings=(*GOLD, *MODEL), inputs=lambda P, cfg, m, s: {"samples": P.samples},
+          outputs=lambda P, cfg, m, s: {"labels": P.labels}),
+    Stage("rm", "proxy reward model (Bradley-Terry) and its held-out accuracy",
+          settings=("seed", *MODEL, "rm"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
+          outputs=lambda P, cfg, m, s: {"model": P.rm}, data_parallel=True, cpus=2),
+    Stage("grpo", "Dr.GRPO against the proxy RM for one method and seed",
+          settings=(*GOLD, *MODEL, *PROXY, "grpo"),
+          inputs=lambda P, cfg, m, s: {"train": P.train, "test": P.test, "sft": P.sft, "rm": P.rm},
+          outputs=lambda P, cfg, m, s: {"policy": P.policy(m, s), "metrics": P.grpo_metrics(m, s)},
+          work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True),
+    Stage("evaluate", "gold win rate against references for one method and seed (or 'sft')",
+          settings=(*GOLD, *MODEL, *PROXY, "evaluate"), inputs=_eval_inputs,
+          outputs=lambda P, cfg, m, s: {"evaluation": P.evaluation(m, s)}, per_run=True),
+    Stage("certify", "certified-radius validation of the proxy RM (SignCert Fig. 4)",
+          settings=(*GOLD, *MODEL, *PROXY, "certify"),
+          inputs=lambda P, cfg, m, s: {"test": P.test, "sft": P.sft, "rm": P.rm},
+          outputs=lambda P, cfg, m, s: {"certify": P.certify}),
+    Stage("report", "table and plots over methods x seeds", inputs=_report_inputs, many=("evals", "metrics"),
+          outputs=lambda P, cfg, m, s: {"report": P.report}),
+    Stage("bench", "seconds per GRPO step: noreg, gr, signcert and TRL's GRPOTrainer as Dr.GRPO", tool=True),
+    Stage("judge-cost", "expected requests, tokens and USD of an API judge (gold.type openai) for this experiment",
+          tool=True),
+]}
+RULES = [name for name, st in STAGES.items() if not st.tool]
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+_MISSING = object()
+
+
+def _put(out: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        out = out.setdefault(key, {})
+    out[last] = copy.deepcopy(value)
+
+
+def _pick(cfg: dict, fields) -> dict:
+    out: dict = {}
+    for dotted in fields:
+        value = _get(cfg, dotted)
+        if value is not _MISSING:
+            _put(out, dotted, value)
+    return out
+
+
+def _drop(view: dict, fields) -> None:
+    for dotted in fields:
+        *parents, last = dotted.split(".")
+        node = view
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+
+
+def settings_view(cfg: dict, stage: str, method: str | None = None) -> dict:
+    """The fields that determine `stage`'s output (for a per-run stage: its method's resolved grpo settings)."""
+    view = _pick(cfg, STAGES[stage].settings)
+    if "grpo" in view:
+        view["grpo"] = GRPOSettings.for_method(cfg, method).as_dict()
+    _drop(view, SIDE_SETTINGS)
+    return view
+
+
+def side_view(cfg: dict) -> dict:
+    """The side settings, with the experiment's default locations of the judge cache and the wandb folder filled in."""
+    view = _pick(cfg, SIDE_SETTINGS)
+    P = Paths.from_config(cfg)
+    if view.get("wandb", {}).get("dir") is None:
+        view.setdefault("wandb", {})["dir"] = str(P.wandb)
+    if "gold" in view and view["gold"]["judge"].get("cache") is None:
+        view["gold"]["judge"]["cache"] = str(P.judge_cache)
+    return view
+
+
+def merge_views(settings: dict, side: dict) -> dict:
+    out = copy.deepcopy(settings)
+    for dotted in _leaves(side):
+        _put(out, dotted, _get(side, dotted))
+    return out
+
+
+def _leaves(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "prices":  # prices: a mapping by model name, replaced whole
+            out += _leaves(v, key + ".")
+        else:
+            out.append(key)
+    return out
+
+
+def stage_config(cfg: dict, stage: str, method: str | None = None) -> dict:
+    """What a stage receives: its settings view with the side settings merged in."""
+    return merge_views(settings_view(cfg, stage, method), side_view(cfg))
+
+
+def canonical(view: dict) -> str:
+    """One spelling per view: the Snakemake param compared between runs and the stage's --settings argument."""
+    return json.dumps(view, sort_keys=True, separators=(",", ":"))
+
+
+def stage_files(stage: str, cfg: dict, method=None, seed=None) -> dict[str, dict]:
+    """{"inputs": ..., "outputs": ..., "work": ...} of one stage run, from the experiment's layout (rlhf/paths.py)."""
+    st, P = STAGES[stage], Paths.from_config(cfg)
+    if st.per_run and method is None:
+        raise ConfigError(f"stage {stage} runs per method and seed: give --method and --seed")
+    return {kind: getattr(st, kind)(P, cfg, method, seed) for kind in ("inputs", "outputs", "work")}

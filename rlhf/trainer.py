@@ -1,0 +1,297 @@
+"""The Dr.GRPO trainer (PAPERS.md section 2): one update step, the run it acts on, checkpoints. The grpo stage
+(rlhf/stages/grpo.py) drives it; `make bench` times it.
+
+Each step: B prompts -> G completions each -> proxy reward -> group-mean advantages -> per-token loss summed
+over tokens / (B*G*T_max) (+ beta * k3 KL to a reference) -> clip the gradient norm -> AdamW step.
+
+The regularizers are local additions, each switched on by its config field and combinable:
+  kl_beta              KL penalty to pi_ref (pi_init, or the current policy after each reset)
+  reset_every          Reference Resets: pi_ref <- pi_phi after updates R, 2R, ...
+  kl_beta_decay_every  scheduled-beta ablation: beta / i in iteration i, pi_ref fixed
+  gr_gamma             gradient regularization: a finite difference (second pass on the same rollouts) or the
+                       exact Hessian-vector product (gr_estimator: hvp)
+  signcert_quantile    SignCert-PO: each advantage replaced by its worst case within the proxy RM's certified radius
+The checkpoint (policy, pi_ref after resets, optimizer, every RNG stream) makes a run resumable bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.algorithms.advantages import dr_grpo_advantages
+from rlhf.algorithms.gr import finite_difference_gr, hvp_gr
+from rlhf.algorithms.losses import dr_grpo_loss
+from rlhf.algorithms.resets import is_reset_step, reset_reference, scheduled_beta
+from rlhf.algorithms.signcert import signcert
+from rlhf.diagnostics import signcert_stats
+from rlhf.distributed import Dist, make_update, shared_atomic_dir
+from rlhf.generation import sample
+from rlhf.io import read_jsonl
+from rlhf.models import load_causal_lm
+from rlhf.policy import token_logprobs
+from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.rng import PromptSampler
+from rlhf.settings import GRPOSettings
+from rlhf.stages.common import load_proxy, tokenizer_of
+
+
+def grpo_step(backend, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float, settings: GRPOSettings) -> dict:
+    """One Dr.GRPO update on this rank's rollouts (its share of the global batch); the step's statistics."""
+    G = settings.group_size
+    # Group means and SignCert's quantile are over the global batch: every rank's rewards and features.
+    rewards = dist.gather(scores.rewards)
+    advantages = dr_grpo_advantages(rewards, G)
+    stats = {}
+    if settings.signcert_quantile is not None:
+        # SignCert-PO: each advantage replaced by its worst case under a head change of size eps.
+        cert = signcert(advantages, dist.gather(scores.features), G, settings.signcert_quantile,
+                        epsilon_from=settings.signcert_epsilon_from, quantile_over=settings.signcert_quantile_over,
+                        clip_negative=settings.signcert_clip_negative)
+        stats.update(signcert_stats(cert, rewards, G))
+        advantages = cert.rho * advantages
+    policy = backend.model
+    device = next(policy.parameters()).device
+    advantages, mask = dist.local(advantages).to(device), rollout.completion_mask.to(device).float()
+    n = mask.shape[0]
+    size = settings.micro_batch_size or n
+    chunks = [slice(i, i + size) for i in range(0, n, size)]
+    at_phi = {}  # per micro-batch: log-probs and entropy sum of the unperturbed policy (GR evaluates twice)
+
+    def micro_loss(i: int, rows: slice, old_logprobs=None, exp_ratio: bool = False) -> torch.Tensor:
+        """Micro-batch i's loss weighted by its share of the batch, so the accumulated gradient is the whole
+        batch's (averaged over ranks by the update backend). old_logprobs=None: the on-policy ratio 1;
+        exp_ratio: exp(p - p.detach()), whose second derivative holds the authors' second-pass ratio term."""
+        part = rollout.rows(rows)
+        logprobs, entropy = token_logprobs(policy, part, with_entropy=True)
+        m = mask[rows]
+        old = logprobs.detach() if exp_ratio and old_logprobs is None else old_logprobs
+        loss = dr_grpo_loss(logprobs, old, advantages[rows], m, settings.max_new_tokens, settings.clip_eps,
+                            None if ref_logprobs is None else ref_logprobs[rows], kl_beta) * (m.shape[0] / n)
+        at_phi.setdefault(i, (logprobs.detach(), (entropy.detach() * m).sum().item()))
+        return loss
+
+    stored_ratio = settings.gr_second_pass_ratio == "stored"
+
+    def gradient_pass() -> float:
+        """Forward and backward over the micro-batches. Called again at phi' by the finite difference, where the
+        authors' code (gr_second_pass_ratio: stored) takes the ratio against the log-probs stored at phi."""
+        at_perturbed = len(at_phi) == len(chunks)
+        loss = 0.0
+        for i, rows in enumerate(chunks):
+            part_loss = micro_loss(i, rows, at_phi[i][0] if at_perturbed and stored_ratio else None)
+            backend.backward(part_loss, boundary=i == len(chunks) - 1)
+            loss += part_loss.item()
+        return loss
+
+    if settings.gr_gamma > 0:
+        # GR: the gradient of L + (gamma/2)||grad L||^2 on the transformer blocks (rlhf/algorithms/gr.py).
+        common = dict(gamma=settings.gr_gamma, g1_clip=settings.gr_g1_clip, excluded_grad=settings.gr_excluded_grad, grads=backend)
+        if settings.gr_estimator == "hvp":
+            gr = hvp_gr(policy, [functools.partial(micro_loss, i, rows, exp_ratio=stored_ratio)
+                                 for i, rows in enumerate(chunks)], **common)
+        else:
+            gr = finite_difference_gr(policy, gradient_pass, eps=settings.gr_eps, g2_clip=settings.gr_g2_clip,
+                                      on_weights_changed=backend.refresh_master_weights
+                                      if settings.gr_refresh_master_weights else None, **common)
+            stats.update({"g2_norm": gr.g2_norm, "gr/realized_perturbation": gr.realized_perturbation,
+                          "gr/perturbation_error": gr.perturbation_error, "gr/changed_fraction": gr.changed_fraction})
+        stats.update({"g1_norm": gr.g1_norm, "loss": gr.loss, "gr/curvature": gr.curvature})
+    else:
+        backend.zero()
+        stats["loss"] = gradient_pass()
+    grad_norm = backend.step()  # clips to max_grad_norm, then AdamW
+    stats.setdefault("g1_norm", grad_norm)  # without GR the final gradient is g1
+    entropy = sum(at_phi[i][1] for i in range(len(chunks))) / mask.sum().item()
+    logprobs = torch.cat([at_phi[i][0] for i in range(len(chunks))])
+    return {**stats, "grad_norm": grad_norm, "entropy": entropy, "logprobs": logprobs}
+
+
+@dataclass
+class GRPORun:
+    policy: torch.nn.Module      # the trained model (the DeepSpeed engine's module under DeepSpeed)
+    initial: torch.nn.Module     # pi_init, frozen
+    reference: torch.nn.Module   # pi_ref: pi_init itself, or its own copy when reset
+    proxy: RewardScorer
+    tokenizer: object
+    backend: object              # the update backend: TorchUpdate or DeepSpeedUpdate (rlhf/distributed.py)
+    dist: Dist
+    settings: GRPOSettings
+    prompts: PromptSampler       # which training prompts each step draws (its own checkpointed RNG)
+    vllm: object | None = None   # VLLMSampler when grpo.generation is vllm
+
+    def generate(self, prompts: list[str]):
+        """G completions per prompt from the current policy (HF generate, or vLLM with the weights pushed first)."""
+        settings = self.settings
+        if self.vllm is not None:
+            self.vllm.load_weights(self.policy)
+            return self.vllm(prompts, settings.group_size, settings.max_new_tokens, settings.temperature)
+        return sample(self.policy, self.tokenizer, prompts, settings.group_size, settings.max_new_tokens, settings.temperature,
+                      batch_size=len(prompts) * settings.group_size)
+
+
+def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path, device, dist: Dist | None = None,
+             seed: int | None = None) -> GRPORun:
+    """The SFT policy (trained), pi_init and pi_ref (frozen), the proxy RM (folder rm), the update backend and the
+    training prompts (file train)."""
+    dist = dist or Dist(device=device)
+    prompts = PromptSampler([r["prompt"] for r in read_jsonl(train, required=("prompt",))],
+                            cfg["seed"] if seed is None else seed)
+    tokenizer = tokenizer_of(sft, cfg)
+    policy = load_causal_lm(sft, cfg["model"]["dtype"], device)
+    initial = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_init: KL reference and KL-from-init metric
+    # Reference Resets need their own pi_ref; otherwise pi_ref is pi_init (shared, one forward pass for both).
+    reference = copy.deepcopy(initial) if settings.reset_every else initial
+    proxy = load_proxy(rm, cfg, tokenizer, device)
+    backend = make_update(policy, settings, dist)
+    vllm = None
+    if settings.generation == "vllm":
+        from rlhf.generation_vllm import VLLMSampler  # lazy: only this path needs vLLM installed
+        vllm = VLLMSampler(sft, tokenizer, dtype=cfg["model"]["dtype"], max_model_len=settings.vllm_max_model_len,
+                           gpu_memory_utilization=settings.vllm_gpu_memory_utilization, seed=torch.initial_seed() % 2 ** 31,
+                           sleep_between_steps=settings.vllm_sleep, kv_cache_gib=settings.vllm_kv_cache_gib,
+                           enforce_eager=settings.vllm_enforce_eager)
+    return GRPORun(backend.model, initial, reference, proxy, tokenizer, backend, dist, settings, prompts, vllm)
+
+
+def train_step(run: GRPORun, batch: list[str], step: int) -> dict:
+    """Update `step` (1-based): sample G completions for each of this rank's prompts of `batch`, score them with the
+    proxy RM, update once; the step's metrics, averaged over ranks."""
+    settings, G = run.settings, run.settings.group_size
+    batch = run.dist.shard(batch)
+    t0 = time.perf_counter()
+    rollout = run.generate(batch)
+    t1 = time.perf_counter()
+    scores = run.proxy([p for p in batch for _ in range(G)], rollout.texts)  # rewards and RM features
+    t2 = time.perf_counter()
+    kl_beta = scheduled_beta(settings.kl_beta, step, settings.kl_beta_decay_every)
+    penalty_uses_init = kl_beta > 0 and run.reference is run.initial
+    with torch.no_grad():  # pi_init log-probs serve the KL-from-init metric and, when pi_ref is pi_init, the penalty
+        init_logprobs = None
+        if penalty_uses_init or step % settings.kl_metric_every == 0:
+            init_logprobs = token_logprobs(run.initial, rollout)
+        ref_logprobs = None
+        if kl_beta > 0:
+            ref_logprobs = init_logprobs if penalty_uses_init else token_logprobs(run.reference, rollout)
+    run.policy.train()
+    stats = grpo_step(run.backend, run.dist, rollout, scores, ref_logprobs, kl_beta, settings)
+    t3 = time.perf_counter()
+    logprobs = stats.pop("logprobs")
+    if rollout.sampler_logprobs is not None:  # vLLM's log-probs against the trainer's, on the same tokens
+        stats["generation/logprob_gap"] = logprob_gap(rollout.sampler_logprobs, logprobs.detach().cpu(),
+                                                      rollout.completion_mask)
+    if init_logprobs is not None:
+        stats["kl"] = ((logprobs - init_logprobs) * rollout.completion_mask.to(logprobs.device)).sum(1).mean().item()
+    if is_reset_step(step, settings.reset_every):
+        reset_reference(run.reference, run.policy)
+        stats["reference_reset"] = 1
+    if run.dist.device.type == "cuda":  # the job's high-water mark so far (weights, optimizer, activations, vLLM)
+        stats["memory/peak_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2 ** 30
+    return run.dist.mean({"proxy_reward": scores.rewards.mean().item(), "kl_beta": kl_beta,
+                          "length": rollout.lengths.float().mean().item(), **stats,
+                          "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+                          "time/step": time.perf_counter() - t0})
+
+
+def logprob_gap(sampler: torch.Tensor, trainer: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |sampler − trainer| log-prob over the completion tokens both know (bf16 engines drift: worth watching)."""
+    known = mask.bool() & ~sampler.isnan()
+    return (sampler.float() - trainer.float()).abs()[known].mean().item() if known.any() else float("nan")
+
+
+def perturbation_lost(stats: dict) -> bool:
+    """GR's finite difference measured rounding: the stored phi' kept under half of eps*g1, or is off by over half."""
+    return stats.get("gr/realized_perturbation", 1.0) < 0.5 or stats.get("gr/perturbation_error", 0.0) > 0.5
+
+
+def rounding_warning(stats: dict, dtype: str) -> str:
+    return (f"grpo: warning: GR's perturbation phi + eps*g1 stored in {dtype} has {stats['gr/realized_perturbation']:.2f} "
+            f"of its size and a relative error of {stats['gr/perturbation_error']:.2f} ({stats['gr/changed_fraction']:.2%} "
+            "of the elements changed), so the finite difference measures rounding, not H*g: set grpo.gr_estimator: hvp "
+            "(exact at any precision)")
+
+
+# Settings that do not change what the policy becomes: how long the run is and what is measured beside it
+# (diagnostics run on their own random streams). A rerun that changes only these resumes its checkpoint, so a
+# preempted run can be extended; any other change starts afresh. (GRPO's learning rate is constant: the number of
+# steps does not shape the trajectory.)
+TRAJECTORY_NEUTRAL = frozenset({"steps", "eval_every", "eval_prompts", "checkpoint_every", "kl_metric_every",
+                           "sharpness_every", "sharpness_perturbations", "sharpness_radius", "sharpness_prompts"})
+SMALL_FILE = 10 * 2 ** 20
+
+
+def _file_stamp(path: Path):
+    """Small files by content; weight files by size and modification time (hashing an 8B model costs minutes)."""
+    stat = path.stat()
+    if stat.st_size <= SMALL_FILE:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def fingerprint(cfg: dict, settings: GRPOSettings, seed: int, prompts_file: Path, folders: list[Path]) -> str:
+    """Identifies what determines a run's trajectory (the training prompts, the SFT policy and its tokenizer, the
+    proxy RM, the seed, precision and the trajectory-shaping settings), so a rerun from other inputs starts afresh."""
+    stamp = {"settings": {k: v for k, v in settings.as_dict().items() if k not in TRAJECTORY_NEUTRAL}, "seed": seed,
+             "dtype": cfg["model"]["dtype"], "prompts": _file_stamp(prompts_file),
+             "inputs": {folder.name: {f.name: _file_stamp(f) for f in sorted(folder.iterdir())
+                                      if f.is_file() and f.name != "train_log.jsonl"} for folder in folders}}
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, run: GRPORun, step: int, stamp: str) -> None:
+    """Collective: every rank writes its RNG state (and, under DeepSpeed, its optimizer partition) into the
+    folder rank 0 renames into place once all have finished."""
+    dist = run.dist
+    with shared_atomic_dir(dist, path) as out:
+        run.backend.save(out)
+        torch.save({"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),  # HF generate's streams
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "prompt_rng": run.prompts.state()}, out / f"rng{dist.rank}.pt")
+        if dist.is_main:
+            run.policy.save_pretrained(out)
+            if run.settings.reset_every:  # after Reference Resets pi_ref is neither pi_init nor pi_phi
+                run.reference.save_pretrained(out / "reference")
+            torch.save({"step": step, "fingerprint": stamp, "world_size": dist.world_size}, out / "trainer_state.pt")
+
+
+def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
+    """Restore a matching checkpoint and return its step (0 when there is none or it is stale)."""
+    dist, state_file = run.dist, path / "trainer_state.pt"
+    if not state_file.is_file():
+        return 0
+    state = torch.load(state_file, weights_only=False)
+    if state["fingerprint"] != stamp or state.get("world_size") != dist.world_size:
+        dist.barrier()  # every rank has read it before rank 0 removes it
+        if dist.is_main:
+            print(f"grpo: ignoring checkpoint {path}: trained from other inputs, settings or number of ranks")
+            shutil.rmtree(path)
+        return 0
+    # from_pretrained re-ties shared embeddings that save_pretrained stored once; then a strict copy.
+    reference = run.reference if run.settings.reset_every else None
+    for module, folder in ((run.policy, path), (reference, path / "reference")):
+        if module is not None:
+            saved = type(module).from_pretrained(folder, dtype=next(module.parameters()).dtype)
+            module.load_state_dict(saved.state_dict())
+    run.backend.load(path)
+    rng = torch.load(path / f"rng{dist.rank}.pt", weights_only=False)
+    random.setstate(rng["python_rng"])
+    run.prompts.restore(rng["prompt_rng"])
+    torch.set_rng_state(rng["torch_rng"])
+    if rng.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda_rng"])
+    if dist.is_main:
+        print(f"grpo: resumed from step {state['step']} ({path})")
+    return state["step"]
+
+
+def close_sampler(run: GRPORun) -> None:
+    if run.vllm is not None:
+        run.vllm.close()
