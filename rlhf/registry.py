@@ -110,7 +110,6 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
     Stage("judge-cost", "expected requests, tokens and USD of an API judge (gold.type openai) for this experiment",
           tool=True),
 ]}
-RULES = [name for name, st in STAGES.items() if not st.tool]
 
 
 def _get(cfg: dict, dotted: str):

@@ -72,9 +72,13 @@ def micro_config(tmp_path):
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory):
     """The micro config run stage by stage through the CLI once; tests read its artifacts."""
+    cfg = write_config(tmp_path_factory.mktemp("micro"))
+    return cfg, run_micro(cfg)
+
+
+def run_micro(cfg: Path) -> Path:
+    """Every stage of the micro config through the CLI; the experiment's results folder."""
     from rlhf.cli import main
-    tmp = tmp_path_factory.mktemp("micro")
-    cfg = write_config(tmp)
     for stage in ["data", "base", "sft", "sample", "label", "rm"]:
         assert main([stage, "--config", str(cfg)]) == 0, stage
     for method in ["noreg", "kl", "resets", "gr", "signcert"]:
@@ -83,7 +87,7 @@ def micro_run(tmp_path_factory):
     assert main(["evaluate", "--config", str(cfg), "--method", "sft", "--seed", "0"]) == 0
     assert main(["certify", "--config", str(cfg)]) == 0
     assert main(["report", "--config", str(cfg)]) == 0
-    return cfg, tmp / "results" / "micro"
+    return cfg.parent / "results" / "micro"
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,12 @@ def test_expected_mode_radius_is_the_pipelines_radius_of_the_policy():
     under any policy it is |A| / ||h - E[h]|| with pi-weighted means."""
     uniform = torch.full((K,), 1.0 / K, dtype=torch.float64)
     torch.testing.assert_close(expected_radius(uniform)[1], certified_radius(dr_grpo_advantages(PROXY, K), FEATURES, K))
-    probs = torch.softmax(torch.randn(K, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 0)
+    arms = torch.tensor([0, 0, 1, 2, 3, 4, 6, 6])  # a non-uniform policy: the empirical one of this group
+    probs = torch.bincount(arms, minlength=K).double() / len(arms)
     advantages, radius = expected_radius(probs)
-    torch.testing.assert_close(advantages, PROXY - probs @ PROXY)
-    torch.testing.assert_close(radius, advantages.abs() / (FEATURES - probs @ FEATURES).norm(dim=1))
+    group = dr_grpo_advantages(PROXY[arms], len(arms))
+    torch.testing.assert_close(advantages[arms], group)
+    torch.testing.assert_close(radius[arms], certified_radius(group, FEATURES[arms], len(arms)))
 
 
 def test_weighted_quantile_is_the_inverse_cdf():

@@ -327,13 +327,15 @@ def test_judge_cost_counts_requests_from_the_config(tmp_path, capsys):
     assert rows["label"]["requests"] == 60                 # sample.num_prompts x pairs_per_prompt
     assert rows["evaluate"]["requests"] == (5 + 1) * 16     # (methods x seeds + SFT) x test prompts
     assert rows["grpo evals"]["requests"] == 5 * 3 * 8 * 2  # runs x (step 0, 2, 4) x prompts x (win rate + RM acc)
-    r = rows["label"]
-    assert r["usd"] == pytest.approx(r["input_mtok"] * 0.10 + r["output_mtok"] * 0.40)
-    assert r["usd_batch"] == pytest.approx(r["usd"] / 2)
+    longer = {r["what"]: r for r in estimate(cfg, prompt_tokens=200)}
+    for what in ("label", "evaluate", "grpo evals"):  # each request carries its prompt once, at the input price
+        extra = 100 * rows[what]["requests"]
+        assert (longer[what]["input_mtok"] - rows[what]["input_mtok"]) * 1e6 == pytest.approx(extra)
+        assert longer[what]["usd"] - rows[what]["usd"] == pytest.approx(extra * 0.10 / 1e6)
     assert rows["total"]["requests"] == 60 + 96 + 240
     assert main(["judge-cost", "--config", str(write_config(tmp_path, gold={"type": "openai"})),
                  "--prompt-tokens", "100"]) == 0
-    assert "label" in capsys.readouterr().out
+    assert f"{'label':12}{60:>11,}" in capsys.readouterr().out
 
 
 def test_judge_cost_takes_each_methods_own_eval_settings(tmp_path):

@@ -1,6 +1,7 @@
 """Every stage on the micro config through the CLI, and what bad inputs do."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -23,10 +24,27 @@ def test_stage_artifacts(micro_run):
     # label noise (T = 0.1) flips some labels, but most chosen completions are the gold-better ones
     assert sum(r["gold_chosen"] > r["gold_rejected"] for r in labels) > 0.7 * len(labels)
     assert {"prompt", "chosen", "rejected"} <= set(labels[0])
-    rm = read_json(root / "rm" / "metrics.json")
-    assert 0.0 <= rm["accuracy_vs_labels"] <= 1.0 and rm["n_heldout"] >= 1
     assert not list(root.rglob("*.tmp-*")), "temporary artifacts left behind"
     assert not (root / "grpo" / "noreg" / "seed0" / "work").exists(), "work folder of a finished run kept"
+
+
+def test_micro_artifacts_match_the_stored_expectations(micro_run):
+    """Every stage's numbers on the micro config against tests/expected/micro.json, within tolerances wide enough
+    for another CPU's kernels (regenerate after an intended change: python -m tests.expectations)."""
+    from tests.expectations import EXPECTED, differences, measure
+    assert differences(measure(micro_run[1]), json.loads(EXPECTED.read_text())) == []
+
+
+def test_expectations_catch_a_broken_stage():
+    """The tolerances are narrower than what a broken stage changes: labels inverted (the RM learns the opposite
+    preference) or an untrained RM (chance accuracy) both fall outside."""
+    from tests.expectations import EXPECTED, differences
+    expected = json.loads(EXPECTED.read_text())
+    inverted = {**expected, "pairs/gold_consistent": expected["pairs/labels"] - expected["pairs/gold_consistent"],
+                "rm/accuracy_vs_gold_order": 1 - expected["rm/accuracy_vs_gold_order"]}
+    assert [d.split(":")[0] for d in differences(inverted, expected)] == ["pairs/gold_consistent",
+                                                                          "rm/accuracy_vs_gold_order"]
+    assert differences({**expected, "rm/accuracy_vs_gold_order": 0.4}, expected) != []  # an RM at chance
 
 
 def test_grpo_metrics_log_every_step_and_gold_evals(micro_run):
@@ -43,21 +61,39 @@ def test_grpo_metrics_log_every_step_and_gold_evals(micro_run):
 
 def test_evaluate_and_report(micro_run):
     _, root = micro_run
-    m = read_json(root / "eval" / "kl" / "seed0" / "metrics.json")
-    assert m["win_rate_ci_low"] <= m["win_rate"] <= m["win_rate_ci_high"] and m["n"] == 16
-    rows = (root / "eval" / "kl" / "seed0" / "completions.jsonl").read_text().splitlines()
-    assert len(rows) == 16 and {"completion", "outcome", "gold_reward", "proxy_reward", "kl"} <= set(json.loads(rows[0]))
+    rows = [json.loads(r) for r in (root / "eval" / "kl" / "seed0" / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and {"completion", "outcome", "gold_reward", "proxy_reward", "kl"} <= set(rows[0])
+    # each outcome recomputed from the miniature's true reward, the win rate and its interval from those
+    from rlhf.config import load_config
+    from rlhf.data.miniature import MiniatureSpec, true_reward
+    spec = MiniatureSpec.from_config(load_config(micro_run[0]))
+    want = [0.5 + 0.5 * np.sign(true_reward(r["prompt"], r["completion"], spec) -
+                                true_reward(r["prompt"], r["reference"], spec)) for r in rows]
+    assert [r["outcome"] for r in rows] == want
+    m, mean = read_json(root / "eval" / "kl" / "seed0" / "metrics.json"), np.mean(want)
+    half = 1.959964 * np.std(want, ddof=1) / np.sqrt(len(want))
+    assert (m["win_rate"], m["win_rate_ci_low"], m["win_rate_ci_high"]) == \
+        pytest.approx((mean, max(0, mean - half), min(1, mean + half)))
     table = pd.read_csv(root / "report" / "table.csv")
     assert table["method"].tolist() == ["sft", "noreg", "kl", "resets", "gr", "signcert"]
     assert (root / "report" / "table.md").read_text().startswith("| method |")
     for png in ("rewards_vs_step.png", "gold_vs_kl.png", "diagnostics.png", "radius_validation.png"):
         assert (root / "report" / png).stat().st_size > 5000
-    assert "Certified-radius validation" in (root / "report" / "table.md").read_text()
+    md = (root / "report" / "table.md").read_text()
     deciles = pd.read_csv(root / "certify" / "deciles.csv")
-    assert deciles["n"].sum() > 0 and deciles["radius_mean"].is_monotonic_increasing
-    assert deciles[["model_noise", "embedding_noise"]].stack().between(0, 1).all()
+    assert deciles["n"].sum() == 32  # 8 prompts x G = 4, none dropped
+    for _, r in deciles.iterrows():  # the certify stage's rows, in the report
+        assert f"| {int(r['bin']) + 1} | {r['radius_mean']:.4f} | {int(r['n'])} |" in md
     over = pd.read_csv(root / "report" / "overoptimization.csv")
     assert set(over["method"]) == {"noreg", "kl", "resets", "gr", "signcert"}
+
+
+def test_decile_table_on_a_hand_worked_example():
+    from rlhf.stages.certify import decile_table
+    t = decile_table(pd.DataFrame({"radius": [.1, .2, .3, .4, 1, 2, 3, 4], "model_noise": [0, 0, .5, .5, 1, 1, 1, .5]}), 2)
+    assert t["n"].tolist() == [4, 4] and t["radius_mean"].tolist() == pytest.approx([0.25, 2.5])
+    assert t["model_noise"].tolist() == pytest.approx([0.25, 0.875])
+    assert t["model_noise_ci"].tolist() == pytest.approx([0.282902, 0.245], abs=1e-6)
 
 
 def test_stage_help_exits_cleanly(capsys):
@@ -225,13 +261,13 @@ def test_regularizer_diagnostics_are_logged(micro_run):
     gr = train("gr")
     assert gr["g2_norm"].notna().all() and (gr["g1_norm"] > 0).all()
     assert "g2_norm" not in train("noreg")
-    sc = train("signcert")
-    assert sc["signcert/rho_negative"].between(0, 1).all() and sc["signcert/degenerate_groups"].between(0, 1).all()
-    assert (sc["signcert/epsilon"] >= 0).all() and sc["signcert/log10_radius_p50"].notna().all()
+    sc = train("signcert")  # q = 0.25: a quarter of the nonzero advantages fall inside the radius (+ rounding)
+    assert ((sc["signcert/rho_negative"] - 0.25 * (1 - sc["signcert/degenerate_groups"])).abs() < 0.2).all()
+    assert (sc["signcert/epsilon"] > 0).all() and sc["signcert/log10_radius_p50"].notna().all()
     assert gr["gr/realized_perturbation"].sub(1).abs().max() < 1e-2  # float32 weights keep the perturbation
     assert (train("kl")["kl_beta"] == 0.1).all() and (train("noreg")["kl_beta"] == 0).all()
     evals = _metrics(root, "noreg").dropna(subset=["eval/win_rate"])
-    assert evals["onpolicy/bt_loss"].notna().any() and evals["onpolicy/rm_accuracy"].between(0, 1).any()
+    assert evals["onpolicy/bt_loss"].notna().any() and evals["onpolicy/rm_accuracy"].notna().any()
     sharp = _metrics(root, "noreg").dropna(subset=["sharpness"])
     assert sharp["step"].tolist() == [0, 4]
 
