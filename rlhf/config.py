@@ -16,7 +16,7 @@ import yaml
 
 from rlhf.cluster import job_spec
 from rlhf.errors import ConfigError
-from rlhf.registry import SFT_BASELINE
+from rlhf.registry import SFT_BASELINE, STAGES
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads 1e-4 as a float, as YAML 1.2 does (PyYAML's YAML 1.1 wants 1.0e-4)."""
@@ -41,7 +41,10 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "co
 
 def _schema() -> dict:
     with open(SCHEMA_PATH) as f:
-        return yaml.safe_load(f)
+        schema = yaml.safe_load(f)
+    rules = [name for name, stage in STAGES.items() if not stage.tool]  # the one list of stages
+    schema["properties"]["resources"]["properties"]["jobs"]["propertyNames"] = {"enum": ["default", *rules]}
+    return schema
 
 
 def _resolve(node: dict, root: dict) -> dict:

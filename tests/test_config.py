@@ -159,3 +159,14 @@ def test_sweep_and_extends_errors_name_the_problem(tmp_path):
         load_config(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match=r"config file not found: .*missing.yaml \(extended by"):
         load_config(_write_text(tmp_path, "c.yaml", "extends: missing.yaml\n"))
+
+
+def test_cluster_resources_name_a_rule_of_the_registry(tmp_path):
+    """resources.jobs takes 'default' or a rule name, from the stage registry (a tool like bench is no rule)."""
+    from rlhf.registry import STAGES
+    from tests.conftest import write_config
+    for rule in ("default", *(n for n, s in STAGES.items() if not s.tool)):
+        load_config(write_config(tmp_path, resources={"jobs": {rule: {"cpus": 2}}}))
+    for wrong in ("gpro", "bench"):
+        with pytest.raises(ConfigError, match=f"resources.jobs: '{wrong}' is not one of"):
+            load_config(write_config(tmp_path, resources={"jobs": {wrong: {"cpus": 2}}}))

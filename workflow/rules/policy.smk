@@ -5,6 +5,7 @@ rule grpo:
         **outputs("grpo"),
     params:
         **params("grpo"),
+    priority: 5  # the long jobs first: the short evaluations fill the cores at the end
     conda:
         conda_env("grpo")
     threads: threads("grpo")
