@@ -49,9 +49,6 @@ class Stage:
     tool: bool = False                      # a command beside the DAG, not a rule (reads the whole config)
     many: tuple[str, ...] = ()              # inputs that are a list of paths (one per method and seed)
 
-    def applies(self, cfg: dict) -> bool:
-        return self.name != "base" or "build" in cfg["model"]
-
 
 def _data_inputs(P, cfg, m, s):
     """data.source jsonl: the user's files are inputs (an edited file reruns data); other sources are named."""
