@@ -17,6 +17,7 @@ import yaml
 from rlhf.cluster import job_spec
 from rlhf.errors import ConfigError
 from rlhf.registry import SFT_BASELINE, STAGES
+from rlhf.settings import GRPOSettings
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads 1e-4 as a float, as YAML 1.2 does (PyYAML's YAML 1.1 wants 1.0e-4)."""
@@ -126,17 +127,17 @@ def _check_semantics(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: methods.{SFT_BASELINE}: '{SFT_BASELINE}' names the SFT-policy baseline; "
                           "choose another method name")
     for method in cfg["methods"]:
-        m = {**cfg["grpo"], **cfg["methods"][method]}
-        if m["reset_every"] and not m["kl_beta"]:
+        m = GRPOSettings.for_method(cfg, method)
+        if m.reset_every and not m.kl_beta:
             raise ConfigError(f"{source}: methods.{method}: reset_every needs kl_beta > 0 (resets act on the KL reference)")
-        if m["reset_every"] and m["kl_beta_decay_every"]:
+        if m.reset_every and m.kl_beta_decay_every:
             raise ConfigError(f"{source}: methods.{method}: reset_every and kl_beta_decay_every are alternatives; set one")
-        if m["gr_refresh_master_weights"] and m["gr_estimator"] != "finite_difference":
+        if m.gr_refresh_master_weights and m.gr_estimator != "finite_difference":
             raise ConfigError(f"{source}: methods.{method}: gr_refresh_master_weights reproduces the authors' finite "
                               "difference (a refresh around the perturbation); gr_estimator hvp perturbs nothing")
         ranks = job_spec(cfg, "grpo")["gpus"]
-        if ranks > 1 and m["prompts_per_step"] % ranks:
-            raise ConfigError(f"{source}: methods.{method}: prompts_per_step = {m['prompts_per_step']} does not split "
+        if ranks > 1 and m.prompts_per_step % ranks:
+            raise ConfigError(f"{source}: methods.{method}: prompts_per_step = {m.prompts_per_step} does not split "
                               f"over the {ranks} GPUs of resources.jobs.grpo (one rank per GPU)")
     for stage in ("sft", "rm"):
         ranks = job_spec(cfg, stage)["gpus"]

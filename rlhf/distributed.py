@@ -179,14 +179,14 @@ def use_deepspeed(backend: str, device: torch.device) -> bool:
     return backend == "deepspeed"
 
 
-def trainer_deepspeed_config(section: dict, device: torch.device) -> dict | None:
-    """The `deepspeed` argument of an HF Trainer for the sft/rm section (None: plain Trainer). Everything but
+def trainer_deepspeed_config(backend: str, zero_stage: int, device: torch.device) -> dict | None:
+    """The `deepspeed` argument of an HF Trainer for the sft/rm settings (None: plain Trainer). Everything but
     the ZeRO stage is 'auto', so the Trainer fills it from its own arguments (batch size, clipping, precision)."""
-    if not use_deepspeed(section["backend"], device):
+    if not use_deepspeed(backend, device):
         return None
     as_one_rank()
     auto = "auto"
-    return {"zero_optimization": {"stage": section["zero_stage"]}, "bf16": {"enabled": auto},
+    return {"zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": auto},
             "fp16": {"enabled": auto}, "train_micro_batch_size_per_gpu": auto, "train_batch_size": auto,
             "gradient_accumulation_steps": auto, "gradient_clipping": auto}
 

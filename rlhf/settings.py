@@ -1,19 +1,96 @@
-"""Typed settings of the GRPO stage: a frozen dataclass built from the validated config.
+"""Typed settings of the stages: frozen dataclasses built from the validated config, one per config section.
 
-Documentation, defaults and allowed values of every field live in workflow/schemas/config.schema.yaml ($defs.grpo);
-tests/test_config.py checks that these fields are exactly the schema's, so the two cannot drift. A method's settings
-are the `grpo` section with the method's overrides applied.
+Documentation, defaults and allowed values of every field live in workflow/schemas/config.schema.yaml (the section of
+the same name; $defs.grpo for GRPO); tests/test_config.py checks that each class's fields are exactly its section's,
+so the two cannot drift. A method's GRPO settings are the `grpo` section with the method's overrides applied.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rlhf.errors import ConfigError
 
 
+class Section:
+    """A config section as a frozen dataclass: `Cls.of(cfg)`; `as_dict()` for logs and wandb."""
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def of(cls, cfg: dict):
+        return cls(**cfg[cls.SECTION])
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class GRPOSettings:
+class TrainerSettings(Section):
+    """What the SFT and RM stages give an HF Trainer (rlhf/stages/common.py: hf_trainer_kwargs)."""
+    lr: float
+    epochs: float
+    batch_size: int                   # global batch: each rank takes its share
+    warmup_ratio: float
+    lr_scheduler: str
+    max_length: int
+    gradient_checkpointing: bool
+    backend: str                      # auto | torch | deepspeed
+    zero_stage: int
+
+
+@dataclass(frozen=True)
+class SFTSettings(TrainerSettings):
+    SECTION: ClassVar[str] = "sft"
+
+
+@dataclass(frozen=True)
+class RMSettings(TrainerSettings):
+    SECTION: ClassVar[str] = "rm"
+    weight_decay: float
+    eval_fraction: float              # share of the prompts held out for the accuracy against the gold
+    batch_size_scoring: int           # also the batch of every later stage that scores with the proxy
+
+
+@dataclass(frozen=True)
+class SampleSettings(Section):
+    SECTION: ClassVar[str] = "sample"
+    num_prompts: int | None           # None: all train prompts
+    pairs_per_prompt: int
+    temperature: float
+    max_new_tokens: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(Section):
+    SECTION: ClassVar[str] = "evaluate"
+    num_prompts: int | None           # None: all test prompts
+    temperature: float
+    max_new_tokens: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class CertifySettings(Section):
+    SECTION: ClassVar[str] = "certify"
+    num_prompts: int
+    group_size: int
+    temperature: float
+    max_new_tokens: int
+    noise_samples: int
+    model_noise: float                # relative std of the whole-model noise
+    embedding_noise: float            # relative std of the input-embedding noise
+    min_group_std: float
+    bins: int
+
+
+SECTIONS = (SFTSettings, RMSettings, SampleSettings, EvaluateSettings, CertifySettings)
+
+
+@dataclass(frozen=True)
+class GRPOSettings(Section):
+    SECTION: ClassVar[str] = "grpo"   # of(cfg): the section itself; for_method(cfg, m): with m's overrides
     # schedule and batch
     steps: int
     prompts_per_step: int             # B
@@ -72,6 +149,3 @@ class GRPOSettings:
 
     def replace(self, **changes) -> "GRPOSettings":
         return dataclasses.replace(self, **changes)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)

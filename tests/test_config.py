@@ -5,7 +5,7 @@ import dataclasses
 
 from rlhf.config import _schema, apply_overrides, config_from_mapping, load_config
 from rlhf.errors import ConfigError
-from rlhf.settings import GRPOSettings
+from rlhf.settings import SECTIONS, GRPOSettings
 from tests.conftest import REPO
 
 
@@ -97,10 +97,16 @@ def test_method_overrides_only_what_it_names():
         s.kl_beta = 0.2
 
 
-def test_grpo_settings_fields_are_the_schemas():
-    """The typed settings and the schema (documentation, defaults, validation) name the same fields."""
-    schema = _schema()["$defs"]["grpo"]["properties"]
-    assert {f.name for f in dataclasses.fields(GRPOSettings)} == set(schema)
+def test_typed_settings_fields_are_the_schemas():
+    """Each stage's typed settings and its schema section (documentation, defaults, validation) name the same
+    fields, and every section's dataclass builds from the miniature's validated config."""
+    schema = _schema()
+    sections = {cls.SECTION: schema["properties"][cls.SECTION]["properties"] for cls in SECTIONS}
+    sections["grpo"] = schema["$defs"]["grpo"]["properties"]
+    cfg = load_config(REPO / "config" / "miniature.yaml")
+    for cls in (*SECTIONS, GRPOSettings):
+        assert {f.name for f in dataclasses.fields(cls)} == set(sections[cls.SECTION]), cls.__name__
+        assert cls.of(cfg).as_dict() == cfg[cls.SECTION]
 
 
 def test_sections_behind_a_ref_get_their_defaults(tmp_path):

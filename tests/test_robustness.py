@@ -174,11 +174,12 @@ def test_trainer_precision_and_warmup_follow_the_config(tmp_path):
     from trl import SFTConfig
 
     from rlhf.errors import ConfigError
+    from rlhf.settings import SFTSettings
     from rlhf.stages.common import hf_trainer_kwargs
     for dtype, bf16 in (("float32", False), ("bfloat16", True)):
         cfg = load_config(write_config(tmp_path, model={**load_config(REPO / "config" / "micro.yaml")["model"],
                                                         "dtype": dtype}))
-        args = SFTConfig(output_dir=str(tmp_path / "t"), **hf_trainer_kwargs(cfg, "sft", Dist()))
+        args = SFTConfig(output_dir=str(tmp_path / "t"), **hf_trainer_kwargs(cfg, SFTSettings.of(cfg), Dist()))
         assert args.bf16 is bf16 and not args.fp16 and not args.gradient_checkpointing
         assert args.get_warmup_steps(200) == 6  # sft.warmup_ratio 0.03 of 200 steps
     with pytest.raises(ConfigError, match="sft.warmup_ratio"):  # 1.0 would be read as one step

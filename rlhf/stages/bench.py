@@ -197,9 +197,9 @@ def run(cfg, args):
     P = Paths.from_config(cfg)
     prompts = [r["prompt"] for r in read_jsonl(P.train, required=("prompt",))]
     warmup, timed = args.warmup, args.timed
-    results = {}
+    results, base = {}, GRPOSettings.of(cfg)
     for name, (method, overrides) in METHODS.items():
-        s = GRPOSettings.for_method(cfg, method) if method in cfg["methods"] else GRPOSettings(**{**cfg["grpo"], **overrides})
+        s = GRPOSettings.for_method(cfg, method) if method in cfg["methods"] else base.replace(**overrides)
         s = s.replace(**EXTRA.get(name, {}))
         results[name] = time_ours(cfg, s, device, warmup, timed)
         print(f"bench: {name}: {results[name]}")
@@ -212,8 +212,8 @@ def run(cfg, args):
     not_comparable = {}
     for dtype in precisions:
         cfg_p = {**cfg, "model": {**cfg["model"], "dtype": dtype}}
-        ours = time_ours(cfg_p, GRPOSettings(**{**cfg["grpo"], "kl_metric_every": 10**9}), device, warmup, timed)
-        trl = time_trl(cfg_p, GRPOSettings(**cfg["grpo"]), prompts, device, warmup, timed)
+        ours = time_ours(cfg_p, base.replace(kl_metric_every=10**9), device, warmup, timed)
+        trl = time_trl(cfg_p, base, prompts, device, warmup, timed)
         results[f"{SAME_WORK_AS_TRL} ({dtype})"], results[f"trl_grpotrainer ({dtype})"] = ours, trl
         print(f"bench: ours / trl ({dtype}): {ours} / {trl}")
         key = f"ours_step / trl_step ({dtype}, same work)"
@@ -222,8 +222,8 @@ def run(cfg, args):
         else:
             not_comparable[key] = reason
             print(f"bench: {key}: no ratio, not the same work: {reason}")
-    generation = {} if args.no_vllm else time_generation(cfg, GRPOSettings(**cfg["grpo"]), prompts, warmup, timed)
-    text = markdown(results, ratios, GRPOSettings(**cfg["grpo"]), args.threads or cfg["resources"]["threads"], generation,
+    generation = {} if args.no_vllm else time_generation(cfg, base, prompts, warmup, timed)
+    text = markdown(results, ratios, base, args.threads or cfg["resources"]["threads"], generation,
                     not_comparable, precisions)
     with atomic_dir(P.root / "bench") as out:
         write_json(out / "bench.json", {"results": results, "ratios": ratios, "not_comparable": not_comparable,

@@ -28,6 +28,7 @@ from rlhf.models import load_causal_lm  # noqa: E402
 from rlhf.rewards.gold import make_gold  # noqa: E402
 from rlhf.rewards.proxy_rm import RewardScorer  # noqa: E402
 from rlhf.rng import DeviceNoise  # noqa: E402
+from rlhf.settings import CertifySettings  # noqa: E402
 from rlhf.stages.common import load_proxy, setup, tokenizer_of  # noqa: E402
 
 RATES = {"model_noise": "whole-model noise", "embedding_noise": "input-embedding noise", "gold_agreement": "agreement with gold"}
@@ -77,15 +78,15 @@ def plot(table: pd.DataFrame, path) -> None:
 
 def run(cfg, files, args):
     device = setup(cfg, args)
-    c, inputs = cfg["certify"], files.inputs
-    G, bs = c["group_size"], cfg["rm"]["batch_size_scoring"]
-    rows = read_jsonl(inputs["test"], required=("prompt",))[: c["num_prompts"]]
+    c, inputs = CertifySettings.of(cfg), files.inputs
+    G, bs = c.group_size, cfg["rm"]["batch_size_scoring"]
+    rows = read_jsonl(inputs["test"], required=("prompt",))[: c.num_prompts]
     tokenizer = tokenizer_of(inputs["sft"], cfg)
     policy = load_causal_lm(inputs["sft"], cfg["model"]["dtype"], device)
     proxy = load_proxy(inputs["rm"], cfg, tokenizer, device)
     rm = proxy.model
     prompts = [r["prompt"] for r in rows for _ in range(G)]
-    texts = sample(policy, tokenizer, [r["prompt"] for r in rows], G, c["max_new_tokens"], c["temperature"]).texts
+    texts = sample(policy, tokenizer, [r["prompt"] for r in rows], G, c.max_new_tokens, c.temperature).texts
     scores = proxy(prompts, texts)
     advantages = dr_grpo_advantages(scores.rewards, G)
     radius = certified_radius(advantages, scores.features, G)
@@ -93,24 +94,24 @@ def run(cfg, files, args):
 
     noise = DeviceNoise(cfg["seed"])
     model_kept, emb_kept = torch.zeros(len(texts)), torch.zeros(len(texts))
-    for _ in range(c["noise_samples"]):
-        model_kept += (_advantage_signs(perturbed_model(rm, c["model_noise"], noise), tokenizer, prompts, texts, G, bs) == sign).float()
-        handle = rm.get_input_embeddings().register_forward_hook(embedding_noise_hook(c["embedding_noise"], noise))
+    for _ in range(c.noise_samples):
+        model_kept += (_advantage_signs(perturbed_model(rm, c.model_noise, noise), tokenizer, prompts, texts, G, bs) == sign).float()
+        handle = rm.get_input_embeddings().register_forward_hook(embedding_noise_hook(c.embedding_noise, noise))
         try:
             emb_kept += (_advantage_signs(rm, tokenizer, prompts, texts, G, bs) == sign).float()
         finally:
             handle.remove()
     df = pd.DataFrame({"prompt_index": np.repeat(np.arange(len(rows)), G), "completion": texts,
                        "reward": scores.rewards.numpy(), "advantage": advantages.numpy(), "radius": radius.numpy(),
-                       "model_noise": (model_kept / c["noise_samples"]).numpy(),
-                       "embedding_noise": (emb_kept / c["noise_samples"]).numpy()})
+                       "model_noise": (model_kept / c.noise_samples).numpy(),
+                       "embedding_noise": (emb_kept / c.noise_samples).numpy()})
     gold_scores = make_gold(cfg, device).score(prompts, texts)
     if gold_scores is not None:
         gold_adv = dr_grpo_advantages(torch.tensor(gold_scores), G)
         df["gold_agreement"] = np.where(gold_adv.numpy() == 0, np.nan, (gold_adv.sign() == sign).float().numpy())
     group_std = scores.rewards.view(-1, G).std(1).repeat_interleave(G).numpy()
-    kept = df[(group_std >= c["min_group_std"]) & (df["advantage"] != 0) & np.isfinite(df["radius"])]
-    table = decile_table(kept, c["bins"])
+    kept = df[(group_std >= c.min_group_std) & (df["advantage"] != 0) & np.isfinite(df["radius"])]
+    table = decile_table(kept, c.bins)
     summary = {"completions": len(df), "analyzed": len(kept)}
     for col in RATES:
         if col in kept and kept[col].notna().sum() > 2:

@@ -8,6 +8,7 @@ import torch
 from rlhf.distributed import Dist, trainer_deepspeed_config
 from rlhf.models import device_from_config, load_reward_model, load_tokenizer
 from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.settings import TrainerSettings
 
 
 def setup(cfg: dict, args, seed: int | None = None, device: bool = True) -> torch.device | None:
@@ -35,7 +36,7 @@ def load_proxy(folder, cfg: dict, tokenizer, device) -> RewardScorer:
     return RewardScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"])
 
 
-def hf_trainer_kwargs(cfg: dict, stage: str, dist: Dist) -> dict:
+def hf_trainer_kwargs(cfg: dict, section: TrainerSettings, dist: Dist) -> dict:
     """Arguments shared by the SFT and RM trainers (TRL configs derive from transformers' TrainingArguments).
 
     Precision is the config's, by construction: the stage loads the model in float32 (fp32 master weights) and the
@@ -46,14 +47,15 @@ def hf_trainer_kwargs(cfg: dict, stage: str, dist: Dist) -> dict:
     schema keeps the ratio below 1). On CUDA the Trainer runs DeepSpeed (section.backend, ZeRO-2 by default); under
     torchrun it is data parallel, and batch_size stays the global batch (each rank takes its share).
     """
-    section, dtype = cfg[stage], cfg["model"]["dtype"]
-    return dict(learning_rate=section["lr"], num_train_epochs=section["epochs"],
-                per_device_train_batch_size=dist.per_rank(section["batch_size"], "batch_size"), lr_scheduler_type=section["lr_scheduler"],
-                warmup_steps=section["warmup_ratio"], logging_steps=10, save_strategy="no", report_to=[],
-                seed=cfg["seed"], use_cpu=dist.device.type == "cpu", dataloader_num_workers=0,
-                max_length=section["max_length"], deepspeed=trainer_deepspeed_config(section, dist.device),
+    dtype = cfg["model"]["dtype"]
+    return dict(learning_rate=section.lr, num_train_epochs=section.epochs,
+                per_device_train_batch_size=dist.per_rank(section.batch_size, "batch_size"),
+                lr_scheduler_type=section.lr_scheduler, warmup_steps=section.warmup_ratio, logging_steps=10,
+                save_strategy="no", report_to=[], seed=cfg["seed"], use_cpu=dist.device.type == "cpu",
+                dataloader_num_workers=0, max_length=section.max_length,
+                deepspeed=trainer_deepspeed_config(section.backend, section.zero_stage, dist.device),
                 bf16=dtype == "bfloat16", fp16=dtype == "float16",
-                gradient_checkpointing=section["gradient_checkpointing"])
+                gradient_checkpointing=section.gradient_checkpointing)
 
 
 def trainer_engine(trainer) -> str:

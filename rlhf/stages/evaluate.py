@@ -4,22 +4,23 @@ from rlhf.evaluation import evaluate_policy
 from rlhf.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from rlhf.models import load_causal_lm
 from rlhf.rewards.gold import make_gold
+from rlhf.settings import EvaluateSettings
 from rlhf.stages.common import load_proxy, setup, tokenizer_of
 
 
 def run(cfg, files, args):
     method, seed = args.method, args.seed
     device = setup(cfg, args, seed=seed)
-    e, inputs, folder = cfg["evaluate"], files.inputs, files.outputs["evaluation"]
-    rows = read_jsonl(inputs["test"], required=("prompt", "reference"))[: e["num_prompts"]]
+    e, inputs, folder = EvaluateSettings.of(cfg), files.inputs, files.outputs["evaluation"]
+    rows = read_jsonl(inputs["test"], required=("prompt", "reference"))[: e.num_prompts]
     tokenizer = tokenizer_of(inputs["sft"], cfg)
     dtype = cfg["model"]["dtype"]
     sft = load_causal_lm(inputs["sft"], dtype, device)
     policy = sft if inputs["policy"] == inputs["sft"] else load_causal_lm(inputs["policy"], dtype, device)
     proxy = load_proxy(inputs["rm"], cfg, tokenizer, device)
     metrics, completions = evaluate_policy(policy, tokenizer, rows, make_gold(cfg, device), proxy, sft,
-                                           temperature=e["temperature"], max_new_tokens=e["max_new_tokens"],
-                                           batch_size=e["batch_size"])
+                                           temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                                           batch_size=e.batch_size)
     with atomic_dir(folder) as out:
         write_json(out / "metrics.json", {"method": method, "seed": seed, **metrics})
         write_jsonl(out / "completions.jsonl", completions)

@@ -26,7 +26,7 @@ from rlhf.trainer import (close_sampler, fingerprint, load_checkpoint, load_run,
 
 def run(cfg, files, args):
     method, seed = args.method, args.seed
-    settings = GRPOSettings(**cfg["grpo"])  # the method's resolved settings (rlhf/registry.py)
+    settings = GRPOSettings.of(cfg)  # the view holds the method's resolved settings (rlhf/registry.py)
     inputs, outputs, work = files.inputs, files.outputs, files.work["work"]
     dist = Dist.from_env(setup(cfg, args, seed=seed))
     if dist.rank:

@@ -16,6 +16,7 @@ from rlhf.io import read_jsonl
 from rlhf.judge import prompt as jp
 from rlhf.judge.client import MESSAGE_OVERHEAD_TOKENS, model_price, usd
 from rlhf.paths import Paths
+from rlhf.settings import EvaluateSettings, GRPOSettings, SampleSettings
 
 CHARS_PER_TOKEN = 4
 
@@ -46,27 +47,28 @@ def estimate(cfg: dict, prompt_tokens: float | None = None, train_prompts: int |
         pairs = len(rows)
         notes.append(f"pairs and completion tokens measured from {P.samples}")
     else:
-        s = cfg["sample"]
+        s = SampleSettings.of(cfg)
         available = len(train) if train is not None else (cfg["data"]["num_train"] or train_prompts)
-        if available is None and s["num_prompts"] is None:
+        if available is None and s.num_prompts is None:
             raise ConfigError("sample.num_prompts and data.num_train are null (all prompts): pass --train-prompts "
                               "or run the data stage first")
-        pairs = min(s["num_prompts"] or available, available or s["num_prompts"]) * s["pairs_per_prompt"]
-        sample_completion = s["max_new_tokens"]
+        pairs = min(s.num_prompts or available, available or s.num_prompts) * s.pairs_per_prompt
+        sample_completion = s.max_new_tokens
     runs = len(cfg["methods"]) * len(cfg["seeds"])
-    test = cfg["evaluate"]["num_prompts"] or cfg["data"]["num_test"]
+    e = EvaluateSettings.of(cfg)
+    test = e.num_prompts or cfg["data"]["num_test"]
     if not test:
         raise ConfigError("evaluate.num_prompts and data.num_test are null: the number of test prompts is unknown")
     orders = 2 if j["both_orders"] else 1
     # Each method's own steps, eval_every, eval_prompts and max_new_tokens (a method may override any of them);
     # a periodic evaluation judges win rates (x orders) and on-policy RM accuracy pairs.
     grpo_evals = []
-    for overrides in cfg["methods"].values():
-        m = {**cfg["grpo"], **overrides}
-        evals = (math.ceil(m["steps"] / m["eval_every"]) + 1) * len(cfg["seeds"])
-        grpo_evals.append((evals * m["eval_prompts"] * (orders + 1), m["max_new_tokens"]))
+    for method in cfg["methods"]:
+        m = GRPOSettings.for_method(cfg, method)
+        evals = (math.ceil(m.steps / m.eval_every) + 1) * len(cfg["seeds"])
+        grpo_evals.append((evals * m.eval_prompts * (orders + 1), m.max_new_tokens))
     rows = [("label", [(pairs, sample_completion)]),
-            ("evaluate", [((runs + 1) * test * orders, cfg["evaluate"]["max_new_tokens"])]),
+            ("evaluate", [((runs + 1) * test * orders, e.max_new_tokens)]),
             ("grpo evals", grpo_evals)]
     out = []
     for what, parts in rows:

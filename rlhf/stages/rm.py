@@ -16,6 +16,7 @@ from rlhf.io import read_jsonl, write_json
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import load_reward_model, rm_input_ids
 from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.settings import RMSettings
 from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, tokenizer_of, trainer_engine
 from rlhf.stats import preference_metrics
 
@@ -47,29 +48,30 @@ def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
 def run(cfg, files, args):
     dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
     device = dist.device
-    r, labels, sft = cfg["rm"], files.inputs["labels"], files.inputs["sft"]
+    r, labels, sft = RMSettings.of(cfg), files.inputs["labels"], files.inputs["sft"]
     rows = read_jsonl(labels, required=("prompt", "chosen", "rejected"))
-    heldout, train = split_by_prompt(rows, r["eval_fraction"], cfg["seed"])
+    heldout, train = split_by_prompt(rows, r.eval_fraction, cfg["seed"])
     if not train:
         raise DataError(f"{labels}: {len(rows)} labeled pairs leave nothing to train on after holding out "
-                        f"{len(heldout)} (rm.eval_fraction = {r['eval_fraction']})")
+                        f"{len(heldout)} (rm.eval_fraction = {r.eval_fraction})")
     tokenizer = tokenizer_of(sft, cfg)
     model = load_reward_model(sft, tokenizer, TRAINER_WEIGHTS, device)
     dataset = Dataset.from_list([{"chosen_ids": rm_input_ids(tokenizer, x["prompt"], x["chosen"]),
                                   "rejected_ids": rm_input_ids(tokenizer, x["prompt"], x["rejected"])} for x in train])
     with shared_atomic_dir(dist, files.outputs["model"]) as out:
         trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
-                                args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r["weight_decay"],
-                                                  **hf_trainer_kwargs(cfg, "rm", dist)))
+                                args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r.weight_decay,
+                                                  **hf_trainer_kwargs(cfg, r, dist)))
         trainer.train()
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 scores and writes
             shutil.rmtree(out / "trainer", ignore_errors=True)
             metrics = {"n_train": len(train),
-                       **heldout_accuracy(RewardScorer(model, tokenizer, r["batch_size_scoring"]), heldout)}
+                       **heldout_accuracy(RewardScorer(model, tokenizer, r.batch_size_scoring), heldout)}
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
             write_json(out / "metrics.json", metrics)
-            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "rm", r, summary=metrics)
+            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "rm", r.as_dict(),
+                              summary=metrics)
             print(f"rm ({trainer_engine(trainer)}): "
                   + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     dist.close()

@@ -2,18 +2,19 @@
 from rlhf.generation import sample
 from rlhf.io import read_jsonl, write_jsonl
 from rlhf.models import load_causal_lm
+from rlhf.settings import SampleSettings
 from rlhf.stages.common import setup, tokenizer_of
 
 
 def run(cfg, files, args):
     device = setup(cfg, args)
-    s, sft, out = cfg["sample"], files.inputs["sft"], files.outputs["samples"]
-    rows = read_jsonl(files.inputs["train"], required=("prompt",))[: s["num_prompts"]]
+    s, sft, out = SampleSettings.of(cfg), files.inputs["sft"], files.outputs["samples"]
+    rows = read_jsonl(files.inputs["train"], required=("prompt",))[: s.num_prompts]
     tokenizer = tokenizer_of(sft, cfg)
     policy = load_causal_lm(sft, cfg["model"]["dtype"], device)
     prompts = [r["prompt"] for r in rows]
-    k = 2 * s["pairs_per_prompt"]
-    rollout = sample(policy, tokenizer, prompts, k, s["max_new_tokens"], s["temperature"], s["batch_size"])
+    k = 2 * s.pairs_per_prompt
+    rollout = sample(policy, tokenizer, prompts, k, s.max_new_tokens, s.temperature, s.batch_size)
     pairs, identical = [], 0
     for i, prompt in enumerate(prompts):
         texts = rollout.texts[i * k:(i + 1) * k]

@@ -12,6 +12,7 @@ from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.io import read_jsonl
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import encode_completion, encode_prompt, load_causal_lm, load_tokenizer
+from rlhf.settings import SFTSettings
 from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, trainer_engine
 
 
@@ -25,7 +26,7 @@ def tokenize(tokenizer, rows: list[dict]) -> Dataset:
 
 def run(cfg, files, args):
     dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
-    device = dist.device
+    device, settings = dist.device, SFTSettings.of(cfg)
     train = read_jsonl(files.inputs["train"], required=("prompt", "reference"))
     base = str(files.inputs.get("base") or cfg["model"]["name"])  # the base stage's tiny model, or a hub id / folder
     folder = files.outputs["model"]
@@ -34,14 +35,14 @@ def run(cfg, files, args):
     model.config.pad_token_id = tokenizer.pad_token_id
     with shared_atomic_dir(dist, folder) as out:
         args_ = SFTConfig(output_dir=str(out / "trainer"), completion_only_loss=True,
-                          **hf_trainer_kwargs(cfg, "sft", dist))
+                          **hf_trainer_kwargs(cfg, settings, dist))
         trainer = SFTTrainer(model=model, args=args_, train_dataset=tokenize(tokenizer, train),
                              processing_class=tokenizer)
         trainer.train()
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 writes them
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
-            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "sft", cfg["sft"])
+            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "sft", settings.as_dict())
             shutil.rmtree(out / "trainer", ignore_errors=True)
             print(f"sft: {trainer.state.global_step} steps ({trainer_engine(trainer)}) -> {folder}")
     dist.close()
