@@ -8,4 +8,5 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from rlhf.cli import main  # noqa: E402
 
-sys.exit(main())
+if __name__ == "__main__":  # a worker process (multiprocessing forkserver/spawn) imports this module again
+    sys.exit(main())
