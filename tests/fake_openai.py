@@ -1,7 +1,7 @@
 """A real local HTTP server speaking the OpenAI chat-completions, files and batches protocol, with faults.
 
 Started by the tests (a thread in the pytest process, so it survives a killed client). It judges with a
-`decide(instruction, output_a, output_b) -> 'a' | 'b'` callable and records what it was asked, so tests can
+`decide(instruction, output_a, output_b) -> 'a' | 'b'` callable (any other prompt: `respond(body) -> content`) and records what it was asked, so tests can
 check that no answered request was ever sent twice and that Retry-After was honoured.
 
 Faults come from `fault(key, attempt)`, with attempt counting this request's arrivals from 1:
@@ -37,9 +37,10 @@ def longer_wins(instruction: str, a: str, b: str) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, decide=longer_wins, fault=lambda key, attempt: None, retry_after: float = 0.2,
+    def __init__(self, decide=longer_wins, fault=lambda key, attempt: None, respond=None, retry_after: float = 0.2,
                  slow_seconds: float = 0.3, timeout_sleep: float = 2.0, delay: float = 0.0, polls_to_complete: int = 2):
         self.decide, self.fault, self.retry_after = decide, fault, retry_after
+        self.respond = respond  # respond(body) -> content: any other prompt than the pairwise one
         self.slow_seconds, self.timeout_sleep, self.delay = slow_seconds, timeout_sleep, delay
         self.polls_to_complete = polls_to_complete
         self.lock = threading.Lock()
@@ -107,7 +108,9 @@ class FakeOpenAI:
     # --- chat completions ------------------------------------------------------------------------------
     def completion(self, body: dict, content: str | None = None) -> dict:
         user = body["messages"][-1]["content"]
-        if content is None:
+        if content is None and self.respond is not None:
+            content = self.respond(body)
+        elif content is None:
             m = SECTION.search(user)
             content = f"Output ({self.decide(*m.groups())})" if m else "Output (a)"
         return {"id": "chatcmpl-" + uuid.uuid4().hex[:8], "object": "chat.completion", "created": int(time.time()),

@@ -66,10 +66,15 @@ def gsm8k_reward_terms(completion: str, gold: str) -> dict[str, float]:
             "xml_count": xml_count(completion)}
 
 
-def format_terms(completion: str) -> dict[str, float]:
-    """The GSM8K format terms (all but correctness and int): what the LLM-judge reward adds to the judge's score."""
+GSM8K_FORMAT_TERMS = ("int", "strict_format", "soft_format", "xml_count")
+
+
+def gsm8k_format_terms(completion: str) -> dict[str, float]:
+    """The GSM8K terms that need no gold (all but correctness): what the LLM-judge reward adds to the judge's score
+    (GR App. C.5: "the correctness score scaled to [0, 2], along with the same formatting rewards used in the
+    rule-based-reward setting")."""
     terms = gsm8k_reward_terms(completion, gold="")
-    return {k: terms[k] for k in ("strict_format", "soft_format", "xml_count")}
+    return {k: terms[k] for k in GSM8K_FORMAT_TERMS}
 
 
 def reasoning_steps(completion: str) -> float:
