@@ -90,14 +90,25 @@ def run_micro(cfg: Path) -> Path:
     return cfg.parent / "results" / "micro"
 
 
+TINY = dict(arch="qwen2", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
+# The miniature's shape (config/miniature.yaml): head_dim 32 is one vLLM's CPU attention supports.
+MINIATURE = dict(arch="qwen2", hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
+                 max_position_embeddings=64)
+
+
+def build_tiny(extra_words=(), seed: int = 0, **shape):
+    """(a random LM of shape TINY with `shape`'s changes, its word-level tokenizer: the miniature's vocabulary plus
+    extra_words). The one place tests build models from scratch."""
+    from rlhf.data.miniature import MiniatureSpec
+    from rlhf.models import build_tiny_causal_lm, build_word_tokenizer
+    tok = build_word_tokenizer(MiniatureSpec().vocabulary() + list(extra_words))
+    return build_tiny_causal_lm({**TINY, **shape}, tok, seed=seed), tok
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     """A random tiny Qwen2 LM and its word-level tokenizer (no training)."""
-    from rlhf.data.miniature import MiniatureSpec
-    from rlhf.models import build_tiny_causal_lm, build_word_tokenizer
-    tok = build_word_tokenizer(MiniatureSpec().vocabulary())
-    build = dict(arch="qwen2", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
-    return build_tiny_causal_lm(build, tok, seed=0), tok
+    return build_tiny()
 
 
 @pytest.fixture
@@ -107,13 +118,11 @@ def float64_lm(tiny_lm, monkeypatch):
     Exactness needs float64 all the way: GPT-NeoX normalizes with nn.LayerNorm (Qwen2's RMSNorm computes in
     float32), eager attention, and its softmax, which transformers pins to float32, is kept in float64 here.
     """
-    from rlhf.models import build_tiny_causal_lm
-    _, tok = tiny_lm
     softmax = torch.nn.functional.softmax
     monkeypatch.setattr(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **kw: softmax(
         x, dim=dim, dtype=torch.promote_types(x.dtype, dtype) if dtype is not None else None, **kw))
-    build = dict(arch="gpt_neox", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
-    model = build_tiny_causal_lm(build, tok, seed=0).double()
+    model, tok = build_tiny(arch="gpt_neox")
+    model = model.double()
     model.set_attn_implementation("eager")
     return model, tok
 

@@ -14,17 +14,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rlhf.data.miniature import MiniatureSpec
 from rlhf.distributed import Dist, deepspeed_available, free_port, make_update
 from rlhf.generation import sample
-from rlhf.models import build_tiny_causal_lm, build_word_tokenizer
 from rlhf.policy import token_logprobs
 from rlhf.rewards.proxy_rm import Scores
-from tests.conftest import record_applied_gradient
+from tests.conftest import build_tiny, record_applied_gradient
 
 needs_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="deepspeed is not installed")
 
-BUILD = dict(arch="qwen2", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=64)
 PROMPTS = ["post : alice lost the car . tldr :", "post : bob sold the key . tldr :",
            "post : carol found the dog . tldr :", "post : dave lost the key . tldr :"]
 G, T_MAX = 4, 6
@@ -38,8 +35,7 @@ SETTINGS = dict(group_size=G, max_new_tokens=T_MAX, clip_eps=0.2, lr=1e-2, weigh
 
 def _problem():
     """The same policy, reference, rollouts and RM outputs in every process (seeded, CPU)."""
-    tok = build_word_tokenizer(MiniatureSpec().vocabulary())
-    model = build_tiny_causal_lm(BUILD, tok, seed=0)
+    model, tok = build_tiny()
     reference = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():  # a reference unlike the policy, so the KL penalty has a gradient
         for p in reference.parameters():

@@ -15,6 +15,7 @@ from rlhf.algorithms.signcert import certified_radius, signcert, signcert_weight
 from rlhf.errors import ConfigError
 from rlhf.generation import sample
 from rlhf.policy import token_logprobs
+from tests.conftest import build_tiny
 
 
 MICRO_BATCHES = (slice(0, 4), slice(4, 8))
@@ -236,12 +237,7 @@ def test_hvp_refuses_attention_without_a_double_backward(tiny_lm):
 def _bf16_problem(hidden: int):
     """A random tiny Qwen2 LM in bf16 (SDPA attention, HF's N(0, 0.02) initialisation), its float64 copy with the
     same weights, and an on-policy Dr.GRPO loss on fixed rollouts for either model."""
-    from rlhf.data.miniature import MiniatureSpec
-    from rlhf.models import build_tiny_causal_lm, build_word_tokenizer
-    tok = build_word_tokenizer(MiniatureSpec().vocabulary())
-    build = dict(arch="qwen2", hidden_size=hidden, num_layers=2, num_heads=2, intermediate_size=2 * hidden,
-                 max_position_embeddings=64)
-    model = build_tiny_causal_lm(build, tok, seed=0)
+    model, tok = build_tiny(hidden_size=hidden, intermediate_size=2 * hidden)
     torch.manual_seed(0)
     rollout = sample(model, tok, ["post : alice lost the car . tldr :", "post : bob sold the key . tldr :"], 4, 6, 1.0)
     adv = dr_grpo_advantages(torch.randn(8), 4)

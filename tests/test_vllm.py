@@ -26,15 +26,12 @@ import torch
 
 from rlhf.generation import sample
 from rlhf.io import read_jsonl
-from rlhf.models import build_tiny_causal_lm, build_word_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
+from rlhf.models import encode_prompt, load_causal_lm, load_tokenizer
 from rlhf.policy import token_logprobs
-from tests.conftest import write_config
+from tests.conftest import MINIATURE, build_tiny, write_config
 from tests.test_stages import _copy_upstream
 
 PROMPTS = ["post : alice lost the car . tldr :", "post : bob sold the key . tldr :"]
-# The miniature's shape (config/miniature.yaml): head_dim 32 is one vLLM's CPU attention supports.
-MINIATURE = dict(arch="qwen2", hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
-                 max_position_embeddings=64)
 
 
 def _vllm_required() -> bool:
@@ -56,10 +53,9 @@ real = pytest.mark.skipif(not HAVE_VLLM and not _vllm_required(),
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
     """A random miniature-shaped Qwen2 LM and the miniature's word-level tokenizer, saved as an HF folder."""
-    from rlhf.data.miniature import MiniatureSpec
     path = tmp_path_factory.mktemp("engine")
-    tok = build_word_tokenizer(MiniatureSpec().vocabulary())
-    build_tiny_causal_lm(MINIATURE, tok, seed=0).save_pretrained(path)
+    model, tok = build_tiny(**MINIATURE)
+    model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -287,11 +283,9 @@ def _judge_model(path: Path) -> None:
     """A random tiny LM whose greedy next token is always '(a)' or '(b)' (which one depends on the input): the tied
     embedding rows of those two words are ±c·w, so one of their logits is large and positive wherever the others
     are small. With max_tokens 1 its replies are real, parseable judge answers."""
-    from rlhf.data.miniature import MiniatureSpec
     from rlhf.judge.prompt import messages
     words = " ".join(m["content"] for m in messages("x", "y", "z")).split()
-    tok = build_word_tokenizer(MiniatureSpec().vocabulary() + words + ["(a)", "(b)"])
-    model = build_tiny_causal_lm({**MINIATURE, "max_position_embeddings": 512}, tok, seed=1)  # the judge prompt is long
+    model, tok = build_tiny([*words, "(a)", "(b)"], seed=1, **{**MINIATURE, "max_position_embeddings": 512})  # long prompt
     with torch.no_grad():
         E = model.get_input_embeddings().weight
         w = torch.randn(E.shape[1])
