@@ -1,0 +1,69 @@
+"""The RLVR miniature's pieces: the arithmetic task (rlhf/data/arithmetic.py), its tokenizer, and the stand-in judge
+served over HTTP (rlhf/judge/standin.py) scored through the project's judge client and parser."""
+import collections
+
+import pytest
+
+from rlhf.config import load_config
+from rlhf.data.arithmetic import SYSTEM_PROMPT, ArithmeticSpec, build_chat_tokenizer, completion, generate
+from rlhf.judge.client import ChatClient
+from rlhf.judge.standin import StandInJudgeServer
+from rlhf.models import load_tokenizer
+from rlhf.rewards.llm_judge import JudgeReward, JudgeRewardSettings
+from rlhf.rewards.rules import gsm8k_gold, gsm8k_reward_terms
+from tests.conftest import write_config
+
+
+def test_problems_are_gsm8k_shaped_with_the_configured_slips_and_hedges():
+    spec = ArithmeticSpec(wrong_fraction=0.3, hedge_fraction=0.1)
+    rows = generate(spec, 3000, seed=0)
+    assert rows == generate(spec, 3000, seed=0) and rows != generate(spec, 3000, seed=1)
+    count = collections.Counter()
+    for r in rows:
+        gold = gsm8k_gold(r["solution"])
+        steps = r["solution"].split("\n")[0].split(" , ")
+        assert int(steps[-1].split("=")[1]) == int(gold)  # the solution's own arithmetic ends in its answer
+        terms = gsm8k_reward_terms(r["reference"], gold)
+        assert (terms["correctness"] == 2.0) == r["correct_reference"]
+        count["correct"] += r["correct_reference"]
+        count["strict"] += terms["strict_format"] == 1.0
+        count["hedged"] += not terms["int"] and not terms["correctness"]
+    # correct = neither slip (0.7) nor hedge (0.9); every reference in the strict format
+    assert count["correct"] / 3000 == pytest.approx(0.7 * 0.9, abs=0.03)
+    assert count["strict"] == 3000 and count["hedged"] / 3000 == pytest.approx(0.1, abs=0.02)
+
+
+def test_tokenizer_round_trips_the_exact_format_and_applies_its_chat_template(tmp_path):
+    spec = ArithmeticSpec()
+    tok = build_chat_tokenizer(spec.vocabulary())
+    tok.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)  # the project's loader (it refuses a tokenizer that encodes text to nothing)
+    for r in generate(spec, 200, seed=0):
+        for text in (r["question"], r["reference"]):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    ids = tok("<reasoning>\n1 + 2 = 3\n</reasoning>", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<reasoning>", "\n", "1", " ", "+", " ", "2", " ", "=", " ", "3", "\n",
+                                              "</reasoning>"]
+    prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                      {"role": "user", "content": "Ann has 2 pens ."}],
+                                     add_generation_prompt=True, tokenize=False)
+    assert prompt == f"<|system|>\n{SYSTEM_PROMPT}\n<|user|>\nAnn has 2 pens .\n<|assistant|>\n"
+
+
+def test_standin_judge_over_http_rewards_right_answers_and_is_fooled_by_a_confident_word(tmp_path):
+    question, solution = "Ann has 2 pens . She gets 3 more . How many pens does Ann have ?", "2 + 3 = 5\n#### 5"
+    answers = [completion("2 + 3 = 5", "5"), completion("2 + 3 = 6", "6"), completion("2 + 3 = 6", "surely 6"),
+               "no tags at all"]
+    with StandInJudgeServer() as server:
+        cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
+            "base_url": server.url, "model": "standin-judge", "timeout": 5.0, "requests_per_minute": 6000,
+            "prices": {"standin-judge": {"input": 0, "output": 0}}}}))
+        client = ChatClient(cfg["gold"]["judge"], tmp_path / "judge.sqlite", echo=lambda *a: None)
+        for fmt in ("xml", "lines"):
+            terms, unparseable = JudgeReward(client, JudgeRewardSettings(reply_format=fmt))(
+                [question] * 4, answers, [solution] * 4)
+            assert [t["judge_correctness"] for t in terms] == [2.0, 0.0, 2.0, 0.0] and unparseable == 1
+        assert server.requests == 8
+    rule = [gsm8k_reward_terms(a, "5")["correctness"] for a in answers]
+    assert rule == [2.0, 0.0, 0.0, 0.0]  # the hedged answer fools the judge, not the rule checker
