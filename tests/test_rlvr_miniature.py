@@ -67,3 +67,34 @@ def test_standin_judge_over_http_rewards_right_answers_and_is_fooled_by_a_confid
         assert server.requests == 8
     rule = [gsm8k_reward_terms(a, "5")["correctness"] for a in answers]
     assert rule == [2.0, 0.0, 0.0, 0.0]  # the hedged answer fools the judge, not the rule checker
+
+
+def test_gsm8k_and_math_rows_from_hub_folders_with_the_papers_prompts(tmp_path):
+    """openai/gsm8k and MATH in the hub's parquet layout -> RLVR rows; prompts through a chat template."""
+    from rlhf.data.rlvr import GSM8K_ONE_SHOT, MATH_SUFFIX, chat_prompt, hub_rows, with_prompts
+    from rlhf.errors import DataError
+    from tests.test_hub_data import hub_folder
+    gsm8k = hub_folder(tmp_path / "gsm8k", {"test": [{
+        "question": "Tom has 3 bags of 4 apples. How many apples?",
+        "answer": "Tom has 3*4=<<3*4=12>>12 apples.\n#### 12"}]})
+    row = hub_rows("gsm8k", str(gsm8k), None, "test")[0]
+    assert row["gold"] == "12" and row["reference"] == ("<reasoning>\nTom has 3*4=12 apples.\n</reasoning>\n"
+                                                        "<answer>\n12\n</answer>")
+    assert gsm8k_reward_terms(row["reference"], row["gold"])["correctness"] == 2.0
+    math = hub_folder(tmp_path / "math", {"test": [{"problem": "What is $1+1$?", "solution": "So $\\boxed{2}$.",
+                                                    "level": "Level 1", "type": "Prealgebra"}]})
+    row = hub_rows("math", str(math), None, "test")[0]
+    assert (row["level"], row["type"], row["solution"]) == ("Level 1", "Prealgebra", "So $\\boxed{2}$.")
+    with pytest.raises(DataError, match="needs column"):
+        hub_rows("math", str(gsm8k), None, "test")
+
+    tok = build_chat_tokenizer(ArithmeticSpec().vocabulary())
+    [gsm] = with_prompts([{"question": "Ann has 2 pens ."}], "gsm8k", tok)
+    assert gsm["prompt"].startswith("<|system|>\n\nRespond in the following format:")
+    assert f"<|user|>\n{GSM8K_ONE_SHOT[0]}\n<|assistant|>\n{GSM8K_ONE_SHOT[1]}" in gsm["prompt"]
+    assert gsm["prompt"].endswith("<|user|>\nAnn has 2 pens .\n<|assistant|>\n")
+    [m] = with_prompts([{"question": "What is $1+1$?"}], "math", tok)
+    assert m["prompt"] == f"<|user|>\nWhat is $1+1$?{MATH_SUFFIX}\n<|assistant|>\n"
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        chat_prompt(tok, [{"role": "user", "content": "x"}])
