@@ -98,3 +98,42 @@ def test_gsm8k_and_math_rows_from_hub_folders_with_the_papers_prompts(tmp_path):
     tok.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
         chat_prompt(tok, [{"role": "user", "content": "x"}])
+
+
+def test_verifiable_reward_sums_named_terms_by_rule_or_judge_and_evaluation_checks_by_rule(tmp_path):
+    from rlhf.rewards.verifiable import VerifiableReward, rule_correct
+    rows = [{"prompt": "P1", "question": "Ann has 2 pens . She gets 3 more . How many pens does Ann have ?",
+             "solution": "2 + 3 = 5\n#### 5"}]
+    texts = [completion("2 + 3 = 5", "5"), completion("2 + 3 = 6", "6"), completion("2 + 3 = 6", "surely 6")]
+    rule = VerifiableReward.from_rows("gsm8k", rows)(["P1"] * 3, texts)
+    assert rule.rewards.tolist() == [5.0, 3.0, 2.5] and rule.unparseable == 0  # 2 + 0.5 + 1 + 1 + 0.5, ...
+    assert rule.terms == pytest.approx({"correctness": 2 / 3, "int": 1 / 3, "strict_format": 1.0,
+                                        "soft_format": 1.0, "xml_count": 0.5})
+    with StandInJudgeServer() as server:
+        cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
+            "base_url": server.url, "model": "standin-judge", "timeout": 5.0,
+            "prices": {"standin-judge": {"input": 0, "output": 0}}}}))
+        client = ChatClient(cfg["gold"]["judge"], tmp_path / "judge.sqlite", echo=lambda *a: None)
+        judged = VerifiableReward.from_rows("gsm8k", rows, judge=JudgeReward(client, JudgeRewardSettings()))(
+            ["P1"] * 4, texts + ["no format"])
+    assert judged.rewards.tolist() == [5.0, 3.0, 4.5, 0.0] and judged.unparseable == 1  # the hedge: judge 2.0
+    assert rule_correct("gsm8k", texts, [rows[0]["solution"]] * 3) == [True, False, False]
+    with pytest.raises(Exception, match="no solution"):
+        VerifiableReward.from_rows("gsm8k", rows)(["unknown prompt"], ["x"])
+
+
+def test_difficulty_table_bins_type_level_groups_by_base_accuracy():
+    """Hand example: groups A/1 (1 of 2 right: 40-60), A/2 (0 of 2: 0-20), B/1 (3 of 4: 60-80), C/1 (1 of 5 = 20 %:
+    the 20-40 bin, left-closed), C/2 (2 of 2 = 100 %: >80)."""
+    import pandas as pd
+
+    from rlhf.difficulty import LABELS, difficulty_table
+    spec = [("A", 1, [1, 0]), ("A", 2, [0, 0]), ("B", 1, [1, 1, 1, 0]), ("C", 1, [1, 0, 0, 0, 0]), ("C", 2, [1, 1])]
+    rows = [(f"{t}{lv}-{i}", t, lv, bool(c)) for t, lv, cs in spec for i, c in enumerate(cs)]
+    base = pd.DataFrame(rows, columns=["question", "type", "level", "correct"])
+    later = base.assign(correct=[q in {"A2-0", "C1-1", "C1-2"} for q in base["question"]])
+    table = difficulty_table(base, {"step 0": base, "step 500": later.sample(frac=1, random_state=0)})
+    assert list(table.index) == list(LABELS)
+    assert table["groups"].tolist() == [1, 1, 1, 1, 1] and table["questions"].tolist() == [2, 5, 2, 4, 2]
+    assert table["step 0"].tolist() == pytest.approx([0.0, 0.2, 0.5, 0.75, 1.0])
+    assert table["step 500"].tolist() == pytest.approx([0.5, 0.4, 0.0, 0.0, 0.0])
