@@ -16,6 +16,7 @@ import yaml
 
 from rlhf.cluster import job_spec
 from rlhf.errors import ConfigError
+from rlhf.data.rlvr import TASK_OF_SOURCE
 from rlhf.registry import SFT_BASELINE, STAGES
 from rlhf.settings import GRPOSettings
 
@@ -103,12 +104,34 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(list(e.absolute_path)), str(e.message)))
     if not errors:
         _fill_defaults(cfg, schema, schema)
+        if cfg["data"]["source"] == "arithmetic":  # a section without a default: filled where it is used
+            data = schema["properties"]["data"]["properties"]
+            _fill_defaults(cfg["data"].setdefault("arithmetic", {}), data["arithmetic"], schema)
         errors = list(validator.iter_errors(cfg))
     _raise_first(errors, source)
     expand_sweeps(cfg, source)
     _raise_first(list(validator.iter_errors(cfg)), source)  # a grid value of the wrong type names its method
     _check_semantics(cfg, source)
     return cfg
+
+
+def _check_rlvr(cfg: dict, source: str) -> None:
+    data, rlvr = cfg["data"]["source"], "rlvr" in cfg
+    if (data in TASK_OF_SOURCE) != rlvr:
+        raise ConfigError(f"{source}: " + (f"data.source {data} is an RLVR task: add an rlvr section (rlvr: {{}} for "
+                                           "the defaults)" if not rlvr else
+                                           f"the rlvr section needs an RLVR data.source ({', '.join(TASK_OF_SOURCE)}), "
+                                           f"not {data}"))
+    if not rlvr:
+        return
+    if data in ("gsm8k", "math") and "hub_name" not in cfg["data"]:
+        raise ConfigError(f"{source}: data.hub_name is required when data.source is '{data}' (e.g. openai/gsm8k)")
+    if data == "arithmetic" and "build" not in cfg["model"]:
+        raise ConfigError(f"{source}: the arithmetic task needs model.build (its vocabulary is the task's own)")
+    for method, overrides in cfg["methods"].items():
+        if {**cfg["grpo"], **overrides}["signcert_quantile"] is not None:
+            raise ConfigError(f"{source}: methods.{method}: SignCert-PO needs a reward model's features; an RLVR "
+                              "reward has none")
 
 
 def _check_semantics(cfg: dict, source: str) -> None:
@@ -121,6 +144,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
     if cfg["data"]["source"] == "alpaca_farm" and ("name" not in cfg["model"] or not cfg["data"]["num_test"]):
         raise ConfigError(f"{source}: data.source alpaca_farm needs model.name (its tokenizer filters by length) "
                           "and a data.num_test")
+    _check_rlvr(cfg, source)
     if cfg["gold"]["type"] == "reward_model" and "name" not in cfg["gold"]:
         raise ConfigError(f"{source}: gold.name is required when gold.type is 'reward_model'")
     if SFT_BASELINE in cfg["methods"]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from rlhf.data.rlvr import rlvr_task
 from rlhf.errors import ConfigError
 from rlhf.paths import Paths
 from rlhf.settings import GRPOSettings
@@ -30,6 +31,7 @@ SIDE_SETTINGS = ("experiment", "wandb", "resources.threads", *(f"gold.judge.{k}"
 MODEL = ("model.dtype", "model.pad_token", "resources.device")   # how a stage loads the project's models
 GOLD = ("gold", "data.source", "data.miniature", "seed")   # the gold (scores, labels, judge requests)
 PROXY = ("rm.batch_size_scoring",)
+RLVR = ("rlvr",)  # absent from RLHF configs, so their views (and caches) do not change with it
 
 Files = Callable[..., dict]  # (paths, cfg, method, seed) -> {name: path or [paths]}
 
@@ -59,23 +61,29 @@ def _sft_inputs(P, cfg, m, s):
     return {"train": P.train, **({"base": P.base} if "build" in cfg["model"] else {})}
 
 
+def _grpo_inputs(P, cfg, m, s):
+    """An RLVR run has no proxy RM: its reward is computed from the data's solutions."""
+    return {"train": P.train, "test": P.test, "sft": P.sft, **({} if rlvr_task(cfg) else {"rm": P.rm})}
+
+
 def _eval_inputs(P, cfg, m, s):
     policy = P.sft if m == SFT_BASELINE else P.policy(m, s)
-    return {"policy": policy, "sft": P.sft, "rm": P.rm, "test": P.test}
+    return {"policy": policy, "sft": P.sft, **({} if rlvr_task(cfg) else {"rm": P.rm}), "test": P.test}
 
 
 def _report_inputs(P, cfg, m, s):
     runs = [(mm, ss) for mm in cfg["methods"] for ss in cfg["seeds"]]
     return {"evals": [P.evaluation(SFT_BASELINE, cfg["seed"])] + [P.evaluation(mm, ss) for mm, ss in runs],
-            "metrics": [P.grpo_metrics(mm, ss) for mm, ss in runs], "certify": P.certify}
+            "metrics": [P.grpo_metrics(mm, ss) for mm, ss in runs], **({} if rlvr_task(cfg) else {"certify": P.certify})}
 
 
 STAGES: dict[str, Stage] = {st.name: st for st in [
     Stage("data", "prompts with references, train/test splits",
-          settings=("seed", "data", "model.name", "model.pad_token"), inputs=_data_inputs,
+          settings=("seed", "data", "model.name", "model.pad_token", "rlvr.system_prompt", "rlvr.one_shot"),
+          inputs=_data_inputs,
           outputs=lambda P, cfg, m, s: {"train": P.train, "test": P.test}),
     Stage("base", "build the miniature's tokenizer and tiny causal LM (miniature only)",
-          settings=("seed", "model.build", "data.miniature"),
+          settings=("seed", "model.build", "data.miniature", "data.arithmetic"),
           outputs=lambda P, cfg, m, s: {"model": P.base}),
     Stage("sft", "supervised fine-tuning on references (completion-only loss)",
           settings=("seed", "model.name", *MODEL, "sft"), inputs=_sft_inputs,
@@ -90,12 +98,11 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           settings=("seed", *MODEL, "rm"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
           outputs=lambda P, cfg, m, s: {"model": P.rm}, data_parallel=True, cpus=2),
     Stage("grpo", "Dr.GRPO against the proxy RM for one method and seed",
-          settings=(*GOLD, *MODEL, *PROXY, "grpo"),
-          inputs=lambda P, cfg, m, s: {"train": P.train, "test": P.test, "sft": P.sft, "rm": P.rm},
+          settings=(*GOLD, *MODEL, *PROXY, *RLVR, "grpo"), inputs=_grpo_inputs,
           outputs=lambda P, cfg, m, s: {"policy": P.policy(m, s), "metrics": P.grpo_metrics(m, s)},
           work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True),
     Stage("evaluate", "gold win rate against references for one method and seed (or 'sft')",
-          settings=(*GOLD, *MODEL, *PROXY, "evaluate"), inputs=_eval_inputs,
+          settings=(*GOLD, *MODEL, *PROXY, *RLVR, "evaluate"), inputs=_eval_inputs,
           outputs=lambda P, cfg, m, s: {"evaluation": P.evaluation(m, s)}, per_run=True),
     Stage("certify", "certified-radius validation of the proxy RM (SignCert Fig. 4)",
           settings=(*GOLD, *MODEL, *PROXY, "certify"),

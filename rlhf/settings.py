@@ -85,6 +85,25 @@ class CertifySettings(Section):
     bins: int
 
 
+@dataclass(frozen=True)
+class RLVRSettings(Section):
+    """An RLVR experiment's reward and prompts (the section is present only in RLVR configs)."""
+    SECTION: ClassVar[str] = "rlvr"
+    reward: str                       # rule | judge
+    system_prompt: str | None         # GSM8K-format system message (None: ReDit's)
+    one_shot: bool                    # ReDit's one-shot turn in GSM8K-format prompts
+    math_verify_timeout: float
+    math_verify_workers: int
+    judge: dict                       # reply_format, correctness_map, unparseable_reward, one_shot, standin
+
+    def judge_reward(self):
+        """The judge reward's settings (rlhf/rewards/llm_judge.py)."""
+        from rlhf.rewards.llm_judge import JudgeRewardSettings
+        j = self.judge
+        return JudgeRewardSettings(reply_format=j["reply_format"], correctness_map=tuple(j["correctness_map"]),
+                                   unparseable_reward=j["unparseable_reward"], one_shot=j["one_shot"])
+
+
 SECTIONS = (SFTSettings, RMSettings, SampleSettings, EvaluateSettings, CertifySettings)
 
 

@@ -1,7 +1,8 @@
 """The Dr.GRPO trainer (PAPERS.md section 2): one update step, the run it acts on, checkpoints. The grpo stage
 (rlhf/stages/grpo.py) drives it; `make bench` times it.
 
-Each step: B prompts -> G completions each -> proxy reward -> group-mean advantages -> per-token loss summed
+Each step: B prompts -> G completions each -> reward (the proxy RM, or an RLVR experiment's verifiable reward) ->
+group-mean advantages -> per-token loss summed
 over tokens / (B*G*T_max) (+ beta * k3 KL to a reference) -> clip the gradient norm -> AdamW step.
 
 The regularizers are local additions, each switched on by its config field and combinable:
@@ -38,7 +39,9 @@ from rlhf.generation import sample
 from rlhf.io import read_jsonl
 from rlhf.models import load_causal_lm
 from rlhf.policy import token_logprobs
+from rlhf.data.rlvr import rlvr_task
 from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.rewards.verifiable import StepRewards, VerifiableReward
 from rlhf.rng import PromptSampler
 from rlhf.settings import GRPOSettings
 from rlhf.stages.common import load_proxy, tokenizer_of
@@ -120,13 +123,14 @@ class GRPORun:
     policy: torch.nn.Module      # the trained model (the DeepSpeed engine's module under DeepSpeed)
     initial: torch.nn.Module     # pi_init, frozen
     reference: torch.nn.Module   # pi_ref: pi_init itself, or its own copy when reset
-    proxy: RewardScorer
+    reward: RewardScorer | VerifiableReward  # the proxy RM (RLHF) or the rule / judge reward (RLVR)
     tokenizer: object
     backend: object              # the update backend: TorchUpdate or DeepSpeedUpdate (rlhf/distributed.py)
     dist: Dist
     settings: GRPOSettings
     prompts: PromptSampler       # which training prompts each step draws (its own checkpointed RNG)
     vllm: object | None = None   # VLLMSampler when grpo.generation is vllm
+    judge_server: object | None = None  # the RLVR miniature's stand-in judge, served while the run lives
 
     def generate(self, prompts: list[str]):
         """G completions per prompt from the current policy (HF generate, or vLLM with the weights pushed first)."""
@@ -138,19 +142,44 @@ class GRPORun:
                       batch_size=len(prompts) * settings.group_size)
 
 
-def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path, device, dist: Dist | None = None,
-             seed: int | None = None) -> GRPORun:
-    """The SFT policy (trained), pi_init and pi_ref (frozen), the proxy RM (folder rm), the update backend and the
+def verifiable_reward(cfg: dict, rows: list[dict]):
+    """An RLVR experiment's reward over these rows (rlvr.reward: rule terms, or the judge's through its cached client;
+    with rlvr.judge.standin, the stand-in judge served on loopback). The judge's answers go to the experiment's judge
+    cache (gold.judge.cache, shared by concurrent jobs like the labeling judge's). Returns (reward, server or None)."""
+    from rlhf.rewards.rules import MathVerifier
+    from rlhf.settings import RLVRSettings
+    s, task, server, judge = RLVRSettings.of(cfg), rlvr_task(cfg), None, None
+    verifier = MathVerifier(s.math_verify_workers, s.math_verify_timeout) if task == "math" else None
+    if s.reward == "judge":
+        from rlhf.judge.client import ChatClient
+        from rlhf.rewards.llm_judge import JudgeReward
+        client_cfg = dict(cfg["gold"]["judge"])
+        if s.judge["standin"]:
+            from rlhf.judge.standin import StandInJudgeServer
+            server = StandInJudgeServer().__enter__()
+            client_cfg["base_url"] = server.url
+        judge = JudgeReward(ChatClient(client_cfg, client_cfg["cache"]), s.judge_reward())
+    return VerifiableReward.from_rows(task, rows, judge=judge, verifier=verifier), server
+
+
+def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path | None, device,
+             dist: Dist | None = None, seed: int | None = None) -> GRPORun:
+    """The SFT policy (trained), pi_init and pi_ref (frozen), the reward (the proxy RM in folder rm; for an RLVR
+    experiment, rm is None and the reward comes from the training rows' solutions), the update backend and the
     training prompts (file train)."""
     dist = dist or Dist(device=device)
-    prompts = PromptSampler([r["prompt"] for r in read_jsonl(train, required=("prompt",))],
-                            cfg["seed"] if seed is None else seed)
+    rows = read_jsonl(train, required=("prompt",))
+    prompts = PromptSampler([r["prompt"] for r in rows], cfg["seed"] if seed is None else seed)
     tokenizer = tokenizer_of(sft, cfg)
     policy = load_causal_lm(sft, cfg["model"]["dtype"], device)
     initial = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_init: KL reference and KL-from-init metric
     # Reference Resets need their own pi_ref; otherwise pi_ref is pi_init (shared, one forward pass for both).
     reference = copy.deepcopy(initial) if settings.reset_every else initial
-    proxy = load_proxy(rm, cfg, tokenizer, device)
+    server = None
+    if rlvr_task(cfg):
+        reward, server = verifiable_reward(cfg, rows)
+    else:
+        reward = load_proxy(rm, cfg, tokenizer, device)
     backend = make_update(policy, settings, dist)
     vllm = None
     if settings.generation == "vllm":
@@ -159,18 +188,18 @@ def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path
                            gpu_memory_utilization=settings.vllm_gpu_memory_utilization, seed=torch.initial_seed() % 2 ** 31,
                            sleep_between_steps=settings.vllm_sleep, kv_cache_gib=settings.vllm_kv_cache_gib,
                            enforce_eager=settings.vllm_enforce_eager)
-    return GRPORun(backend.model, initial, reference, proxy, tokenizer, backend, dist, settings, prompts, vllm)
+    return GRPORun(backend.model, initial, reference, reward, tokenizer, backend, dist, settings, prompts, vllm, server)
 
 
 def train_step(run: GRPORun, batch: list[str], step: int) -> dict:
-    """Update `step` (1-based): sample G completions for each of this rank's prompts of `batch`, score them with the
-    proxy RM, update once; the step's metrics, averaged over ranks."""
+    """Update `step` (1-based): sample G completions for each of this rank's prompts of `batch`, score them (proxy
+    RM or verifiable reward), update once; the step's metrics, averaged over ranks."""
     settings, G = run.settings, run.settings.group_size
     batch = run.dist.shard(batch)
     t0 = time.perf_counter()
     rollout = run.generate(batch)
     t1 = time.perf_counter()
-    scores = run.proxy([p for p in batch for _ in range(G)], rollout.texts)  # rewards and RM features
+    scores = run.reward([p for p in batch for _ in range(G)], rollout.texts)  # rewards (and RM features or terms)
     t2 = time.perf_counter()
     kl_beta = scheduled_beta(settings.kl_beta, step, settings.kl_beta_decay_every)
     penalty_uses_init = kl_beta > 0 and run.reference is run.initial
@@ -195,10 +224,19 @@ def train_step(run: GRPORun, batch: list[str], step: int) -> dict:
         stats["reference_reset"] = 1
     if run.dist.device.type == "cuda":  # the job's high-water mark so far (weights, optimizer, activations, vLLM)
         stats["memory/peak_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2 ** 30
-    return run.dist.mean({"proxy_reward": scores.rewards.mean().item(), "kl_beta": kl_beta,
+    return run.dist.mean({**reward_stats(scores), "kl_beta": kl_beta,
                           "length": rollout.lengths.float().mean().item(), **stats,
                           "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                           "time/step": time.perf_counter() - t0})
+
+
+def reward_stats(scores) -> dict:
+    """The step's reward metrics: the proxy RM's mean, or the verifiable reward's mean, each term's mean and the
+    fraction of judge replies without a usable score."""
+    if not isinstance(scores, StepRewards):
+        return {"proxy_reward": scores.rewards.mean().item()}
+    return {"reward": scores.rewards.mean().item(), **{f"reward/{k}": v for k, v in scores.terms.items()},
+            "judge/unparseable_fraction": scores.unparseable / len(scores.rewards)}
 
 
 def logprob_gap(sampler: torch.Tensor, trainer: torch.Tensor, mask: torch.Tensor) -> float:
@@ -240,7 +278,7 @@ def fingerprint(cfg: dict, settings: GRPOSettings, seed: int, prompts_file: Path
     """Identifies what determines a run's trajectory (the training prompts, the SFT policy and its tokenizer, the
     proxy RM, the seed, precision and the trajectory-shaping settings), so a rerun from other inputs starts afresh."""
     stamp = {"settings": {k: v for k, v in settings.as_dict().items() if k not in TRAJECTORY_NEUTRAL}, "seed": seed,
-             "dtype": cfg["model"]["dtype"], "prompts": _file_stamp(prompts_file),
+             "dtype": cfg["model"]["dtype"], "prompts": _file_stamp(prompts_file), "rlvr": cfg.get("rlvr"),
              "inputs": {folder.name: {f.name: _file_stamp(f) for f in sorted(folder.iterdir())
                                       if f.is_file() and f.name != "train_log.jsonl"} for folder in folders}}
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -293,5 +331,8 @@ def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
 
 
 def close_sampler(run: GRPORun) -> None:
+    """Stop what the run started beside the trainer: the vLLM engine, the stand-in judge."""
     if run.vllm is not None:
         run.vllm.close()
+    if run.judge_server is not None:
+        run.judge_server.__exit__(None, None, None)

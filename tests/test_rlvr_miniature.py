@@ -5,7 +5,8 @@ import collections
 import pytest
 
 from rlhf.config import load_config
-from rlhf.data.arithmetic import SYSTEM_PROMPT, ArithmeticSpec, build_chat_tokenizer, completion, generate
+from rlhf.data.rlvr import GSM8K_SYSTEM, with_prompts
+from rlhf.data.arithmetic import ArithmeticSpec, build_chat_tokenizer, completion, generate
 from rlhf.judge.client import ChatClient
 from rlhf.judge.standin import StandInJudgeServer
 from rlhf.models import load_tokenizer
@@ -45,10 +46,13 @@ def test_tokenizer_round_trips_the_exact_format_and_applies_its_chat_template(tm
     ids = tok("<reasoning>\n1 + 2 = 3\n</reasoning>", add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(ids) == ["<reasoning>", "\n", "1", " ", "+", " ", "2", " ", "=", " ", "3", "\n",
                                               "</reasoning>"]
-    prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+    prompt = tok.apply_chat_template([{"role": "system", "content": GSM8K_SYSTEM},
                                       {"role": "user", "content": "Ann has 2 pens ."}],
                                      add_generation_prompt=True, tokenize=False)
-    assert prompt == f"<|system|>\n{SYSTEM_PROMPT}\n<|user|>\nAnn has 2 pens .\n<|assistant|>\n"
+    assert prompt == f"<|system|>\n{GSM8K_SYSTEM}\n<|user|>\nAnn has 2 pens .\n<|assistant|>\n"
+    for r in with_prompts(generate(spec, 20, seed=0), "gsm8k", tok):  # the papers' GSM8K prompt, one-shot turn too
+        ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == r["prompt"]
 
 
 def test_standin_judge_over_http_rewards_right_answers_and_is_fooled_by_a_confident_word(tmp_path):
@@ -137,3 +141,65 @@ def test_difficulty_table_bins_type_level_groups_by_base_accuracy():
     assert table["groups"].tolist() == [1, 1, 1, 1, 1] and table["questions"].tolist() == [2, 5, 2, 4, 2]
     assert table["step 0"].tolist() == pytest.approx([0.0, 0.2, 0.5, 0.75, 1.0])
     assert table["step 500"].tolist() == pytest.approx([0.5, 0.4, 0.0, 0.0, 0.0])
+
+
+def test_rlvr_config_needs_its_section_and_refuses_signcert(tmp_path):
+    import dataclasses
+
+    from rlhf.config import _schema
+    from rlhf.errors import ConfigError
+    from rlhf.settings import RLVRSettings
+    cfg = load_config(write_config(tmp_path, "rlvr-micro.yaml"))
+    assert {f.name for f in dataclasses.fields(RLVRSettings)} == set(_schema()["properties"]["rlvr"]["properties"])
+    assert RLVRSettings.of(cfg).judge_reward().correctness_map == (0.0, 0.5, 1.0, 1.5, 2.0)
+    assert cfg["data"]["arithmetic"]["hedge_fraction"] == 0.05  # filled where the source uses it ...
+    assert "arithmetic" not in load_config(write_config(tmp_path, "micro.yaml"))["data"]  # ... and nowhere else
+    with pytest.raises(ConfigError, match="data.source arithmetic is an RLVR task: add an rlvr section"):
+        load_config(_without(tmp_path, "rlvr"))
+    with pytest.raises(ConfigError, match="the rlvr section needs an RLVR data.source"):
+        load_config(write_config(tmp_path, "micro.yaml", rlvr={}))
+    with pytest.raises(ConfigError, match="methods.sc: SignCert-PO needs a reward model's features"):
+        load_config(write_config(tmp_path, "rlvr-micro.yaml", methods={"sc": {"signcert_quantile": 0.3}}))
+
+
+def _without(tmp_path, key):
+    import yaml
+    path = write_config(tmp_path, "rlvr-micro.yaml")
+    cfg = yaml.safe_load(path.read_text())
+    del cfg[key]
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_rlvr_micro_dag_trains_against_the_standin_judge_and_evaluates_by_rule(tmp_path):
+    """data -> base -> sft -> grpo (judge reward from the stand-in server over HTTP) -> evaluate (rule checker) ->
+    report, through Snakemake: the DAG has no RM, pairs or certify; every step logs each reward term and the
+    unparseable fraction; the evaluation's accuracy is the rule check of its own completions."""
+    import json
+
+    import pandas as pd
+
+    from rlhf.rewards.verifiable import rule_correct
+    from tests.conftest import jobs, snakemake
+    cfg = write_config(tmp_path, "rlvr-micro.yaml")
+    dry = snakemake(cfg, "-n")
+    assert jobs(dry.stdout) == {"data": 1, "base": 1, "sft": 1, "grpo": 3, "evaluate": 4, "report": 1, "all": 1}
+    run = snakemake(cfg)
+    assert run.returncode == 0, run.stderr[-3000:]
+    root = tmp_path / "results" / "rlvr-micro"
+    steps = [json.loads(line) for line in (root / "grpo" / "noreg" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    train = [s for s in steps if "reward" in s]
+    assert len(train) == 4 and all({"reward/judge_correctness", "reward/xml_count", "judge/unparseable_fraction"}
+                                   <= set(s) for s in train)
+    assert all(s["reward"] == pytest.approx(sum(v for k, v in s.items() if k.startswith("reward/"))) for s in train)
+    test = [json.loads(line) for line in (root / "data" / "test.jsonl").read_text().splitlines()]
+    for method in ("sft", "noreg", "gr"):
+        ev = root / "eval" / method / "seed0"
+        metrics = json.loads((ev / "metrics.json").read_text())
+        rows = [json.loads(line) for line in (ev / "completions.jsonl").read_text().splitlines()]
+        solved = rule_correct("gsm8k", [r["completion"] for r in rows], [t["solution"] for t in test])
+        assert [r["correct"] for r in rows] == solved and metrics["accuracy"] == pytest.approx(sum(solved) / 16)
+    table = pd.read_csv(root / "report" / "table.csv")
+    assert list(table["method"]) == ["sft", "noreg", "kl", "gr"] and {"accuracy_mean", "reward_mean"} <= set(table)
+    assert (root / "report" / "accuracy_vs_step.png").is_file()

@@ -21,8 +21,39 @@ def _check(rows: list[dict], where: str) -> list[dict]:
     return rows
 
 
+def miniature_tokenizer(cfg: dict):
+    """The tokenizer the base stage saves for a miniature (the data stage of the RLVR miniature builds the same one
+    to apply its chat template: it is a function of the config alone)."""
+    if "arithmetic" in cfg["data"]:
+        from rlhf.data.arithmetic import ArithmeticSpec, build_chat_tokenizer
+        return build_chat_tokenizer(ArithmeticSpec(**cfg["data"]["arithmetic"]).vocabulary())
+    from rlhf.data.miniature import MiniatureSpec
+    from rlhf.models import build_word_tokenizer
+    return build_word_tokenizer(MiniatureSpec.from_config(cfg).vocabulary())
+
+
+def _rlvr_splits(cfg: dict) -> tuple[list[dict], list[dict]]:
+    """RLVR rows (question, solution, reference, prompt through the policy's chat template)."""
+    from rlhf.data import rlvr
+    data, task, section = cfg["data"], rlvr.rlvr_task(cfg), cfg["rlvr"]
+    if data["source"] == "arithmetic":
+        from rlhf.data.arithmetic import ArithmeticSpec, generate
+        rows = generate(ArithmeticSpec(**data["arithmetic"]), data["num_train"] + data["num_test"], cfg["seed"])
+        train, test, tokenizer = rows[: data["num_train"]], rows[data["num_train"]:], miniature_tokenizer(cfg)
+    else:
+        from rlhf.models import load_tokenizer
+        train = rlvr.hub_rows(task, data["hub_name"], data.get("hub_config"), data["train_split"])[: data["num_train"]]
+        test = rlvr.hub_rows(task, data["hub_name"], data.get("hub_config"), data["test_split"])[: data["num_test"]]
+        tokenizer = load_tokenizer(cfg["model"]["name"], pad_token=cfg["model"]["pad_token"])
+    system = section["system_prompt"] if section["system_prompt"] is not None else rlvr.GSM8K_SYSTEM
+    split = lambda rows: rlvr.with_prompts(rows, task, tokenizer, one_shot=section["one_shot"], system=system)  # noqa: E731
+    return _check(split(train), f"{data['source']} train"), _check(split(test), f"{data['source']} test")
+
+
 def load_splits(cfg: dict) -> tuple[list[dict], list[dict]]:
     data = cfg["data"]
+    if "rlvr" in cfg:
+        return _rlvr_splits(cfg)
     if data["source"] == "miniature":
         from rlhf.data.miniature import MiniatureSpec, generate_splits
         train, test = generate_splits(MiniatureSpec.from_config(cfg), data["num_train"], data["num_test"], cfg["seed"])

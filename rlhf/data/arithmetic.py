@@ -17,21 +17,24 @@ and decoding concatenates (no added spaces).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+
+from rlhf.data.rlvr import GSM8K_ONE_SHOT, GSM8K_SYSTEM
 
 NAMES = ["Ann", "Ben", "Cat", "Dan", "Eve", "Fay", "Gus", "Hal"]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "shells"]
 HEDGES = ["surely", "clearly", "definitely"]
 CHAT_ROLES = ("system", "user", "assistant")
 TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
-WORDS = (NAMES + ITEMS + HEDGES + "has She He gets more and gives away How many does have Respond with reasoning then "
-         "the answer".split())
+PROMPT_TEXT = GSM8K_SYSTEM + " ".join(GSM8K_ONE_SHOT)  # the GSM8K prompt's words, so the miniature uses it verbatim
+WORDS = NAMES + ITEMS + HEDGES + "has She He gets more and gives away How many does have".split() + \
+    re.findall(r"[A-Za-z]+", PROMPT_TEXT)
 PIECES = r"<\|\w+\|>|</?\w+>|\d+|[A-Za-z]+|[\s\S]"
 # A chat template in the usual shape (role markers, then the assistant's turn): the policy sees what an instruct
 # model sees, and the data stage applies it with tokenizer.apply_chat_template like for a hub model.
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-SYSTEM_PROMPT = "Respond with reasoning then the answer ."
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class ArithmeticSpec:
         return self.max_start + self.steps * self.max_step
 
     def vocabulary(self) -> list[str]:
-        chars = sorted(set(" \n.,?:=+-#"))
+        chars = sorted(set(" \n.,?:=+-#") | set(re.sub(r"[A-Za-z0-9]|</?\w+>", "", PROMPT_TEXT)))
         return ([f"<|{r}|>" for r in CHAT_ROLES] + TAGS + [str(i) for i in range(-1, self.max_value + 2)]
                 + WORDS + chars)
 

@@ -30,6 +30,12 @@ GSM8K_ONE_SHOT = ("What is the largest single-digit prime number?",
                   "<answer>\n7\n</answer>\n")  # sic: ReDit's example, typo included
 MATH_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 GSM8K_COLUMNS, MATH_COLUMNS = {"question", "answer"}, {"problem", "solution", "level", "type"}
+TASK_OF_SOURCE = {"arithmetic": "gsm8k", "gsm8k": "gsm8k", "math": "math"}  # data.source -> rules and prompt
+
+
+def rlvr_task(cfg: dict) -> str | None:
+    """"gsm8k" or "math" (which rule reward and prompt) for an RLVR experiment, None for an RLHF one."""
+    return TASK_OF_SOURCE.get(cfg["data"]["source"])
 
 
 def gsm8k_messages(question: str, system: str = GSM8K_SYSTEM, one_shot: bool = True) -> list[dict]:
@@ -76,7 +82,7 @@ def hub_rows(task: str, name: str, config: str | None, split: str) -> list[dict]
     return [mapper(r) for r in ds]
 
 
-def with_prompts(rows: list[dict], task: str, tokenizer, one_shot: bool = True) -> list[dict]:
+def with_prompts(rows: list[dict], task: str, tokenizer, one_shot: bool = True, system: str = GSM8K_SYSTEM) -> list[dict]:
     """Each row with `prompt`: its messages through the tokenizer's chat template."""
-    make = (lambda q: gsm8k_messages(q, one_shot=one_shot)) if task == "gsm8k" else math_messages
+    make = (lambda q: gsm8k_messages(q, system, one_shot)) if task == "gsm8k" else math_messages
     return [{"prompt": chat_prompt(tokenizer, make(r["question"])), **r} for r in rows]

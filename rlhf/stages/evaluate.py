@@ -1,11 +1,14 @@
 """evaluate: win rate of a policy against the references on the test prompts, judged by the gold (95% CI),
-with mean gold and proxy reward, KL to the SFT policy and length. `--method sft` evaluates the SFT policy."""
-from rlhf.evaluation import evaluate_policy
+with mean gold and proxy reward, KL to the SFT policy and length. `--method sft` evaluates the SFT policy.
+RLVR: accuracy by the rule checker (95% CI) and the training reward's mean on the test questions."""
+from rlhf.data.rlvr import rlvr_task
+from rlhf.evaluation import evaluate_policy, evaluate_rlvr
 from rlhf.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from rlhf.models import load_causal_lm
 from rlhf.rewards.gold import make_gold
 from rlhf.settings import EvaluateSettings
 from rlhf.stages.common import load_proxy, setup, tokenizer_of
+from rlhf.trainer import verifiable_reward
 
 
 def run(cfg, files, args):
@@ -13,6 +16,8 @@ def run(cfg, files, args):
     device = setup(cfg, args, seed=seed)
     e, inputs, folder = EvaluateSettings.of(cfg), files.inputs, files.outputs["evaluation"]
     rows = read_jsonl(inputs["test"], required=("prompt", "reference"))[: e.num_prompts]
+    if rlvr_task(cfg):
+        return run_rlvr(cfg, files, args, e, rows, device)
     tokenizer = tokenizer_of(inputs["sft"], cfg)
     dtype = cfg["model"]["dtype"]
     sft = load_causal_lm(inputs["sft"], dtype, device)
@@ -26,3 +31,23 @@ def run(cfg, files, args):
         write_jsonl(out / "completions.jsonl", completions)
     print(f"evaluate: {method} seed {seed}: win rate {metrics['win_rate']:.3f} "
           f"[{metrics['win_rate_ci_low']:.3f}, {metrics['win_rate_ci_high']:.3f}] -> {folder}")
+
+
+def run_rlvr(cfg, files, args, e, rows, device):
+    method, seed, inputs, folder = args.method, args.seed, files.inputs, files.outputs["evaluation"]
+    tokenizer = tokenizer_of(inputs["sft"], cfg)
+    policy = load_causal_lm(inputs["policy"], cfg["model"]["dtype"], device)
+    reward, server = verifiable_reward(cfg, rows)
+    try:
+        metrics, completions = evaluate_rlvr(policy, tokenizer, rows, rlvr_task(cfg), reward, reward.verifier,
+                                             temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                                             batch_size=e.batch_size)
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+    with atomic_dir(folder) as out:
+        write_json(out / "metrics.json", {"method": method, "seed": seed, **metrics})
+        write_jsonl(out / "completions.jsonl", completions)
+    print(f"evaluate: {method} seed {seed}: accuracy {metrics['accuracy']:.3f} "
+          f"[{metrics['accuracy_ci_low']:.3f}, {metrics['accuracy_ci_high']:.3f}], reward {metrics['reward']:.3f} "
+          f"-> {folder}")

@@ -1,6 +1,7 @@
-"""grpo: Dr.GRPO against the proxy RM for one method and seed (the trainer: rlhf/trainer.py).
+"""grpo: Dr.GRPO for one method and seed (the trainer: rlhf/trainer.py), against the proxy RM or, in an RLVR
+experiment, the verifiable reward.
 
-Files: inputs train, test, sft, rm; outputs policy (folder) and metrics (one JSON line per step and per held-out
+Files: inputs train, test, sft, rm (RLHF only); outputs policy (folder) and metrics (one JSON line per step and per held-out
 evaluation); work: the folder of the run in progress (its checkpoint and the live metrics log, `tail -f` it), kept
 across attempts so a killed run resumes, removed once the outputs are in place.
 """
@@ -14,10 +15,12 @@ from tqdm import trange
 
 from rlhf.diagnostics import onpolicy_rm_accuracy, sharpness
 from rlhf.distributed import Dist
-from rlhf.evaluation import evaluate_policy
+from rlhf.data.rlvr import rlvr_task
+from rlhf.evaluation import evaluate_policy, evaluate_rlvr
 from rlhf.io import atomic_dir, atomic_file, read_jsonl
 from rlhf.metrics_log import MetricsLog
 from rlhf.rewards.gold import make_gold
+from rlhf.rewards.verifiable import VerifiableReward
 from rlhf.settings import GRPOSettings
 from rlhf.stages.common import setup
 from rlhf.trainer import (close_sampler, fingerprint, load_checkpoint, load_run, perturbation_lost, rounding_warning,
@@ -34,12 +37,16 @@ def run(cfg, files, args):
     main = dist.is_main
     ckpt_dir, live_metrics = work / "checkpoint", work / "metrics.jsonl"
     heldout = read_jsonl(inputs["test"], required=("prompt", "reference"))[: settings.eval_prompts]
+    task = rlvr_task(cfg)
 
-    trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs["rm"], dist.device, dist, seed=seed)
-    policy, initial, proxy, tokenizer = trainer.policy, trainer.initial, trainer.proxy, trainer.tokenizer
-    gold = make_gold(cfg, dist.device) if main else None  # only rank 0 evaluates
+    trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs.get("rm"), dist.device, dist, seed=seed)
+    policy, initial, reward, tokenizer = trainer.policy, trainer.initial, trainer.reward, trainer.tokenizer
+    gold = make_gold(cfg, dist.device) if main and not task else None  # only rank 0 evaluates
+    heldout_reward = None
+    if main and task:  # the training reward on the held-out questions (the same judge client and cache)
+        heldout_reward = VerifiableReward.from_rows(task, heldout, judge=reward.judge, verifier=reward.verifier)
 
-    stamp = fingerprint(cfg, settings, seed, inputs["train"], [inputs["sft"], inputs["rm"]])
+    stamp = fingerprint(cfg, settings, seed, inputs["train"], [inputs["sft"], *([inputs["rm"]] if "rm" in inputs else [])])
     start = load_checkpoint(ckpt_dir, trainer, stamp)
     log = MetricsLog(live_metrics, resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
                      run_config={"method": method, "seed": seed, "world_size": dist.world_size, **settings.as_dict()},
@@ -50,15 +57,21 @@ def run(cfg, files, args):
     def diagnose(step: int) -> None:
         """Gold evaluation and diagnostics on rank 0 (the others wait); own RNG streams, so they never change
         the training trajectory."""
-        if main:
+        if main and task:
             with torch.random.fork_rng():
                 torch.manual_seed(seed * 1_000_003 + step)
-                metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, proxy, initial, **eval_kwargs)
+                metrics, _ = evaluate_rlvr(policy, tokenizer, heldout, task, heldout_reward, reward.verifier,
+                                           **eval_kwargs)
+            log.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        elif main:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed * 1_000_003 + step)
+                metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, reward, initial, **eval_kwargs)
             out = {f"eval/{k}": v for k, v in metrics.items()}
-            out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, proxy, seed=seed + step,
+            out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, reward, seed=seed + step,
                                             **eval_kwargs))
             if settings.sharpness_every and step % settings.sharpness_every == 0:
-                out.update(sharpness(policy, tokenizer, heldout_prompts[: settings.sharpness_prompts], proxy,
+                out.update(sharpness(policy, tokenizer, heldout_prompts[: settings.sharpness_prompts], reward,
                                      perturbations=settings.sharpness_perturbations, radius=settings.sharpness_radius,
                                      seed=seed + step, **eval_kwargs))
             log.write(step, out)

@@ -9,6 +9,11 @@ Files:
   diagnostics.png          gradient norm ||g1|| and sharpness against the step, on-policy BT loss against the
                            step and against ||g1||, on-policy proxy-RM accuracy against KL, SignCert's fraction with rho <= 0
   radius_validation.png    copied from the certify stage (sign robustness by decile of the certified radius)
+An RLVR experiment (its evaluations report accuracy, not win rate) gets the GR Table-3 shape instead:
+  table.csv / table.md     per method (the base policy first): rule-checked accuracy and the training reward
+                           (judge or rule terms) on the test questions, mean +- 95% CI over seeds; and per run the
+                           peak held-out accuracy during training, the final one and the drop (judge hacking)
+  accuracy_vs_step.png     training reward, held-out accuracy and held-out training reward against the step
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from rlhf.io import atomic_dir, read_json  # noqa: E402
 from rlhf.stats import mean_ci  # noqa: E402
 
 TABLE_METRICS = ["win_rate", "gold_reward", "proxy_reward", "kl", "length"]
+RLVR_METRICS = ["accuracy", "reward", "reward/judge_correctness", "reward/correctness", "judge/unparseable_fraction",
+                "length"]
 
 
 def read_metrics(path) -> pd.DataFrame:
@@ -30,11 +37,11 @@ def read_metrics(path) -> pd.DataFrame:
     return df.groupby("step", as_index=False).first()  # a step's train and eval lines are merged
 
 
-def summarize(evals: pd.DataFrame) -> pd.DataFrame:
+def summarize(evals: pd.DataFrame, metrics=TABLE_METRICS) -> pd.DataFrame:
     rows = []
     for method, g in evals.groupby("method", sort=False):
         row = {"method": method, "n_seeds": len(g)}
-        for m in TABLE_METRICS:
+        for m in metrics:
             if m in g:
                 row[f"{m}_mean"], row[f"{m}_ci"] = mean_ci(g[m])
         rows.append(row)
@@ -67,16 +74,23 @@ def certify_markdown(folder) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(table: pd.DataFrame, over: pd.DataFrame) -> str:
-    def cell(row, m):
-        mean, ci = row.get(f"{m}_mean"), row.get(f"{m}_ci")
-        if mean is None or pd.isna(mean):
-            return "–"
-        return f"{mean:.3f}" if pd.isna(ci) else f"{mean:.3f} ± {ci:.3f}"
-    cols = [m for m in TABLE_METRICS if f"{m}_mean" in table]
+def _cell(row, m) -> str:
+    mean, ci = row.get(f"{m}_mean"), row.get(f"{m}_ci")
+    if mean is None or pd.isna(mean):
+        return "–"
+    return f"{mean:.3f}" if pd.isna(ci) else f"{mean:.3f} ± {ci:.3f}"
+
+
+def _table_lines(table: pd.DataFrame, metrics) -> list[str]:
+    cols = [m for m in metrics if f"{m}_mean" in table]
     lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for _, row in table.iterrows():
-        lines.append(f"| {row['method']} | {row['n_seeds']} | " + " | ".join(cell(row, m) for m in cols) + " |")
+        lines.append(f"| {row['method']} | {row['n_seeds']} | " + " | ".join(_cell(row, m) for m in cols) + " |")
+    return lines
+
+
+def markdown(table: pd.DataFrame, over: pd.DataFrame) -> str:
+    lines = _table_lines(table, TABLE_METRICS)
     lines += ["", "Mean ± half-width of the 95% t interval over seeds; win rate against the references, judged by the gold.",
               "", "Over-optimization during training (held-out prompts):", "",
               "| method | seed | peak win rate | at step | final win rate | drop | final proxy reward |",
@@ -157,14 +171,71 @@ def plot_diagnostics(curves: dict, out) -> None:
     plt.close(fig)
 
 
+def hacking(curves: dict) -> pd.DataFrame:
+    """RLVR: per run, the held-out accuracy's peak during training, the final one, the drop, the final train reward."""
+    rows = []
+    for (method, seed), df in curves.items():
+        ev = df.dropna(subset=["eval/accuracy"])
+        peak, final = ev.loc[ev["eval/accuracy"].idxmax()], ev.iloc[-1]
+        rows.append({"method": method, "seed": seed, "initial_accuracy": ev.iloc[0]["eval/accuracy"],
+                     "peak_accuracy": peak["eval/accuracy"], "peak_step": int(peak["step"]),
+                     "final_accuracy": final["eval/accuracy"],
+                     "drop_from_peak": peak["eval/accuracy"] - final["eval/accuracy"],
+                     "final_train_reward": df["reward"].dropna().tail(10).mean()})
+    return pd.DataFrame(rows)
+
+
+def rlvr_markdown(table: pd.DataFrame, runs: pd.DataFrame) -> str:
+    lines = _table_lines(table, RLVR_METRICS)
+    lines += ["", "Test questions, one sampled answer each; accuracy by the rule checker whatever the training reward; "
+              "reward: the training reward (judge or rule terms) on the same answers. Mean ± half-width of the 95% t "
+              "interval over seeds.", "", "During training (held-out questions):", "",
+              "| method | seed | initial accuracy | peak | at step | final | drop | final train reward |",
+              "|---|---|---|---|---|---|---|---|"]
+    for _, r in runs.iterrows():
+        lines.append(f"| {r['method']} | {r['seed']} | {r['initial_accuracy']:.3f} | {r['peak_accuracy']:.3f} | "
+                     f"{r['peak_step']} | {r['final_accuracy']:.3f} | {r['drop_from_peak']:.3f} | "
+                     f"{r['final_train_reward']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rlvr(curves: dict, out) -> None:
+    methods = list(dict.fromkeys(m for m, _ in curves))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for (method, seed), df in curves.items():
+        train, ev = df.dropna(subset=["reward"]), df.dropna(subset=["eval/accuracy"])
+        axes[0].plot(train["step"], train["reward"].rolling(10, min_periods=1).mean(), color=colors[method],
+                     alpha=0.8, label=_label_once(curves, method, seed))
+        axes[1].plot(ev["step"], ev["eval/accuracy"], color=colors[method], alpha=0.8, marker=".")
+        axes[2].plot(ev["step"], ev["eval/reward"], color=colors[method], alpha=0.8, marker=".")
+    axes[0].set(xlabel="step", ylabel="training reward (train batch, smoothed)", title="Training reward")
+    axes[1].set(xlabel="step", ylabel="accuracy by the rule checker (held-out)", title="Accuracy")
+    axes[2].set(xlabel="step", ylabel="training reward (held-out)", title="Held-out training reward")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_step.png", dpi=120)
+    plt.close(fig)
+
+
 def run(cfg, files, args):
     """inputs: `evals` (the SFT baseline's first, then one per GRPO run), `metrics` (the GRPO runs' training curves,
-    in the order of evals[1:]) and `certify`."""
+    in the order of evals[1:]) and, for RLHF, `certify`."""
     evals = [read_json(folder / "metrics.json") for folder in files.inputs["evals"]]
     curves = {(e["method"], e["seed"]): read_metrics(path) for e, path in zip(evals[1:], files.inputs["metrics"],
                                                                              strict=True)}
+    folder = files.outputs["report"]
+    if "accuracy" in evals[0]:  # an RLVR experiment
+        table, runs = summarize(pd.DataFrame(evals), RLVR_METRICS), hacking(curves)
+        with atomic_dir(folder) as out:
+            table.to_csv(out / "table.csv", index=False)
+            runs.to_csv(out / "hacking.csv", index=False)
+            (out / "table.md").write_text(rlvr_markdown(table, runs))
+            plot_rlvr(curves, out)
+        print((folder / "table.md").read_text())
+        return
     table, over = summarize(pd.DataFrame(evals)), overoptimization(curves)
-    certify, folder = files.inputs["certify"], files.outputs["report"]
+    certify = files.inputs["certify"]
     with atomic_dir(folder) as out:
         table.to_csv(out / "table.csv", index=False)
         over.to_csv(out / "overoptimization.csv", index=False)
