@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo test bench env clean-results gpu-wheels gpu-smoke
+.PHONY: demo demo-rlvr test bench env clean-results gpu-wheels gpu-smoke
 
 env: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile $(CONFIG) && cat results/miniature/report/table.md
+
+# The RLVR miniature: judge hacking against a stand-in judge, and what GR and KL do about it (README, RLVR track).
+demo-rlvr: $(STAMP)
+	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/rlvr-miniature.yaml \
+		&& cat results/rlvr-miniature/report/table.md
 
 # Times GRPO steps on the miniature (builds SFT and RM first if needed); prints and writes results/miniature/bench/.
 bench: $(STAMP)
