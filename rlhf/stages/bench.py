@@ -91,7 +91,7 @@ def time_trl(cfg, s: GRPOSettings, prompts: list[str], device, warmup: int, time
     B, G = s.prompts_per_step, s.group_size
 
     def proxy_reward(prompts, completions, **kwargs):
-        return run.proxy(prompts, [c.strip() for c in completions]).rewards.tolist()
+        return run.reward(prompts, [c.strip() for c in completions]).rewards.tolist()
 
     timer = _StepTimer()
     autocast = {"bfloat16": "bf16", "float16": "fp16"}
