@@ -128,6 +128,10 @@ def _check_rlvr(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: data.hub_name is required when data.source is '{data}' (e.g. openai/gsm8k)")
     if data == "arithmetic" and "build" not in cfg["model"]:
         raise ConfigError(f"{source}: the arithmetic task needs model.build (its vocabulary is the task's own)")
+    judge = cfg["gold"]["judge"]
+    if cfg["rlvr"]["reward"] == "judge" and not cfg["rlvr"]["judge"]["standin"] and judge["max_tokens"] < 64:
+        raise ConfigError(f"{source}: gold.judge.max_tokens {judge['max_tokens']} cannot hold the RLVR judge's reply "
+                          "(a judgement, then the scores): set it to e.g. 512")
     for method, overrides in cfg["methods"].items():
         if {**cfg["grpo"], **overrides}["signcert_quantile"] is not None:
             raise ConfigError(f"{source}: methods.{method}: SignCert-PO needs a reward model's features; an RLVR "

@@ -27,3 +27,20 @@ def difficulty_table(base: pd.DataFrame, checkpoints: dict[str, pd.DataFrame]) -
         merged = question_bin.merge(frame[["question", "correct"]], on="question", validate="one_to_one")
         out[name] = merged.groupby("bin", observed=False)["correct"].mean()
     return out.reindex(list(LABELS))
+
+
+def difficulty_by_method(base: pd.DataFrame, runs: dict[tuple[str, int], dict[int, pd.DataFrame]]) -> pd.DataFrame:
+    """The table for each method, its accuracies averaged over seeds: rows (method, bin) with the bin's groups and
+    questions, columns = evaluation steps, value = mean over the method's seeds of the bin's accuracy.
+
+    `base` defines the bins and should be an evaluation independent of the runs' step-0 one (the report uses the SFT
+    policy's own test evaluation): bins chosen on the same samples they are then scored on would show regression to
+    the mean (hard bins "improve", easy ones "degrade") even for a policy that never changed."""
+    tables = [difficulty_table(base, {step: frame for step, frame in steps.items()}).assign(method=method, seed=seed)
+              for (method, seed), steps in runs.items()]
+    long = pd.concat(tables).rename_axis("bin").reset_index()
+    steps = sorted({step for steps in runs.values() for step in steps})
+    out = long.groupby(["method", "bin"], sort=False)[steps].mean()
+    counts = long.groupby(["method", "bin"], sort=False)[["groups", "questions"]].first()
+    seeds = long.groupby(["method", "bin"], sort=False)["seed"].nunique().rename("seeds")
+    return pd.concat([counts, seeds, out], axis=1).reset_index()

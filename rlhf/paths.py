@@ -51,6 +51,9 @@ class Paths:
     def grpo_metrics(self, method: str, seed) -> Path:
         return self.grpo(method, seed) / "metrics.jsonl"
 
+    def grpo_heldout(self, method: str, seed) -> Path:
+        return self.grpo(method, seed) / "heldout.jsonl"  # RLVR: each held-out question's correctness at each eval step
+
     def evaluation(self, method: str, seed) -> Path:
         return self.root / "eval" / str(method) / f"seed{seed}"
 

@@ -71,10 +71,17 @@ def _eval_inputs(P, cfg, m, s):
     return {"policy": policy, "sft": P.sft, **({} if rlvr_task(cfg) else {"rm": P.rm}), "test": P.test}
 
 
+def _grpo_outputs(P, cfg, m, s):
+    """An RLVR run also keeps which held-out questions it solved at each evaluation (the difficulty table's input)."""
+    return {"policy": P.policy(m, s), "metrics": P.grpo_metrics(m, s),
+            **({"heldout": P.grpo_heldout(m, s)} if rlvr_task(cfg) else {})}
+
+
 def _report_inputs(P, cfg, m, s):
     runs = [(mm, ss) for mm in cfg["methods"] for ss in cfg["seeds"]]
+    per_run = {"heldout": [P.grpo_heldout(mm, ss) for mm, ss in runs]} if rlvr_task(cfg) else {"certify": P.certify}
     return {"evals": [P.evaluation(SFT_BASELINE, cfg["seed"])] + [P.evaluation(mm, ss) for mm, ss in runs],
-            "metrics": [P.grpo_metrics(mm, ss) for mm, ss in runs], **({} if rlvr_task(cfg) else {"certify": P.certify})}
+            "metrics": [P.grpo_metrics(mm, ss) for mm, ss in runs], **per_run}
 
 
 STAGES: dict[str, Stage] = {st.name: st for st in [
@@ -99,7 +106,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           outputs=lambda P, cfg, m, s: {"model": P.rm}, data_parallel=True, cpus=2),
     Stage("grpo", "Dr.GRPO against the proxy RM for one method and seed",
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "grpo"), inputs=_grpo_inputs,
-          outputs=lambda P, cfg, m, s: {"policy": P.policy(m, s), "metrics": P.grpo_metrics(m, s)},
+          outputs=_grpo_outputs,
           work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True),
     Stage("evaluate", "gold win rate against references for one method and seed (or 'sft')",
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "evaluate"), inputs=_eval_inputs,
@@ -108,7 +115,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           settings=(*GOLD, *MODEL, *PROXY, "certify"),
           inputs=lambda P, cfg, m, s: {"test": P.test, "sft": P.sft, "rm": P.rm},
           outputs=lambda P, cfg, m, s: {"certify": P.certify}),
-    Stage("report", "table and plots over methods x seeds", inputs=_report_inputs, many=("evals", "metrics"),
+    Stage("report", "table and plots over methods x seeds", inputs=_report_inputs, many=("evals", "metrics", "heldout"),
           outputs=lambda P, cfg, m, s: {"report": P.report}),
     Stage("bench", "seconds per GRPO step: noreg, gr, signcert and TRL's GRPOTrainer as Dr.GRPO", tool=True),
     Stage("judge-cost", "expected requests, tokens and USD of an API judge (gold.type openai) for this experiment",

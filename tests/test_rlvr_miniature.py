@@ -143,6 +143,50 @@ def test_difficulty_table_bins_type_level_groups_by_base_accuracy():
     assert table["step 500"].tolist() == pytest.approx([0.5, 0.4, 0.0, 0.0, 0.0])
 
 
+def test_difficulty_by_method_averages_seeds_per_bin_and_step():
+    """Two groups (A: base 0 of 2, bin 0-20; B: base 2 of 2, >80). gr seeds 0/1 solve A's questions 1 and 2 of 2 at
+    step 10 (mean 0.75) and keep B; noreg seed 0 loses one B question at step 10 (0.5)."""
+    import pandas as pd
+
+    from rlhf.difficulty import difficulty_by_method
+    base = pd.DataFrame({"question": [0, 1, 2, 3], "type": ["A", "A", "B", "B"], "level": [1, 1, 1, 1],
+                         "correct": [False, False, True, True]})
+    frame = lambda *c: pd.DataFrame({"question": [0, 1, 2, 3], "correct": list(c)})  # noqa: E731
+    runs = {("gr", 0): {0: frame(0, 0, 1, 1), 10: frame(1, 0, 1, 1)},
+            ("gr", 1): {0: frame(0, 0, 1, 1), 10: frame(1, 1, 1, 1)},
+            ("noreg", 0): {0: frame(0, 1, 1, 1), 10: frame(0, 0, 1, 0)}}
+    table = difficulty_by_method(base, runs).set_index(["method", "bin"])
+    assert table.loc[("gr", "0-20"), 10] == pytest.approx(0.75) and table.loc[("gr", ">80"), 10] == 1.0
+    assert table.loc[("gr", "0-20"), "seeds"] == 2 and table.loc[("noreg", "0-20"), "seeds"] == 1
+    assert table.loc[("noreg", "0-20"), 0] == 0.5 and table.loc[("noreg", ">80"), 10] == 0.5
+    assert table.loc[("gr", "20-40"), "questions"] == 0 and pd.isna(table.loc[("gr", "20-40"), 10])
+
+
+def test_arithmetic_rows_carry_difficulty_labels_from_their_operations_and_answer():
+    rows = generate(ArithmeticSpec(), 400, seed=0)
+    for r in rows:
+        ops = [("+" if "+" in step else "-") for step in r["solution"].split("\n")[0].split(" , ")]
+        number = int(gsm8k_gold(r["solution"]))
+        assert r["type"] == "".join(ops) and r["level"] == f"Level {1 + min(4, number // 4)}"
+    assert len({(r["type"], r["level"]) for r in rows}) >= 12  # enough type x level groups to bin
+
+
+def test_sft_with_zero_epochs_keeps_the_starting_policy_as_it_is(tmp_path):
+    """An instruct model as RLVR policy (the GSM8K / MATH paper configs): the sft folder holds its weights unchanged."""
+    import torch
+
+    from rlhf.cli import main
+    from rlhf.models import load_causal_lm
+    cfg = write_config(tmp_path, "rlvr-micro.yaml", sft={"epochs": 0})
+    assert main(["data", "--config", str(cfg)]) == 0 and main(["base", "--config", str(cfg)]) == 0
+    assert main(["sft", "--config", str(cfg)]) == 0
+    root = tmp_path / "results" / "rlvr-micro"
+    base, sft = (load_causal_lm(root / name, "float32", torch.device("cpu")).state_dict() for name in ("base", "sft"))
+    assert base.keys() == sft.keys() and all(torch.equal(base[k], sft[k]) for k in base)
+    assert (root / "sft" / "train_log.jsonl").read_text() == ""  # no training step
+    assert load_tokenizer(root / "sft").chat_template == load_tokenizer(root / "base").chat_template
+
+
 def test_rlvr_config_needs_its_section_and_refuses_signcert(tmp_path):
     import dataclasses
 
@@ -203,3 +247,13 @@ def test_rlvr_micro_dag_trains_against_the_standin_judge_and_evaluates_by_rule(t
     table = pd.read_csv(root / "report" / "table.csv")
     assert list(table["method"]) == ["sft", "noreg", "kl", "gr"] and {"accuracy_mean", "reward_mean"} <= set(table)
     assert (root / "report" / "accuracy_vs_step.png").is_file()
+    # the difficulty table: each run's held-out evaluations (steps 0, 2, 4 over the 8 held-out questions) ...
+    solved = [json.loads(line) for line in (root / "grpo" / "gr" / "seed0" / "heldout.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in solved] == [0, 2, 4] and all(len(r["correct"]) == 8 for r in solved)
+    accuracy = {s["step"]: s["eval/accuracy"] for s in steps if "eval/accuracy" in s}
+    noreg = [json.loads(line) for line in (root / "grpo" / "noreg" / "seed0" / "heldout.jsonl").read_text().splitlines()]
+    assert {r["step"]: sum(r["correct"]) / 8 for r in noreg} == pytest.approx(accuracy)
+    # ... binned by the SFT evaluation's accuracy per type x level group (the questions' own labels)
+    bins = pd.read_csv(root / "report" / "difficulty.csv")
+    assert set(bins["method"]) == {"noreg", "kl", "gr"} and bins.groupby("method")["questions"].sum().tolist() == [16] * 3
+    assert "Accuracy by difficulty" in (root / "report" / "table.md").read_text()

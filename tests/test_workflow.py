@@ -116,14 +116,18 @@ PAPER_CONFIGS = sorted(p for p in (REPO / "config" / "paper").glob("*.yaml") if 
 def test_paper_config_builds_its_dag(path, tmp_path):
     """Every paper experiment's DAG builds through the Slurm profile (dry run): no base model to build,
     methods x seeds policies, and GPU rules that never set `tasks`."""
+    from rlhf.cluster import launcher
     from rlhf.config import load_config
     cfg = load_config(path)
     out = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(path), "-n",
                           "--profile", str(REPO / "profiles" / "slurm")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = len(cfg["methods"]) * len(cfg["seeds"])
-    assert jobs(out.stdout) == {"data": 1, "sft": 1, "sample": 1, "label": 1, "rm": 1, "grpo": runs,
-                                "evaluate": runs + 1, "certify": 1, "report": 1, "all": 1}
+    preferences = {} if "rlvr" in cfg else {"sample": 1, "label": 1, "rm": 1, "certify": 1}  # RLVR: no pairs, no RM
+    assert jobs(out.stdout) == {"data": 1, "sft": 1, **preferences, "grpo": runs, "evaluate": runs + 1, "report": 1,
+                                "all": 1}
+    if "rlvr" in cfg:  # an instruct model starts as it is: its sft job only saves it, on one GPU
+        assert cfg["sft"]["epochs"] == 0 and launcher(cfg, "sft") == "python"
 
 
 def test_rule_resources_come_from_the_config(tmp_path):

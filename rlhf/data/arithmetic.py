@@ -73,7 +73,13 @@ def problem(spec: ArithmeticSpec, rng: random.Random) -> dict:
             value -= delta
     question = " ".join(sentences) + f" How many {item} does {name} have ?"
     return {"question": question, "solution": " , ".join(steps) + f"\n#### {value}", "number": value,
-            "steps": steps}
+            "steps": steps, **difficulty_labels(steps, value)}
+
+
+def difficulty_labels(steps: list[str], value: int) -> dict:
+    """MATH-style labels, so the difficulty table (GR Table 4) runs on the miniature too: type = the pattern of
+    operations ("+-"), level = the answer's size ("Level 1" for 0-3 ... "Level 5" for 16 and more)."""
+    return {"type": "".join("+" if " + " in s else "-" for s in steps), "level": f"Level {1 + min(4, value // 4)}"}
 
 
 def completion(reasoning: str, answer: str) -> str:
@@ -82,7 +88,8 @@ def completion(reasoning: str, answer: str) -> str:
 
 def generate(spec: ArithmeticSpec, n: int, seed: int) -> list[dict]:
     """n rows: question, solution (GSM8K style: `#### <number>`), reference (the pretraining completion, with the
-    slips and hedges above), correct_reference (whether the reference's answer is right by the rule checker)."""
+    slips and hedges above), correct_reference (whether the reference's answer is right by the rule checker), type
+    and level (difficulty_labels)."""
     rng, rows = random.Random(seed), []
     for _ in range(n):
         p = problem(spec, rng)
@@ -95,7 +102,7 @@ def generate(spec: ArithmeticSpec, n: int, seed: int) -> list[dict]:
             answer = f"{rng.choice(HEDGES)} {answer}"
         rows.append({"question": p["question"], "solution": p["solution"],
                      "reference": completion(" , ".join(steps), answer),
-                     "correct_reference": answer == str(p["number"])})
+                     "correct_reference": answer == str(p["number"]), "type": p["type"], "level": p["level"]})
     return rows
 
 

@@ -1,8 +1,8 @@
 """grpo: Dr.GRPO for one method and seed (the trainer: rlhf/trainer.py), against the proxy RM or, in an RLVR
 experiment, the verifiable reward.
 
-Files: inputs train, test, sft, rm (RLHF only); outputs policy (folder) and metrics (one JSON line per step and per held-out
-evaluation); work: the folder of the run in progress (its checkpoint and the live metrics log, `tail -f` it), kept
+Files: inputs train, test, sft, rm (RLHF only); outputs policy (folder), metrics (one JSON line per step and per held-out
+evaluation) and, RLVR only, heldout (per evaluation step, whether each held-out question was solved); work: the folder of the run in progress (its checkpoint and the live metrics log, `tail -f` it), kept
 across attempts so a killed run resumes, removed once the outputs are in place.
 """
 from __future__ import annotations
@@ -51,6 +51,8 @@ def run(cfg, files, args):
     log = MetricsLog(live_metrics, resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
                      run_config={"method": method, "seed": seed, "world_size": dist.world_size, **settings.as_dict()},
                      job_type="grpo") if main else None
+    # RLVR: which held-out questions each evaluation solved (a list in heldout order per step; the difficulty table)
+    solved = MetricsLog(work / "heldout.jsonl", resume_step=start) if main and task else None
     eval_kwargs = dict(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
     heldout_prompts = [r["prompt"] for r in heldout]
 
@@ -60,9 +62,10 @@ def run(cfg, files, args):
         if main and task:
             with torch.random.fork_rng():
                 torch.manual_seed(seed * 1_000_003 + step)
-                metrics, _ = evaluate_rlvr(policy, tokenizer, heldout, task, heldout_reward, reward.verifier,
-                                           **eval_kwargs)
+                metrics, rows = evaluate_rlvr(policy, tokenizer, heldout, task, heldout_reward, reward.verifier,
+                                              **eval_kwargs)
             log.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+            solved.write(step, {"correct": [r["correct"] for r in rows]})
         elif main:
             with torch.random.fork_rng():
                 torch.manual_seed(seed * 1_000_003 + step)
@@ -95,6 +98,8 @@ def run(cfg, files, args):
             if step % settings.checkpoint_every == 0 and step < settings.steps:
                 save_checkpoint(ckpt_dir, trainer, step, stamp)
     except BaseException:
+        if solved is not None:
+            solved.close()
         if log is not None:
             log.close(failed=True)
         close_sampler(trainer)
@@ -106,6 +111,10 @@ def run(cfg, files, args):
             tokenizer.save_pretrained(out)
         with atomic_file(outputs["metrics"]) as f:
             f.write(live_metrics.read_text())
+        if solved is not None:
+            solved.close()
+            with atomic_file(outputs["heldout"]) as f:
+                f.write((work / "heldout.jsonl").read_text())
         shutil.rmtree(work, ignore_errors=True)
         print(f"grpo: {method} seed {seed}: {settings.steps} steps on {dist.world_size} rank(s) -> {outputs['policy']}")
     dist.barrier()

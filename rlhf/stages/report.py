@@ -14,6 +14,8 @@ An RLVR experiment (its evaluations report accuracy, not win rate) gets the GR T
                            (judge or rule terms) on the test questions, mean +- 95% CI over seeds; and per run the
                            peak held-out accuracy during training, the final one and the drop (judge hacking)
   accuracy_vs_step.png     training reward, held-out accuracy and held-out training reward against the step
+  difficulty.csv           where test questions carry type and level (MATH, the miniature): GR Table 4, accuracy per
+                           difficulty bin at each evaluation step, per method (also in table.md)
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from rlhf.io import atomic_dir, read_json  # noqa: E402
+from rlhf.difficulty import difficulty_by_method  # noqa: E402
+from rlhf.io import atomic_dir, read_json, read_jsonl  # noqa: E402
 from rlhf.stats import mean_ci  # noqa: E402
 
 TABLE_METRICS = ["win_rate", "gold_reward", "proxy_reward", "kl", "length"]
@@ -218,6 +221,32 @@ def plot_rlvr(curves: dict, out) -> None:
     plt.close(fig)
 
 
+def difficulty(sft_eval, heldout: dict) -> pd.DataFrame | None:
+    """The GR Table-4 difficulty table (rlhf/difficulty.py) when the test questions carry type and level (MATH, the
+    RLVR miniature): bins from the SFT policy's own test evaluation, each run's held-out evaluations per step (its
+    questions are the first of the test split, in order)."""
+    rows = read_jsonl(sft_eval / "completions.jsonl")
+    if not rows or not {"type", "level"} <= set(rows[0]):
+        return None
+    base = pd.DataFrame([{"question": i, "type": r["type"], "level": r["level"], "correct": bool(r["correct"])}
+                         for i, r in enumerate(rows)])
+    runs = {run: {r["step"]: pd.DataFrame({"question": range(len(r["correct"])), "correct": r["correct"]})
+                  for r in read_jsonl(path)} for run, path in heldout.items()}
+    return difficulty_by_method(base, runs)
+
+
+def difficulty_markdown(table: pd.DataFrame) -> str:
+    steps = [c for c in table.columns if isinstance(c, int)]
+    lines = ["", "Accuracy by difficulty (GR Table 4): test questions grouped by type x level, groups binned by the SFT "
+             "policy's accuracy on them; held-out accuracy of each bin at each evaluation step, mean over seeds:", "",
+             "| method | bin (base accuracy %) | groups | questions | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|---|---|---|" + "---|" * len(steps)]
+    for _, r in table.iterrows():
+        cells = " | ".join("–" if pd.isna(r[s]) else f"{r[s]:.3f}" for s in steps)
+        lines.append(f"| {r['method']} | {r['bin']} | {r['groups']} | {r['questions']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(cfg, files, args):
     """inputs: `evals` (the SFT baseline's first, then one per GRPO run), `metrics` (the GRPO runs' training curves,
     in the order of evals[1:]) and, for RLHF, `certify`."""
@@ -227,10 +256,15 @@ def run(cfg, files, args):
     folder = files.outputs["report"]
     if "accuracy" in evals[0]:  # an RLVR experiment
         table, runs = summarize(pd.DataFrame(evals), RLVR_METRICS), hacking(curves)
+        bins = difficulty(files.inputs["evals"][0], dict(zip(curves, files.inputs["heldout"], strict=True)))
         with atomic_dir(folder) as out:
             table.to_csv(out / "table.csv", index=False)
             runs.to_csv(out / "hacking.csv", index=False)
-            (out / "table.md").write_text(rlvr_markdown(table, runs))
+            text = rlvr_markdown(table, runs)
+            if bins is not None:
+                bins.to_csv(out / "difficulty.csv", index=False)
+                text += difficulty_markdown(bins)
+            (out / "table.md").write_text(text)
             plot_rlvr(curves, out)
         print((folder / "table.md").read_text())
         return

@@ -24,25 +24,31 @@ def tokenize(tokenizer, rows: list[dict]) -> Dataset:
     return Dataset.from_list([encode(r) for r in rows])
 
 
+def train(cfg, settings: SFTSettings, dist: Dist, model, tokenizer, rows: list[dict], out) -> tuple[list[dict], str]:
+    """TRL's SFTTrainer on the references; returns its log history and the engine it ran on."""
+    args = SFTConfig(output_dir=str(out / "trainer"), completion_only_loss=True,
+                     **hf_trainer_kwargs(cfg, settings, dist))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=tokenize(tokenizer, rows), processing_class=tokenizer)
+    trainer.train()
+    return trainer.state.log_history, trainer_engine(trainer)
+
+
 def run(cfg, files, args):
+    """sft.epochs 0 keeps the base model as it is (an instruct model as the RLVR papers' starting policy)."""
     dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
     device, settings = dist.device, SFTSettings.of(cfg)
-    train = read_jsonl(files.inputs["train"], required=("prompt", "reference"))
+    rows = read_jsonl(files.inputs["train"], required=("prompt", "reference"))
     base = str(files.inputs.get("base") or cfg["model"]["name"])  # the base stage's tiny model, or a hub id / folder
     folder = files.outputs["model"]
     tokenizer = load_tokenizer(base, pad_token=cfg["model"]["pad_token"])
     model = load_causal_lm(base, TRAINER_WEIGHTS, device)
     model.config.pad_token_id = tokenizer.pad_token_id
     with shared_atomic_dir(dist, folder) as out:
-        args_ = SFTConfig(output_dir=str(out / "trainer"), completion_only_loss=True,
-                          **hf_trainer_kwargs(cfg, settings, dist))
-        trainer = SFTTrainer(model=model, args=args_, train_dataset=tokenize(tokenizer, train),
-                             processing_class=tokenizer)
-        trainer.train()
+        log, engine = train(cfg, settings, dist, model, tokenizer, rows, out) if settings.epochs else ([], "none")
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 writes them
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
-            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "sft", settings.as_dict())
+            write_trainer_log(out / "train_log.jsonl", log, cfg, "sft", settings.as_dict())
             shutil.rmtree(out / "trainer", ignore_errors=True)
-            print(f"sft: {trainer.state.global_step} steps ({trainer_engine(trainer)}) -> {folder}")
+            print(f"sft: {len(log) and log[-1].get('step', 0)} steps ({engine}) -> {folder}")
     dist.close()
