@@ -385,3 +385,28 @@ def test_label_stage_with_gold_openai_on_vllm_serve(vllm_server, micro_run, tmp_
     assert 0 < sent <= len(samples)  # one request per pair at most (identical requests are sent once)
     assert main(["label", "--config", str(cfg)]) == 0  # a rerun is answered from the cache
     assert _requests_served(vllm_server) - before == sent
+
+
+@real
+def test_rlvr_judge_reward_against_vllm_serve_counts_real_unparseable_replies(vllm_server, tmp_path, monkeypatch):
+    """The RLVR judge's App. C.5 prompt (one-shot, XML) goes through the client to `vllm serve`; the tiny judge's real
+    replies ('(a)' / '(b)' tokens) hold no score 1-5, so each is counted unparseable and gets the configured reward,
+    the format terms added; a rerun is answered from the cache."""
+    from rlhf.config import load_config
+    from rlhf.judge.client import ChatClient
+    from rlhf.rewards.llm_judge import JudgeReward, JudgeRewardSettings
+    from rlhf.rewards.rules import gsm8k_reward_terms
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    client_cfg = load_config(_judge_config(tmp_path, vllm_server))["gold"]["judge"] | {"max_tokens": 4}
+    reward = JudgeReward(ChatClient(client_cfg, tmp_path / "rlvr_judge.sqlite", echo=lambda *a: None),
+                         JudgeRewardSettings(unparseable_reward=0.25))
+    completions = [f"<reasoning>\n{i} + 1 = {i + 1}\n</reasoning>\n<answer>\n{i + 1}\n</answer>" for i in range(5)]
+    problems, solutions = [f"Ann has {i} pens and gets 1 more ." for i in range(5)], [f"#### {i + 1}" for i in range(5)]
+    before = _requests_served(vllm_server)
+    terms, unparseable = reward(problems, completions, solutions)
+    assert _requests_served(vllm_server) - before == 5 and unparseable == 5
+    for t, c, sol in zip(terms, completions, solutions):
+        rule = gsm8k_reward_terms(c, sol.removeprefix("#### "))
+        assert t == {"judge_correctness": 0.25, **{k: rule[k] for k in t if k != "judge_correctness"}}
+    assert reward(problems, completions, solutions) == (terms, 5)
+    assert _requests_served(vllm_server) - before == 5  # the rerun: all from the cache

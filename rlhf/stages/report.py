@@ -13,7 +13,8 @@ An RLVR experiment (its evaluations report accuracy, not win rate) gets the GR T
   table.csv / table.md     per method (the base policy first): rule-checked accuracy and the training reward
                            (judge or rule terms) on the test questions, mean +- 95% CI over seeds; and per run the
                            peak held-out accuracy during training, the final one and the drop (judge hacking)
-  accuracy_vs_step.png     training reward, held-out accuracy and held-out training reward against the step
+  accuracy_vs_step.png     training reward, held-out accuracy and the judge's correctness reward (the held-out
+                           training reward for a rule reward) against the step
   difficulty.csv           where test questions carry type and level (MATH, the miniature): GR Table 4, accuracy per
                            difficulty bin at each evaluation step, per method (also in table.md)
 """
@@ -205,16 +206,19 @@ def rlvr_markdown(table: pd.DataFrame, runs: pd.DataFrame) -> str:
 def plot_rlvr(curves: dict, out) -> None:
     methods = list(dict.fromkeys(m for m, _ in curves))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    judge = "eval/reward/judge_correctness"  # a judge-trained run: the judge's own score, beside the rule's accuracy
+    third = judge if all(judge in df for df in curves.values()) else "eval/reward"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for (method, seed), df in curves.items():
         train, ev = df.dropna(subset=["reward"]), df.dropna(subset=["eval/accuracy"])
         axes[0].plot(train["step"], train["reward"].rolling(10, min_periods=1).mean(), color=colors[method],
                      alpha=0.8, label=_label_once(curves, method, seed))
         axes[1].plot(ev["step"], ev["eval/accuracy"], color=colors[method], alpha=0.8, marker=".")
-        axes[2].plot(ev["step"], ev["eval/reward"], color=colors[method], alpha=0.8, marker=".")
+        axes[2].plot(ev["step"], ev[third], color=colors[method], alpha=0.8, marker=".")
     axes[0].set(xlabel="step", ylabel="training reward (train batch, smoothed)", title="Training reward")
     axes[1].set(xlabel="step", ylabel="accuracy by the rule checker (held-out)", title="Accuracy")
-    axes[2].set(xlabel="step", ylabel="training reward (held-out)", title="Held-out training reward")
+    axes[2].set(xlabel="step", ylabel=f"{third.removeprefix('eval/')} (held-out)",
+                title="Judge's correctness reward" if "judge" in third else "Held-out training reward")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_step.png", dpi=120)
