@@ -1,0 +1,66 @@
+"""The papers' baselines (issue 14): UWO's ensemble reward and AdvPO's adversarial head against hand-worked values."""
+import math
+
+import pytest
+import torch
+
+from rlhf.algorithms.advpo import adversarial_head, precision_inverse
+from rlhf.algorithms.ensemble import uncertainty_weighted_reward
+
+
+def test_uwo_is_mean_minus_lambda_population_variance_or_std():
+    rewards = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0]])  # member x completion; variance 8/3 and 0
+    assert uncertainty_weighted_reward(rewards, 0.5).tolist() == pytest.approx([3 - 0.5 * 8 / 3, 2.0])
+    assert uncertainty_weighted_reward(rewards, 0.5, "std").tolist() == pytest.approx([3 - 0.5 * math.sqrt(8 / 3), 2])
+    assert uncertainty_weighted_reward(rewards, 0.0).tolist() == pytest.approx([3.0, 2.0])
+
+
+def test_uwo_with_one_member_is_that_rm_and_keeps_float32_from_bf16():
+    one = torch.tensor([[0.5, -1.25, 3.0]], dtype=torch.bfloat16)
+    out = uncertainty_weighted_reward(one, 10.0, "std")
+    assert out.dtype == torch.float32 and out.tolist() == [0.5, -1.25, 3.0]
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        uncertainty_weighted_reward(one, 0.1, "mad")
+    with pytest.raises(ValueError, match=r"\[K members, N completions\]"):
+        uncertainty_weighted_reward(torch.ones(3), 0.1)
+
+
+def test_advpo_head_by_hand():
+    """M_D^-1 = diag(1, 4), phi_hat = (1, 1), g = (1, 1): M^-1 g = (1, 4), g^T M^-1 g = 5; B = 5 -> lambda* = 1,
+    phi_adv = (0, -3). The second direction, where the RM's data is 4x thinner, takes 4x the correction."""
+    m_inv, head = torch.diag(torch.tensor([1.0, 4.0])), torch.tensor([1.0, 1.0])
+    policy, reference = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.5, 0.5], [-0.5, -0.5]])
+    assert adversarial_head(head, m_inv, policy, reference, 5.0).tolist() == pytest.approx([0.0, -3.0])
+    assert adversarial_head(head, m_inv, policy, reference, 1.25).tolist() == pytest.approx([0.5, -1.0])  # lambda* 2
+    assert torch.equal(adversarial_head(head, m_inv, policy, reference, 0.0), head)  # zero budget: phi_hat
+    assert torch.equal(adversarial_head(head, m_inv, reference, reference, 5.0), head)  # g = 0: nothing to exploit
+
+
+def test_precision_inverse_ridge_makes_rank_deficient_data_invertible():
+    """Every training feature lies on e1 (rank 1 of 3): M_D = diag(0.1 + sum x^2, 0.1, 0.1)."""
+    chosen, rejected = torch.tensor([[1.0, 0, 0], [2.0, 0, 0]]), torch.tensor([[-1.0, 0, 0], [0.5, 0, 0]])
+    m_inv = precision_inverse(chosen, rejected, ridge=0.1)
+    assert torch.allclose(m_inv, torch.diag(torch.tensor([1 / 6.35, 10.0, 10.0])))
+    with pytest.raises(ValueError, match="ridge must be > 0"):
+        precision_inverse(chosen, rejected, ridge=0.0)
+
+
+def test_advpo_head_spends_the_budget_and_lowers_rewards_along_g():
+    """Random features: phi_adv lies on the ellipsoid (phi - phi_hat)^T M_D (phi - phi_hat) = B, and the reward gap
+    of the policy's completions over the references' falls by exactly sqrt(B g^T M^-1 g), the most pessimistic
+    head's; a completion moved from the references along g loses reward, one moved against g gains."""
+    gen = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(40, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    m_inv = precision_inverse(chosen, rejected, ridge=1.0)
+    head = torch.randn(6, generator=gen)
+    reference = torch.randn(16, 6, generator=gen)
+    policy = reference + torch.randn(6, generator=gen)  # every completion's features moved by the same vector
+    budget = 3.0
+    adv = adversarial_head(head, m_inv, policy, reference, budget)
+    delta, g = adv - head, policy.mean(0) - reference.mean(0)
+    assert delta @ torch.linalg.solve(m_inv, delta) == pytest.approx(budget, rel=1e-4)
+    gap = lambda phi: (policy @ phi).mean() - (reference @ phi).mean()  # noqa: E731
+    assert gap(adv) - gap(head) == pytest.approx(-math.sqrt(budget * (g @ m_inv @ g)), rel=1e-4)
+    base = reference.mean(0)
+    assert (base + g) @ adv - (base + g) @ head < base @ adv - base @ head  # along g: lower than at the references
+    assert (base - g) @ adv - (base - g) @ head > base @ adv - base @ head
