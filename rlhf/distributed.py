@@ -248,6 +248,14 @@ class TorchUpdate(LocalGradients):
             m.copy_(p)
 
     @torch.no_grad()
+    def set_weights(self, values: list[torch.Tensor]) -> None:
+        """The weights become `values` (float32, in parameter order): the master copies exactly, the model rounded."""
+        for target, v in zip(self.master or self.params, values, strict=True):
+            target.copy_(v)
+        if self.master is not None:
+            self._master_to_model()
+
+    @torch.no_grad()
     def _master_to_model(self) -> None:
         for m, p in zip(self.master, self.params):
             p.copy_(m)
@@ -313,6 +321,15 @@ class DeepSpeedUpdate:
         """Copy the bf16/fp16 module weights into the optimizer's fp32 master weights (DeepSpeed's
         refresh_fp32_params): what the GR authors' code does after perturbing and after restoring."""
         self.engine.optimizer.refresh_fp32_params()
+
+    @torch.no_grad()
+    def set_weights(self, values: list[torch.Tensor]) -> None:
+        """The weights become `values` (float32, in parameter order): each rank's fp32 master partition exactly
+        (DeepSpeed's tensor-fragment API), the module's weights rounded to their dtype."""
+        from deepspeed.utils import safe_set_full_fp32_param
+        for p, v in zip(self.model.parameters(), values, strict=True):
+            safe_set_full_fp32_param(p, v)
+            p.copy_(v)
 
     def read(self, params):
         from deepspeed.utils import safe_get_full_grad  # all-gathers the partitions: the full averaged gradient

@@ -64,3 +64,51 @@ def test_advpo_head_spends_the_budget_and_lowers_rewards_along_g():
     base = reference.mean(0)
     assert (base + g) @ adv - (base + g) @ head < base @ adv - base @ head  # along g: lower than at the references
     assert (base - g) @ adv - (base - g) @ head > base @ adv - base @ head
+
+
+def test_ema_update_is_the_decayed_average_in_float32():
+    from rlhf.algorithms.resets import ema_update
+    ema = [torch.tensor([1.0, -2.0])]
+    ema_update(ema, [torch.tensor([3.0, 2.0], dtype=torch.bfloat16)], decay=0.9)
+    assert ema[0].dtype == torch.float32 and ema[0].tolist() == pytest.approx([1.2, -1.6])
+
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_elastic_reset_swaps_policy_ema_and_initial_at_the_configured_steps(tiny_lm, backend):
+    """bf16 policy, reset every 2 updates, decay 0.5: after updates 1 and 3 only the EMA moves (the float32 average
+    of pi_init and the policies so far); after updates 2 and 4 the policy becomes that EMA — its fp32 master weights
+    exactly, its bf16 weights rounded — and the EMA restarts from pi_init."""
+    import copy
+    import types
+
+    from rlhf.algorithms.resets import float32_copy
+    from rlhf.distributed import Dist, deepspeed_available, make_update
+    from rlhf.trainer import elastic_reset
+    from tests.conftest import micro_grpo
+    from tests.test_gr_options import _masters
+    if backend == "deepspeed" and not deepspeed_available():
+        pytest.skip("deepspeed is not installed")
+    s = micro_grpo(backend=backend, lr=1e-2, elastic_reset_every=2, elastic_reset_decay=0.5)
+    initial = copy.deepcopy(tiny_lm[0]).to(torch.bfloat16).requires_grad_(False)
+    update = make_update(copy.deepcopy(initial).requires_grad_(True), s, Dist())
+    run = types.SimpleNamespace(settings=s, policy=update.model, initial=initial, backend=update,
+                                ema=float32_copy(initial.parameters()))
+    init = float32_copy(initial.parameters())
+    expected, gen = [t.clone() for t in init], torch.Generator().manual_seed(0)
+    for step in range(1, 5):
+        params = list(update.model.parameters())
+        update.write_rank_average(params, [torch.randn(p.shape, generator=gen) for p in params])
+        update.step()
+        weights = [p.detach().float() for p in update.model.parameters()]
+        expected = [0.5 * e + 0.5 * w for e, w in zip(expected, weights)]
+        stats = {}
+        elastic_reset(run, step, stats)
+        if step % 2:
+            assert stats == {} and all(torch.allclose(e, x, atol=1e-6) for e, x in zip(run.ema, expected))
+            assert all(torch.equal(w, p.float()) for w, p in zip(weights, update.model.parameters()))  # untouched
+        else:
+            assert stats == {"elastic_reset": 1}
+            assert all(torch.allclose(m, x, atol=1e-6) for m, x in zip(_masters(update), expected))
+            assert all(torch.equal(p, x.to(torch.bfloat16)) for p, x in zip(update.model.parameters(), _masters(update)))
+            assert all(torch.equal(e, i) for e, i in zip(run.ema, init))  # the EMA restarts at pi_init
+            expected = [t.clone() for t in init]
