@@ -191,8 +191,8 @@ def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path
                            sleep_between_steps=settings.vllm_sleep, kv_cache_gib=settings.vllm_kv_cache_gib,
                            enforce_eager=settings.vllm_enforce_eager)
     ema = float32_copy(initial.parameters()) if settings.elastic_reset_every else None
-    return GRPORun(backend.model, initial, reference, reward, tokenizer, backend, dist, settings, prompts, vllm,
-                   server, ema)
+    return GRPORun(backend.model, initial, reference, reward, tokenizer, backend, dist, settings, prompts, vllm=vllm,
+                   judge_server=server, ema=ema)
 
 
 def train_step(run: GRPORun, batch: list[str], step: int) -> dict:

@@ -112,3 +112,42 @@ def test_elastic_reset_swaps_policy_ema_and_initial_at_the_configured_steps(tiny
             assert all(torch.equal(p, x.to(torch.bfloat16)) for p, x in zip(update.model.parameters(), _masters(update)))
             assert all(torch.equal(e, i) for e, i in zip(run.ema, init))  # the EMA restarts at pi_init
             expected = [t.clone() for t in init]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_elastic_reset_runs_in_the_grpo_stage_and_resumes_its_ema_bit_for_bit(micro_run, tmp_path, monkeypatch):
+    """Elastic Reset every 3 updates with the KL kept: the reset is logged at update 3 only; a run killed in update 3
+    resumes the update-2 checkpoint — whose EMA already holds updates 1-2 — and ends with the uninterrupted run's
+    weights exactly (an EMA restarted at pi_init on resume would make update 3's reset land elsewhere)."""
+    import rlhf.stages.grpo as grpo
+    from rlhf.cli import main
+    from rlhf.io import read_jsonl
+    from rlhf.models import load_causal_lm
+    from tests.conftest import write_config
+    from tests.test_stages import _copy_upstream
+    method = {"elastic": {"elastic_reset_every": 3, "elastic_reset_decay": 0.9, "kl_beta": 0.02}}
+    args = ["grpo", "--method", "elastic", "--seed", "0", "--config"]
+    runs = {}
+    for name in ("whole", "killed"):
+        _copy_upstream(micro_run, tmp_path / name)
+        cfg = write_config(tmp_path / name, methods=method)
+        if name == "killed":
+            step = grpo.train_step
+
+            def crash_at_3(run, batch, update):
+                if update == 3:
+                    raise Killed
+                return step(run, batch, update)
+            monkeypatch.setattr(grpo, "train_step", crash_at_3)
+            with pytest.raises(Killed):
+                main([*args, str(cfg)])
+            monkeypatch.setattr(grpo, "train_step", step)
+        assert main([*args, str(cfg)]) == 0
+        runs[name] = tmp_path / name / "results" / "micro" / "grpo" / "elastic" / "seed0"
+    train = [r for r in read_jsonl(runs["whole"] / "metrics.jsonl") if "proxy_reward" in r]
+    assert [r["step"] for r in train if r.get("elastic_reset")] == [3] and all(r["kl_beta"] == 0.02 for r in train)
+    whole, killed = (load_causal_lm(runs[n] / "policy", "float32", torch.device("cpu")).state_dict() for n in runs)
+    assert all(torch.equal(whole[k], killed[k]) for k in whole)
