@@ -49,6 +49,15 @@ def as_one_rank() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
+def skip_cpu_shm_build(device: torch.device) -> None:
+    """On CPU, DeepSpeed JIT-compiles its shared-memory all-reduce the first time it starts (~50 s on 2 cores, once per
+    machine): an optimisation for multi-process CPU training this project never needs (ranks talk through gloo; on
+    GPUs it is never built). Marking the op incompatible makes DeepSpeed go without it."""
+    if device.type == "cpu":
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -185,6 +194,7 @@ def trainer_deepspeed_config(backend: str, zero_stage: int, device: torch.device
     if not use_deepspeed(backend, device):
         return None
     as_one_rank()
+    skip_cpu_shm_build(device)
     auto = "auto"
     return {"zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": auto},
             "fp16": {"enabled": auto}, "train_micro_batch_size_per_gpu": auto, "train_batch_size": auto,
@@ -280,6 +290,7 @@ class DeepSpeedUpdate:
         import deepspeed  # lazy: only the GPU environment needs it
 
         self.dist = dist
+        skip_cpu_shm_build(dist.device)
         if not td.is_initialized():  # one process without torchrun: DeepSpeed still needs a (one-rank) group
             as_one_rank()
             init_process_group("nccl" if dist.device.type == "cuda" else "gloo")
