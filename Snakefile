@@ -5,13 +5,14 @@
 #
 # What reruns a job is exactly what determines its output (rlhf/registry.py): its declared input files, its own view of
 # the config (params.settings: e.g. grpo's resolved method settings, never another stage's section or the config
-# file's name) and the rule's shell command, which is the same text for every config.
+# file's name; fields at their schema default left out, so a new setting reruns nothing: rlhf/config.py) and the
+# rule's shell command, which is the same text for every config.
 import os
 import re
 
 from rlhf.cli import SIDE_ENV
 from rlhf.cluster import job_spec, launcher, snakemake_resources
-from rlhf.config import config_from_mapping, load_config
+from rlhf.config import config_from_mapping, load_config, trigger_view
 from rlhf.paths import Paths
 from rlhf.registry import SFT_BASELINE, STAGES, canonical, settings_view, side_view
 
@@ -49,7 +50,8 @@ def outputs(stage):
 def params(stage):
     """The rule's params: the stage's config view (its rerun trigger), its launcher and its work folder."""
     st = STAGES[stage]
-    view = (lambda w: canonical(settings_view(config, stage, w.method))) if st.per_run else canonical(settings_view(config, stage))
+    view = ((lambda w: canonical(trigger_view(settings_view(config, stage, w.method)))) if st.per_run
+            else canonical(trigger_view(settings_view(config, stage))))
     work = {k: (lambda w, v=v: v.format(method=w.method, seed=w.seed)) if st.per_run else v
             for k, v in _files(stage, "work").items()}
     return {"settings": view, "launcher": launcher(config, stage), **work}

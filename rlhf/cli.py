@@ -78,7 +78,7 @@ def _given(pairs: list[list[str]], stage: str, kind: str) -> dict:
 
 def resolve(args) -> tuple[dict, RunFiles | None]:
     """The stage's config view and files, from --config (the experiment's layout) or from what Snakemake passed."""
-    from rlhf.config import load_config
+    from rlhf.config import complete_view, load_config
     st, method, seed = STAGES[args.stage], getattr(args, "method", None), getattr(args, "seed", None)
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
@@ -94,7 +94,7 @@ def resolve(args) -> tuple[dict, RunFiles | None]:
         if SIDE_ENV not in os.environ:
             raise ConfigError(f"--settings needs the side settings in ${SIDE_ENV} (the Snakefile sets it); "
                               "by hand, run the stage with --config FILE")
-        view = merge_views(json.loads(args.settings), json.loads(os.environ[SIDE_ENV]))
+        view = merge_views(complete_view(json.loads(args.settings), args.stage), json.loads(os.environ[SIDE_ENV]))
         files = {"inputs": {}, "outputs": {}, "work": {}}
     for kind in ("input", "output", "work"):
         files[kind + "s" if kind != "work" else kind].update(_given(getattr(args, kind), args.stage, kind))

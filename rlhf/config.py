@@ -17,7 +17,7 @@ import yaml
 from rlhf.cluster import job_spec
 from rlhf.errors import ConfigError
 from rlhf.data.rlvr import TASK_OF_SOURCE
-from rlhf.registry import SFT_BASELINE, STAGES
+from rlhf.registry import SFT_BASELINE, SIDE_SETTINGS, STAGES, drop, pick
 from rlhf.settings import GRPOSettings
 
 class _Loader(yaml.SafeLoader):
@@ -286,3 +286,58 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
     path = Path(path)
     cfg = apply_overrides(_read_yaml(path), overrides or [])
     return validate_config(cfg, source=str(path))
+
+
+# --- rerun triggers without default values ---------------------------------------------------------------------------
+# A rule's rerun trigger (Snakemake params) is its settings view *without the fields at their schema default*; the
+# stage gets the same text and fills the defaults back in (`complete_view`). So a release that adds a setting whose
+# default keeps the old behaviour (a new regularizer's strength, 0 = off) reruns nothing, while setting any field to
+# another value, or back to its default, changes the trigger. (The price: changing an existing field's default in the
+# schema would not rerun results made under the old one; the project does not do that — a changed behaviour gets a
+# new field.) Empty sections stay in the trigger, so a declared section always reaches the stage.
+
+
+def _schema_node(path: list[str], root: dict) -> dict | None:
+    node = root
+    for key in path:
+        node = _resolve(node, root).get("properties", {}).get(key)
+        if node is None:
+            return None
+    return node
+
+
+def _default_of(node: dict, root: dict):
+    """A field's schema default (a default beside a $ref belongs to the referring field), or _NO_DEFAULT."""
+    if "default" in node:
+        return node["default"]
+    return _resolve(node, root).get("default", _NO_DEFAULT)
+
+
+_NO_DEFAULT = object()
+
+
+def trigger_view(view: dict) -> dict:
+    """`view` without the leaves equal to their schema default (declared sub-objects are recursed into and kept)."""
+    root = _schema()
+
+    def strip(d: dict, path: list[str]) -> dict:
+        out = {}
+        for key, value in d.items():
+            node = _schema_node([*path, key], root)
+            declared = node is not None and "properties" in _resolve(node, root)
+            if isinstance(value, dict) and declared:
+                out[key] = strip(value, [*path, key])
+            elif node is None or _default_of(node, root) is _NO_DEFAULT or _default_of(node, root) != value:
+                out[key] = value
+        return out
+    return strip(view, [])
+
+
+def complete_view(trigger: dict, stage: str) -> dict:
+    """The stage's full view from its trigger: the schema defaults filled back in, then only its declared fields."""
+    root = _schema()
+    filled = copy.deepcopy(trigger)
+    _fill_defaults(filled, root, root)
+    view = pick(filled, STAGES[stage].settings)
+    drop(view, SIDE_SETTINGS)  # they come from the environment (SIDE_ENV), as for every stage
+    return view

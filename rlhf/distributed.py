@@ -49,6 +49,15 @@ def as_one_rank() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
+def skip_cpu_shm_build(device: torch.device) -> None:
+    """On CPU, DeepSpeed JIT-compiles its shared-memory all-reduce the first time it starts (~50 s on 2 cores, once per
+    machine): an optimisation for multi-process CPU training this project never needs (ranks talk through gloo; on
+    GPUs it is never built). Marking the op incompatible makes DeepSpeed go without it."""
+    if device.type == "cpu":
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -185,6 +194,7 @@ def trainer_deepspeed_config(backend: str, zero_stage: int, device: torch.device
     if not use_deepspeed(backend, device):
         return None
     as_one_rank()
+    skip_cpu_shm_build(device)
     auto = "auto"
     return {"zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": auto},
             "fp16": {"enabled": auto}, "train_micro_batch_size_per_gpu": auto, "train_batch_size": auto,
@@ -248,6 +258,14 @@ class TorchUpdate(LocalGradients):
             m.copy_(p)
 
     @torch.no_grad()
+    def set_weights(self, values: list[torch.Tensor]) -> None:
+        """The weights become `values` (float32, in parameter order): the master copies exactly, the model rounded."""
+        for target, v in zip(self.master or self.params, values, strict=True):
+            target.copy_(v)
+        if self.master is not None:
+            self._master_to_model()
+
+    @torch.no_grad()
     def _master_to_model(self) -> None:
         for m, p in zip(self.master, self.params):
             p.copy_(m)
@@ -272,6 +290,7 @@ class DeepSpeedUpdate:
         import deepspeed  # lazy: only the GPU environment needs it
 
         self.dist = dist
+        skip_cpu_shm_build(dist.device)
         if not td.is_initialized():  # one process without torchrun: DeepSpeed still needs a (one-rank) group
             as_one_rank()
             init_process_group("nccl" if dist.device.type == "cuda" else "gloo")
@@ -313,6 +332,15 @@ class DeepSpeedUpdate:
         """Copy the bf16/fp16 module weights into the optimizer's fp32 master weights (DeepSpeed's
         refresh_fp32_params): what the GR authors' code does after perturbing and after restoring."""
         self.engine.optimizer.refresh_fp32_params()
+
+    @torch.no_grad()
+    def set_weights(self, values: list[torch.Tensor]) -> None:
+        """The weights become `values` (float32, in parameter order): each rank's fp32 master partition exactly
+        (DeepSpeed's tensor-fragment API), the module's weights rounded to their dtype."""
+        from deepspeed.utils import safe_set_full_fp32_param
+        for p, v in zip(self.model.parameters(), values, strict=True):
+            safe_set_full_fp32_param(p, v)
+            p.copy_(v)
 
     def read(self, params):
         from deepspeed.utils import safe_get_full_grad  # all-gathers the partitions: the full averaged gradient

@@ -142,7 +142,7 @@ def _put(out: dict, dotted: str, value) -> None:
     out[last] = copy.deepcopy(value)
 
 
-def _pick(cfg: dict, fields) -> dict:
+def pick(cfg: dict, fields) -> dict:
     out: dict = {}
     for dotted in fields:
         value = _get(cfg, dotted)
@@ -151,7 +151,7 @@ def _pick(cfg: dict, fields) -> dict:
     return out
 
 
-def _drop(view: dict, fields) -> None:
+def drop(view: dict, fields) -> None:
     for dotted in fields:
         *parents, last = dotted.split(".")
         node = view
@@ -163,16 +163,16 @@ def _drop(view: dict, fields) -> None:
 
 def settings_view(cfg: dict, stage: str, method: str | None = None) -> dict:
     """The fields that determine `stage`'s output (for a per-run stage: its method's resolved grpo settings)."""
-    view = _pick(cfg, STAGES[stage].settings)
+    view = pick(cfg, STAGES[stage].settings)
     if "grpo" in view:
         view["grpo"] = GRPOSettings.for_method(cfg, method).as_dict()
-    _drop(view, SIDE_SETTINGS)
+    drop(view, SIDE_SETTINGS)
     return view
 
 
 def side_view(cfg: dict) -> dict:
     """The side settings, with the experiment's default locations of the judge cache and the wandb folder filled in."""
-    view = _pick(cfg, SIDE_SETTINGS)
+    view = pick(cfg, SIDE_SETTINGS)
     P = Paths.from_config(cfg)
     if view.get("wandb", {}).get("dir") is None:
         view.setdefault("wandb", {})["dir"] = str(P.wandb)

@@ -124,10 +124,12 @@ class GRPOSettings(Section):
     micro_batch_size: int             # 0: a rank's whole share in one forward/backward
     backend: str                      # auto | torch | deepspeed
     zero_stage: int
-    # KL penalty, Reference Resets, scheduled-beta ablation
+    # KL penalty, Reference Resets, scheduled-beta ablation, Elastic Reset
     kl_beta: float
     reset_every: int
     kl_beta_decay_every: int
+    elastic_reset_every: int          # Elastic Reset (rlhf/algorithms/resets.py): 0 = off
+    elastic_reset_decay: float
     # gradient regularization (rlhf/algorithms/gr.py)
     gr_gamma: float
     gr_estimator: str                 # finite_difference | hvp

@@ -9,6 +9,7 @@ The regularizers are local additions, each switched on by its config field and c
   kl_beta              KL penalty to pi_ref (pi_init, or the current policy after each reset)
   reset_every          Reference Resets: pi_ref <- pi_phi after updates R, 2R, ...
   kl_beta_decay_every  scheduled-beta ablation: beta / i in iteration i, pi_ref fixed
+  elastic_reset_every  Elastic Reset (baseline): policy <- its EMA, then EMA <- pi_init, after updates N, 2N, ...
   gr_gamma             gradient regularization: a finite difference (second pass on the same rollouts) or the
                        exact Hessian-vector product (gr_estimator: hvp)
   signcert_quantile    SignCert-PO: each advantage replaced by its worst case within the proxy RM's certified radius
@@ -31,7 +32,7 @@ import torch
 from rlhf.algorithms.advantages import dr_grpo_advantages
 from rlhf.algorithms.gr import finite_difference_gr, hvp_gr
 from rlhf.algorithms.losses import dr_grpo_loss
-from rlhf.algorithms.resets import is_reset_step, reset_reference, scheduled_beta
+from rlhf.algorithms.resets import ema_update, float32_copy, is_reset_step, reset_reference, scheduled_beta
 from rlhf.algorithms.signcert import signcert
 from rlhf.diagnostics import signcert_stats
 from rlhf.distributed import Dist, make_update, shared_atomic_dir
@@ -130,6 +131,7 @@ class GRPORun:
     settings: GRPOSettings
     prompts: PromptSampler       # which training prompts each step draws (its own checkpointed RNG)
     vllm: object | None = None   # VLLMSampler when grpo.generation is vllm
+    ema: list | None = None      # Elastic Reset: float32 EMA of the policy's parameters
     judge_server: object | None = None  # the RLVR miniature's stand-in judge, served while the run lives
 
     def generate(self, prompts: list[str]):
@@ -188,7 +190,9 @@ def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path
                            gpu_memory_utilization=settings.vllm_gpu_memory_utilization, seed=torch.initial_seed() % 2 ** 31,
                            sleep_between_steps=settings.vllm_sleep, kv_cache_gib=settings.vllm_kv_cache_gib,
                            enforce_eager=settings.vllm_enforce_eager)
-    return GRPORun(backend.model, initial, reference, reward, tokenizer, backend, dist, settings, prompts, vllm, server)
+    ema = float32_copy(initial.parameters()) if settings.elastic_reset_every else None
+    return GRPORun(backend.model, initial, reference, reward, tokenizer, backend, dist, settings, prompts, vllm=vllm,
+                   judge_server=server, ema=ema)
 
 
 def train_step(run: GRPORun, batch: list[str], step: int) -> dict:
@@ -222,12 +226,25 @@ def train_step(run: GRPORun, batch: list[str], step: int) -> dict:
     if is_reset_step(step, settings.reset_every):
         reset_reference(run.reference, run.policy)
         stats["reference_reset"] = 1
+    if run.ema is not None:
+        elastic_reset(run, step, stats)
     if run.dist.device.type == "cuda":  # the job's high-water mark so far (weights, optimizer, activations, vLLM)
         stats["memory/peak_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2 ** 30
     return run.dist.mean({**reward_stats(scores), "kl_beta": kl_beta,
                           "length": rollout.lengths.float().mean().item(), **stats,
                           "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                           "time/step": time.perf_counter() - t0})
+
+
+def elastic_reset(run: GRPORun, step: int, stats: dict) -> None:
+    """Elastic Reset after update `step`: the EMA follows the policy; at multiples of N the policy becomes the EMA
+    (optimizer moments kept), then the EMA becomes pi_init."""
+    settings = run.settings
+    ema_update(run.ema, run.policy.parameters(), settings.elastic_reset_decay)
+    if is_reset_step(step, settings.elastic_reset_every):
+        run.backend.set_weights(run.ema)
+        run.ema = float32_copy(run.initial.parameters())
+        stats["elastic_reset"] = 1
 
 
 def reward_stats(scores) -> dict:
@@ -297,6 +314,8 @@ def save_checkpoint(path: Path, run: GRPORun, step: int, stamp: str) -> None:
             run.policy.save_pretrained(out)
             if run.settings.reset_every:  # after Reference Resets pi_ref is neither pi_init nor pi_phi
                 run.reference.save_pretrained(out / "reference")
+            if run.ema is not None:  # Elastic Reset's float32 EMA
+                torch.save([e.cpu() for e in run.ema], out / "ema.pt")
             torch.save({"step": step, "fingerprint": stamp, "world_size": dist.world_size}, out / "trainer_state.pt")
 
 
@@ -319,6 +338,9 @@ def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
             saved = type(module).from_pretrained(folder, dtype=next(module.parameters()).dtype)
             module.load_state_dict(saved.state_dict())
     run.backend.load(path)
+    if run.ema is not None:
+        for e, saved in zip(run.ema, torch.load(path / "ema.pt"), strict=True):
+            e.copy_(saved)
     rng = torch.load(path / f"rng{dist.rank}.pt", weights_only=False)
     random.setstate(rng["python_rng"])
     run.prompts.restore(rng["prompt_rng"])

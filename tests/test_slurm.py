@@ -38,7 +38,7 @@ def test_micro_dag_through_slurm_matches_a_local_run(tmp_path, micro_snakemake):
         run = snakemake(cfg, "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4",
                         "--slurm-no-account", "--slurm-status-command", "squeue",
                         "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
-                        "--slurm-keep-successful-logs",
+                        "--slurm-keep-successful-logs", "--latency-wait", "1",
                         "--retries", "0", cores="", env={**slurm.env, "PATH": os.environ["PATH"]})
         submitted = slurm.submitted_jobs()
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]

@@ -50,7 +50,31 @@ def test_a_change_reruns_exactly_what_depends_on_it(micro_snakemake):
     assert _scheduled(cfg, "--forcerun", "rm") == DOWNSTREAM_OF_RM
     assert _scheduled(cfg, "--config", "sft={lr: 1.0e-3}") == {"sft": 1, "sample": 1, "label": 1, **DOWNSTREAM_OF_RM}
     assert _scheduled(cfg, "--config", "seeds=[0, 1]") == {"grpo": 5, "evaluate": 5, "report": 1, "all": 1}
+    # a field written out at its schema default is no change (what a release adding a setting looks like) ...
+    assert _scheduled(cfg, "--config", "grpo={elastic_reset_decay: 0.995, gr_estimator: finite_difference}") == {}
+    # ... and a method moved back onto the default of a field the section sets is one
+    assert _scheduled(cfg, "--config", "methods={kl: {kl_beta: 0.0}}")["grpo"] == 1
 
+
+@pytest.mark.parametrize("name", ["micro.yaml", "rlvr-micro.yaml", "paper/gr-gsm8k-judge-qwen2.5-0.5b.yaml"])
+def test_a_stage_gets_its_whole_view_back_from_a_trigger_without_defaults(name):
+    """The rerun trigger leaves out fields at their schema default; the stage fills them back in: for every stage and
+    method the view it gets equals the view the config gives, and the trigger names no field at its default."""
+    from rlhf.config import complete_view, load_config, trigger_view
+    from rlhf.registry import SFT_BASELINE, STAGES, settings_view
+    cfg = load_config(REPO / "config" / name)
+    for stage, st in STAGES.items():
+        if st.tool:
+            continue
+        for method in ([*cfg["methods"], SFT_BASELINE] if st.per_run else [None]):
+            if stage == "grpo" and method == SFT_BASELINE:
+                continue
+            view = settings_view(cfg, stage, method)
+            trigger = trigger_view(view)
+            assert complete_view(trigger, stage) == view, (stage, method)
+            if stage == "grpo":
+                assert "elastic_reset_every" not in trigger["grpo"] and "grpo" in view
+                assert trigger["grpo"]["max_new_tokens"] == cfg["grpo"]["max_new_tokens"] != 53  # set: kept
 
 def test_the_default_config_and_its_file_give_identical_jobs(tmp_path):
     """`snakemake` and `snakemake --configfile config/miniature.yaml` are the same experiment, command for command."""

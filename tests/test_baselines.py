@@ -1,0 +1,153 @@
+"""The papers' baselines (issue 14): UWO's ensemble reward and AdvPO's adversarial head against hand-worked values."""
+import math
+
+import pytest
+import torch
+
+from rlhf.algorithms.advpo import adversarial_head, precision_inverse
+from rlhf.algorithms.ensemble import uncertainty_weighted_reward
+
+
+def test_uwo_is_mean_minus_lambda_population_variance_or_std():
+    rewards = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0]])  # member x completion; variance 8/3 and 0
+    assert uncertainty_weighted_reward(rewards, 0.5).tolist() == pytest.approx([3 - 0.5 * 8 / 3, 2.0])
+    assert uncertainty_weighted_reward(rewards, 0.5, "std").tolist() == pytest.approx([3 - 0.5 * math.sqrt(8 / 3), 2])
+    assert uncertainty_weighted_reward(rewards, 0.0).tolist() == pytest.approx([3.0, 2.0])
+
+
+def test_uwo_with_one_member_is_that_rm_and_keeps_float32_from_bf16():
+    one = torch.tensor([[0.5, -1.25, 3.0]], dtype=torch.bfloat16)
+    out = uncertainty_weighted_reward(one, 10.0, "std")
+    assert out.dtype == torch.float32 and out.tolist() == [0.5, -1.25, 3.0]
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        uncertainty_weighted_reward(one, 0.1, "mad")
+    with pytest.raises(ValueError, match=r"\[K members, N completions\]"):
+        uncertainty_weighted_reward(torch.ones(3), 0.1)
+
+
+def test_advpo_head_by_hand():
+    """M_D^-1 = diag(1, 4), phi_hat = (1, 1), g = (1, 1): M^-1 g = (1, 4), g^T M^-1 g = 5; B = 5 -> lambda* = 1,
+    phi_adv = (0, -3). The second direction, where the RM's data is 4x thinner, takes 4x the correction."""
+    m_inv, head = torch.diag(torch.tensor([1.0, 4.0])), torch.tensor([1.0, 1.0])
+    policy, reference = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.5, 0.5], [-0.5, -0.5]])
+    assert adversarial_head(head, m_inv, policy, reference, 5.0).tolist() == pytest.approx([0.0, -3.0])
+    assert adversarial_head(head, m_inv, policy, reference, 1.25).tolist() == pytest.approx([0.5, -1.0])  # lambda* 2
+    assert torch.equal(adversarial_head(head, m_inv, policy, reference, 0.0), head)  # zero budget: phi_hat
+    assert torch.equal(adversarial_head(head, m_inv, reference, reference, 5.0), head)  # g = 0: nothing to exploit
+
+
+def test_precision_inverse_ridge_makes_rank_deficient_data_invertible():
+    """Every training feature lies on e1 (rank 1 of 3): M_D = diag(0.1 + sum x^2, 0.1, 0.1)."""
+    chosen, rejected = torch.tensor([[1.0, 0, 0], [2.0, 0, 0]]), torch.tensor([[-1.0, 0, 0], [0.5, 0, 0]])
+    m_inv = precision_inverse(chosen, rejected, ridge=0.1)
+    assert torch.allclose(m_inv, torch.diag(torch.tensor([1 / 6.35, 10.0, 10.0])))
+    with pytest.raises(ValueError, match="ridge must be > 0"):
+        precision_inverse(chosen, rejected, ridge=0.0)
+
+
+def test_advpo_head_spends_the_budget_and_lowers_rewards_along_g():
+    """Random features: phi_adv lies on the ellipsoid (phi - phi_hat)^T M_D (phi - phi_hat) = B, and the reward gap
+    of the policy's completions over the references' falls by exactly sqrt(B g^T M^-1 g), the most pessimistic
+    head's; a completion moved from the references along g loses reward, one moved against g gains."""
+    gen = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(40, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    m_inv = precision_inverse(chosen, rejected, ridge=1.0)
+    head = torch.randn(6, generator=gen)
+    reference = torch.randn(16, 6, generator=gen)
+    policy = reference + torch.randn(6, generator=gen)  # every completion's features moved by the same vector
+    budget = 3.0
+    adv = adversarial_head(head, m_inv, policy, reference, budget)
+    delta, g = adv - head, policy.mean(0) - reference.mean(0)
+    assert delta @ torch.linalg.solve(m_inv, delta) == pytest.approx(budget, rel=1e-4)
+    gap = lambda phi: (policy @ phi).mean() - (reference @ phi).mean()  # noqa: E731
+    assert gap(adv) - gap(head) == pytest.approx(-math.sqrt(budget * (g @ m_inv @ g)), rel=1e-4)
+    base = reference.mean(0)
+    assert (base + g) @ adv - (base + g) @ head < base @ adv - base @ head  # along g: lower than at the references
+    assert (base - g) @ adv - (base - g) @ head > base @ adv - base @ head
+
+
+def test_ema_update_is_the_decayed_average_in_float32():
+    from rlhf.algorithms.resets import ema_update
+    ema = [torch.tensor([1.0, -2.0])]
+    ema_update(ema, [torch.tensor([3.0, 2.0], dtype=torch.bfloat16)], decay=0.9)
+    assert ema[0].dtype == torch.float32 and ema[0].tolist() == pytest.approx([1.2, -1.6])
+
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_elastic_reset_swaps_policy_ema_and_initial_at_the_configured_steps(tiny_lm, backend):
+    """bf16 policy, reset every 2 updates, decay 0.5: after updates 1 and 3 only the EMA moves (the float32 average
+    of pi_init and the policies so far); after updates 2 and 4 the policy becomes that EMA — its fp32 master weights
+    exactly, its bf16 weights rounded — and the EMA restarts from pi_init."""
+    import copy
+    import types
+
+    from rlhf.algorithms.resets import float32_copy
+    from rlhf.distributed import Dist, deepspeed_available, make_update
+    from rlhf.trainer import elastic_reset
+    from tests.conftest import micro_grpo
+    from tests.test_gr_options import _masters
+    if backend == "deepspeed" and not deepspeed_available():
+        pytest.skip("deepspeed is not installed")
+    s = micro_grpo(backend=backend, lr=1e-2, elastic_reset_every=2, elastic_reset_decay=0.5)
+    initial = copy.deepcopy(tiny_lm[0]).to(torch.bfloat16).requires_grad_(False)
+    update = make_update(copy.deepcopy(initial).requires_grad_(True), s, Dist())
+    run = types.SimpleNamespace(settings=s, policy=update.model, initial=initial, backend=update,
+                                ema=float32_copy(initial.parameters()))
+    init = float32_copy(initial.parameters())
+    expected, gen = [t.clone() for t in init], torch.Generator().manual_seed(0)
+    for step in range(1, 5):
+        params = list(update.model.parameters())
+        update.write_rank_average(params, [torch.randn(p.shape, generator=gen) for p in params])
+        update.step()
+        weights = [p.detach().float() for p in update.model.parameters()]
+        expected = [0.5 * e + 0.5 * w for e, w in zip(expected, weights)]
+        stats = {}
+        elastic_reset(run, step, stats)
+        if step % 2:
+            assert stats == {} and all(torch.allclose(e, x, atol=1e-6) for e, x in zip(run.ema, expected))
+            assert all(torch.equal(w, p.float()) for w, p in zip(weights, update.model.parameters()))  # untouched
+        else:
+            assert stats == {"elastic_reset": 1}
+            assert all(torch.allclose(m, x, atol=1e-6) for m, x in zip(_masters(update), expected))
+            assert all(torch.equal(p, x.to(torch.bfloat16)) for p, x in zip(update.model.parameters(), _masters(update)))
+            assert all(torch.equal(e, i) for e, i in zip(run.ema, init))  # the EMA restarts at pi_init
+            expected = [t.clone() for t in init]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_elastic_reset_runs_in_the_grpo_stage_and_resumes_its_ema_bit_for_bit(micro_run, tmp_path, monkeypatch):
+    """Elastic Reset every 3 updates with the KL kept: the reset is logged at update 3 only; a run killed in update 3
+    resumes the update-2 checkpoint — whose EMA already holds updates 1-2 — and ends with the uninterrupted run's
+    weights exactly (an EMA restarted at pi_init on resume would make update 3's reset land elsewhere)."""
+    import rlhf.stages.grpo as grpo
+    from rlhf.cli import main
+    from rlhf.io import read_jsonl
+    from rlhf.models import load_causal_lm
+    from tests.conftest import write_config
+    from tests.test_stages import _copy_upstream
+    method = {"elastic": {"elastic_reset_every": 3, "elastic_reset_decay": 0.9, "kl_beta": 0.02}}
+    args = ["grpo", "--method", "elastic", "--seed", "0", "--config"]
+    runs = {}
+    for name in ("whole", "killed"):
+        _copy_upstream(micro_run, tmp_path / name)
+        cfg = write_config(tmp_path / name, methods=method)
+        if name == "killed":
+            step = grpo.train_step
+
+            def crash_at_3(run, batch, update):
+                if update == 3:
+                    raise Killed
+                return step(run, batch, update)
+            monkeypatch.setattr(grpo, "train_step", crash_at_3)
+            with pytest.raises(Killed):
+                main([*args, str(cfg)])
+            monkeypatch.setattr(grpo, "train_step", step)
+        assert main([*args, str(cfg)]) == 0
+        runs[name] = tmp_path / name / "results" / "micro" / "grpo" / "elastic" / "seed0"
+    train = [r for r in read_jsonl(runs["whole"] / "metrics.jsonl") if "proxy_reward" in r]
+    assert [r["step"] for r in train if r.get("elastic_reset")] == [3] and all(r["kl_beta"] == 0.02 for r in train)
+    whole, killed = (load_causal_lm(runs[n] / "policy", "float32", torch.device("cpu")).state_dict() for n in runs)
+    assert all(torch.equal(whole[k], killed[k]) for k in whole)
