@@ -117,7 +117,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           outputs=lambda P, cfg, m, s: {"certify": P.certify}),
     Stage("report", "table and plots over methods x seeds", inputs=_report_inputs, many=("evals", "metrics", "heldout"),
           outputs=lambda P, cfg, m, s: {"report": P.report}),
-    Stage("bench", "seconds per GRPO step: noreg, gr, signcert and TRL's GRPOTrainer as Dr.GRPO", tool=True),
+    Stage("bench", "seconds per GRPO step: noreg, gr, signcert, Elastic Reset and TRL's GRPOTrainer as Dr.GRPO", tool=True),
     Stage("judge-cost", "expected requests, tokens and USD of an API judge (gold.type openai) for this experiment",
           tool=True),
 ]}

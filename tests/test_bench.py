@@ -17,7 +17,9 @@ def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
         ours, trl = (result["results"][f"{name} ({dtype})"]["work"] for name in ("noreg_without_kl_metric", "trl_grpotrainer"))
         assert ours == trl and ours["weights"] == dtype and ours["autocast"] is None
         assert ours["completions_per_step"] == 2 * 4 and not ours["reference_forward"]  # micro: B=2, G=4
+    assert result["ratios"]["elastic_reset_step / noreg_step"] == R["elastic_reset"]["step"] / R["noreg"]["step"]
     assert set(result["ratios"]) == {"gr_update / noreg_update", "gr_hvp_update / noreg_update", "signcert_step / noreg_step",
+                                     "elastic_reset_step / noreg_step",
                                      *(f"ours_step / trl_step ({p}, same work)" for p in precisions)}
     assert result["not_comparable"] == {}
     out = capsys.readouterr().out

@@ -1,5 +1,5 @@
 """bench: seconds per GRPO step (generation / scoring / update) for noreg, gr (finite difference and exact
-Hessian-vector product) and signcert, and for TRL's
+Hessian-vector product), signcert and Elastic Reset (its per-step cost is the float32 EMA update), and for TRL's
 GRPOTrainer configured as Dr.GRPO on the same model, reward model, batch, G and lengths; then sampling with HF
 generate against vLLM (where installed) at the miniature's size and a larger one.
 
@@ -28,7 +28,8 @@ from rlhf.trainer import load_run, train_step
 # name -> (the config's method it starts from when the config has it, else these overrides). Timing does not
 # depend on the values; gr_hvp is the config's gr with the exact Hessian-vector-product estimator.
 METHODS = {"noreg": ("noreg", {}), "gr": ("gr", {"gr_gamma": 0.1}), "gr_hvp": ("gr", {"gr_gamma": 0.1}),
-           "signcert": ("signcert", {"signcert_quantile": 0.4})}
+           "signcert": ("signcert", {"signcert_quantile": 0.4}),
+           "elastic_reset": ("elastic_reset", {"elastic_reset_every": 260, "kl_beta": 0.02})}
 EXTRA = {"gr_hvp": {"gr_estimator": "hvp"}}
 # TRL with beta = 0 computes no reference log-probs; ours also logs KL from pi_init every step by default
 # (one more forward pass). The comparison with TRL uses the same work: this row turns that metric off.
@@ -178,7 +179,7 @@ def markdown(results: dict, ratios: dict, s: GRPOSettings, threads: int, generat
         lines.append(f"| {name} | {cells} |")
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     targets = {"gr_update / noreg_update": "<= 2.2", "gr_hvp_update / noreg_update": "<= 2.5 (floor 2)",
-               "signcert_step / noreg_step": "<= 1.05",
+               "signcert_step / noreg_step": "<= 1.05", "elastic_reset_step / noreg_step": "<= 1.05",
                **{f"ours_step / trl_step ({p}, same work)": "<= 1.0" for p in ("float32", "bfloat16")}}
     lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
     lines += [f"| {k} | not the same work: {why} | – |" for k, why in (not_comparable or {}).items()]
@@ -205,7 +206,8 @@ def run(cfg, args):
         print(f"bench: {name}: {results[name]}")
     ratios = {"gr_update / noreg_update": results["gr"]["update"] / results["noreg"]["update"],
               "gr_hvp_update / noreg_update": results["gr_hvp"]["update"] / results["noreg"]["update"],
-              "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"]}
+              "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"],
+              "elastic_reset_step / noreg_step": results["elastic_reset"]["step"] / results["noreg"]["step"]}
     # Ours against TRL: the same model, batch, lengths and precision (weights in that dtype, no autocast), and no
     # reference forward pass on either side; a pair that differs in any of these gets no ratio.
     precisions = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_has_bf16() else [])
