@@ -14,7 +14,7 @@ from rlhf.cli import SIDE_ENV
 from rlhf.cluster import job_spec, launcher, snakemake_resources
 from rlhf.config import config_from_mapping, load_config, trigger_view
 from rlhf.paths import Paths
-from rlhf.registry import SFT_BASELINE, STAGES, canonical, settings_view, side_view
+from rlhf.registry import SFT_BASELINE, STAGES, canonical, dpo_methods, settings_view, side_view
 
 DEFAULT_CONFIG = os.path.join(workflow.basedir, "config", "miniature.yaml")
 
@@ -24,7 +24,7 @@ _experiment = config_from_mapping(config) if config else load_config(DEFAULT_CON
 config.clear()
 config.update(_experiment)
 P = Paths.from_config(config)
-METHODS = list(config["methods"])
+METHODS = list(config["methods"]) + dpo_methods(config)  # GRPO methods, then the DPO family (dpo section)
 SEEDS = config["seeds"]
 # Logging and API-client settings reach every stage through the environment: they change no artifact, so they are
 # no rule's rerun trigger (a Slurm job re-reads this file and sets it again).

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from rlhf.errors import ConfigError, RLHFError
-from rlhf.registry import SFT_BASELINE, STAGES, merge_views, stage_config, stage_files
+from rlhf.registry import SFT_BASELINE, STAGES, dpo_methods, merge_views, stage_config, stage_files
 
 SIDE_ENV = "RLHF_SIDE_SETTINGS"
 
@@ -84,8 +84,9 @@ def resolve(args) -> tuple[dict, RunFiles | None]:
         cfg = load_config(args.config, args.overrides)
         if st.tool:
             return cfg, None
-        if method is not None and method != SFT_BASELINE and method not in cfg["methods"]:
-            raise ConfigError(f"method '{method}' is not in config.methods (have: {', '.join(cfg['methods'])})")
+        known = [*cfg["methods"], *dpo_methods(cfg)]
+        if method is not None and method != SFT_BASELINE and method not in known:
+            raise ConfigError(f"method '{method}' is not in config.methods or dpo.methods (have: {', '.join(known)})")
         view = stage_config(cfg, args.stage, method)
         files = stage_files(args.stage, cfg, method, seed)
     else:

@@ -104,6 +104,8 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(list(e.absolute_path)), str(e.message)))
     if not errors:
         _fill_defaults(cfg, schema, schema)
+        for entry in cfg.get("dpo", {}).get("methods", {}).values():  # each DPO method's own fields
+            _fill_defaults(entry, schema["properties"]["dpo"]["properties"]["methods"]["additionalProperties"], schema)
         if cfg["data"]["source"] == "arithmetic":  # a section without a default: filled where it is used
             data = schema["properties"]["data"]["properties"]
             _fill_defaults(cfg["data"].setdefault("arithmetic", {}), data["arithmetic"], schema)
@@ -113,6 +115,18 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     _raise_first(list(validator.iter_errors(cfg)), source)  # a grid value of the wrong type names its method
     _check_semantics(cfg, source)
     return cfg
+
+
+def _check_dpo(cfg: dict, source: str) -> None:
+    """DPO methods share the method namespace (evaluate and report go by name) and need preference pairs."""
+    names = set(cfg.get("dpo", {}).get("methods", {}))
+    if not names:
+        return
+    if clash := sorted(names & (set(cfg["methods"]) | {SFT_BASELINE})):
+        raise ConfigError(f"{source}: dpo.methods.{clash[0]}: the name is taken (by methods or the SFT baseline); "
+                          "method names must be unique")
+    if "rlvr" in cfg:
+        raise ConfigError(f"{source}: the dpo section needs preference pairs; an RLVR experiment has none")
 
 
 def _check_rlvr(cfg: dict, source: str) -> None:
@@ -149,6 +163,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: data.source alpaca_farm needs model.name (its tokenizer filters by length) "
                           "and a data.num_test")
     _check_rlvr(cfg, source)
+    _check_dpo(cfg, source)
     if cfg["gold"]["type"] == "reward_model" and "name" not in cfg["gold"]:
         raise ConfigError(f"{source}: gold.name is required when gold.type is 'reward_model'")
     if SFT_BASELINE in cfg["methods"]:

@@ -54,6 +54,9 @@ class Paths:
     def grpo_heldout(self, method: str, seed) -> Path:
         return self.grpo(method, seed) / "heldout.jsonl"  # RLVR: each held-out question's correctness at each eval step
 
+    def dpo_policy(self, method: str, seed) -> Path:
+        return self.root / "dpo" / str(method) / f"seed{seed}" / "policy"  # with its trainer log, train_log.jsonl
+
     def evaluation(self, method: str, seed) -> Path:
         return self.root / "eval" / str(method) / f"seed{seed}"
 

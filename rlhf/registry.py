@@ -18,7 +18,7 @@ from typing import Callable
 from rlhf.data.rlvr import rlvr_task
 from rlhf.errors import ConfigError
 from rlhf.paths import Paths
-from rlhf.settings import GRPOSettings
+from rlhf.settings import DPOSettings, GRPOSettings
 
 SFT_BASELINE = "sft"  # the `evaluate` method name of the SFT policy itself: a baseline row of the report
 
@@ -66,8 +66,13 @@ def _grpo_inputs(P, cfg, m, s):
     return {"train": P.train, "test": P.test, "sft": P.sft, **({} if rlvr_task(cfg) else {"rm": P.rm})}
 
 
+def dpo_methods(cfg: dict) -> list[str]:
+    """The DPO-family methods (config dpo.methods), trained by the dpo stage instead of grpo."""
+    return list(cfg.get("dpo", {}).get("methods", {}))
+
+
 def _eval_inputs(P, cfg, m, s):
-    policy = P.sft if m == SFT_BASELINE else P.policy(m, s)
+    policy = P.sft if m == SFT_BASELINE else P.dpo_policy(m, s) if m in dpo_methods(cfg) else P.policy(m, s)
     return {"policy": policy, "sft": P.sft, **({} if rlvr_task(cfg) else {"rm": P.rm}), "test": P.test}
 
 
@@ -80,7 +85,8 @@ def _grpo_outputs(P, cfg, m, s):
 def _report_inputs(P, cfg, m, s):
     runs = [(mm, ss) for mm in cfg["methods"] for ss in cfg["seeds"]]
     per_run = {"heldout": [P.grpo_heldout(mm, ss) for mm, ss in runs]} if rlvr_task(cfg) else {"certify": P.certify}
-    return {"evals": [P.evaluation(SFT_BASELINE, cfg["seed"])] + [P.evaluation(mm, ss) for mm, ss in runs],
+    dpo = [P.evaluation(mm, ss) for mm in dpo_methods(cfg) for ss in cfg["seeds"]]  # after the GRPO runs; no curves
+    return {"evals": [P.evaluation(SFT_BASELINE, cfg["seed"])] + [P.evaluation(mm, ss) for mm, ss in runs] + dpo,
             "metrics": [P.grpo_metrics(mm, ss) for mm, ss in runs], **per_run}
 
 
@@ -108,6 +114,9 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "grpo"), inputs=_grpo_inputs,
           outputs=_grpo_outputs,
           work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True),
+    Stage("dpo", "DPO / TR-DPO (GR Table 1 baselines) on the labeled pairs from the SFT policy, per method and seed",
+          settings=("seed", *MODEL, "dpo"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
+          outputs=lambda P, cfg, m, s: {"policy": P.dpo_policy(m, s)}, per_run=True, data_parallel=True, cpus=2),
     Stage("evaluate", "gold win rate against references for one method and seed (or 'sft')",
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "evaluate"), inputs=_eval_inputs,
           outputs=lambda P, cfg, m, s: {"evaluation": P.evaluation(m, s)}, per_run=True),
@@ -166,6 +175,8 @@ def settings_view(cfg: dict, stage: str, method: str | None = None) -> dict:
     view = pick(cfg, STAGES[stage].settings)
     if "grpo" in view:
         view["grpo"] = GRPOSettings.for_method(cfg, method).as_dict()
+    if "dpo" in view:
+        view["dpo"] = DPOSettings.for_method(cfg, method).as_dict()
     drop(view, SIDE_SETTINGS)
     return view
 

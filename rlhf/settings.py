@@ -53,6 +53,21 @@ class RMSettings(TrainerSettings):
 
 
 @dataclass(frozen=True)
+class DPOSettings(TrainerSettings):
+    """One DPO-family method's settings: the dpo section with the method's TR-DPO fields (rlhf/stages/dpo.py)."""
+    SECTION: ClassVar[str] = "dpo"
+    beta: float
+    sync_alpha: float | None          # TR-DPO's alpha; None: plain DPO
+    sync_steps: int                   # TR-DPO's tau (updates)
+
+    @classmethod
+    def for_method(cls, cfg: dict, method: str) -> "DPOSettings":
+        """The dpo section with `method`'s fields (the stage's own view holds it resolved: DPOSettings.of)."""
+        section = {k: v for k, v in cfg["dpo"].items() if k != "methods"}
+        return cls(**section, **cfg["dpo"]["methods"][method])
+
+
+@dataclass(frozen=True)
 class SampleSettings(Section):
     SECTION: ClassVar[str] = "sample"
     num_prompts: int | None           # None: all train prompts

@@ -151,3 +151,110 @@ def test_elastic_reset_runs_in_the_grpo_stage_and_resumes_its_ema_bit_for_bit(mi
     assert [r["step"] for r in train if r.get("elastic_reset")] == [3] and all(r["kl_beta"] == 0.02 for r in train)
     whole, killed = (load_causal_lm(runs[n] / "policy", "float32", torch.device("cpu")).state_dict() for n in runs)
     assert all(torch.equal(whole[k], killed[k]) for k in whole)
+
+
+DPO = {"methods": {"dpo": {}, "tr-dpo": {"sync_alpha": 0.5, "sync_steps": 2}}, "lr": 1e-3, "batch_size": 8,
+       "max_length": 64}
+
+
+def _dpo_trainer(micro_run, tmp_path, method: str, **dpo):
+    """The dpo stage's trainer on the micro run's pairs and SFT policy, as the stage builds it."""
+    from rlhf.config import load_config
+    from rlhf.distributed import Dist
+    from rlhf.io import read_jsonl
+    from rlhf.models import load_causal_lm
+    from rlhf.settings import DPOSettings
+    from rlhf.stages.common import tokenizer_of
+    from rlhf.stages.dpo import DPOTrainer, dpo_config, pairs
+    from tests.conftest import write_config
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(write_config(tmp_path, dpo={**DPO, **dpo}))
+    root = micro_run[1]
+    s = DPOSettings.for_method(cfg, method)
+    tokenizer = tokenizer_of(root / "sft", cfg)
+    rows = read_jsonl(root / "pairs" / "labels.jsonl")
+    model = load_causal_lm(root / "sft", "float32", torch.device("cpu"))
+    trainer = DPOTrainer(model=model, args=dpo_config(cfg, s, Dist(), 0, str(tmp_path / "trainer")),
+                         train_dataset=pairs(rows), processing_class=tokenizer)
+    return trainer, rows, tokenizer
+
+
+def test_dpo_pairs_are_tokenized_as_the_rm_and_grpo_see_them(micro_run, tmp_path):
+    """TRL's own tokenization of our pairs: prompt ids, then the completion's ids with EOS, exactly rm_input_ids."""
+    from rlhf.models import rm_input_ids
+    trainer, rows, tokenizer = _dpo_trainer(micro_run, tmp_path, "dpo")
+    for row, r in zip(trainer.train_dataset, rows):
+        assert row["prompt_ids"] + row["chosen_ids"] == rm_input_ids(tokenizer, r["prompt"], r["chosen"])
+        assert row["prompt_ids"] + row["rejected_ids"] == rm_input_ids(tokenizer, r["prompt"], r["rejected"])
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_tr_dpo_reference_follows_the_soft_and_hard_rule_at_its_steps(micro_run, tmp_path, alpha):
+    """pi_ref stays pi_sft through update 1, becomes alpha*pi_theta + (1-alpha)*pi_ref right after update 2 (alpha 1:
+    a copy of the policy), stays through update 3, mixes again after update 4; plain DPO never moves it."""
+    from transformers import TrainerCallback
+    trainer, _, _ = _dpo_trainer(micro_run, tmp_path, "tr-dpo", methods={"tr-dpo": {"sync_alpha": alpha,
+                                                                                    "sync_steps": 2}})
+    snap = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            seen.append((state.global_step, snap(model), snap(trainer.ref_model)))
+    trainer.add_callback(Record())  # after TRL's own sync callback, so it sees the synced reference
+    reference = snap(trainer.ref_model)
+    trainer.args.max_steps = 4
+    trainer.train()
+    assert [step for step, _, _ in seen] == [1, 2, 3, 4]
+    for step, policy, ref in seen:
+        if step % 2 == 0:
+            reference = {k: alpha * policy[k] + (1 - alpha) * reference[k] for k in reference}
+        assert all(torch.allclose(ref[k], reference[k], atol=1e-7) for k in reference), step
+    moved = max((seen[-1][2][k] - seen[0][2][k]).abs().max().item() for k in reference)
+    assert moved > 1e-6  # the reference did move
+    plain, _, _ = _dpo_trainer(micro_run, tmp_path / "plain", "dpo")
+    before = snap(plain.ref_model)
+    plain.args.max_steps = 4
+    plain.train()
+    assert all(torch.equal(before[k], v) for k, v in snap(plain.ref_model).items())
+
+
+def test_dpo_methods_run_through_snakemake_and_are_reported_beside_grpo(micro_run, tmp_path):
+    """With a dpo section the DAG adds one dpo job and one evaluation per DPO method and seed (on the micro run's
+    pairs and SFT policy, copied in), and the report's table has their rows after the GRPO methods'."""
+    import os
+    import shutil
+
+    from rlhf.cli import TRACE_ENV
+    from tests.test_workflow import stages_within_their_declarations
+    import pandas as pd
+
+    from tests.conftest import jobs, snakemake, write_config
+    shutil.copytree(micro_run[1], tmp_path / "results" / "micro")
+    cfg = write_config(tmp_path, dpo=DPO)
+    dry = snakemake(cfg, "-n", "--forcerun", "report")
+    assert jobs(dry.stdout) == {"dpo": 2, "evaluate": 2, "report": 1, "all": 1}, dry.stdout[-2000:]
+    (tmp_path / "trace").mkdir()
+    run = snakemake(cfg, "--forcerun", "report", env={**os.environ, TRACE_ENV: str(tmp_path / "trace")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    # the dpo stage reads only its declared pairs and SFT policy and writes only its policy folder
+    seen = stages_within_their_declarations(tmp_path / "trace", tmp_path / "results" / "micro")
+    assert seen == {"dpo", "evaluate", "report"}
+    table = pd.read_csv(tmp_path / "results" / "micro" / "report" / "table.csv")
+    assert list(table["method"])[-3:] == ["signcert", "dpo", "tr-dpo"] and table["method"].iloc[0] == "sft"
+    for method in ("dpo", "tr-dpo"):
+        assert (tmp_path / "results" / "micro" / "dpo" / method / "seed0" / "policy" / "model.safetensors").is_file()
+
+
+def test_dpo_method_names_are_unique_and_need_pairs(tmp_path):
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+    from tests.conftest import write_config
+    with pytest.raises(ConfigError, match="dpo.methods.kl: the name is taken"):
+        load_config(write_config(tmp_path, dpo={"methods": {"kl": {}}}))
+    with pytest.raises(ConfigError, match="dpo.methods.sft: the name is taken"):
+        load_config(write_config(tmp_path, dpo={"methods": {"sft": {}}}))
+    with pytest.raises(ConfigError, match="the dpo section needs preference pairs"):
+        load_config(write_config(tmp_path, "rlvr-micro.yaml", dpo={"methods": {"dpo": {}}}))
+    cfg = load_config(write_config(tmp_path, dpo={"methods": {"d": {}}}))
+    assert cfg["dpo"]["methods"]["d"] == {"sync_alpha": None, "sync_steps": 512} and cfg["dpo"]["beta"] == 0.1

@@ -97,15 +97,10 @@ def _under(path: Path, roots) -> bool:
                for r in roots for p in (path, *path.parents))
 
 
-@pytest.mark.slow
-def test_each_stage_touches_only_the_files_its_rule_declares(micro_snakemake):
-    """Every stage process of the micro run recorded what it opened, listed, wrote, renamed and deleted under the
-    experiment (Python audit events): reads stay inside its declared inputs and outputs, writes inside its outputs
-    (or their atomic temporary siblings) and its work folder, and every declared input is read."""
-    cfg, _, run = micro_snakemake
-    assert run.returncode == 0, run.stderr[-3000:]
-    root = (cfg.parent / "results" / "micro").resolve()
-    traces = sorted((cfg.parent / "trace").glob("*.jsonl"))
+def stages_within_their_declarations(trace_dir: Path, results: Path) -> set[str]:
+    """Check every traced stage process (rlhf.cli.trace_file_access) against its declared files; the stages seen."""
+    root = results.resolve()
+    traces = sorted(trace_dir.glob("*.jsonl"))
     seen = set()
     for trace in traces:
         head, *events = [json.loads(line) for line in trace.read_text().splitlines()]
@@ -123,6 +118,17 @@ def test_each_stage_touches_only_the_files_its_rule_declares(micro_snakemake):
             assert _under(path, allowed), f"{stage} {e['event']} {path}: not declared by its rule"
         for path in inputs:
             assert any(p == path or path in p.parents for p, _ in touched), f"{stage} never read its input {path}"
+    return seen
+
+
+@pytest.mark.slow
+def test_each_stage_touches_only_the_files_its_rule_declares(micro_snakemake):
+    """Every stage process of the micro run recorded what it opened, listed, wrote, renamed and deleted under the
+    experiment (Python audit events): reads stay inside its declared inputs and outputs, writes inside its outputs
+    (or their atomic temporary siblings) and its work folder, and every declared input is read."""
+    cfg, _, run = micro_snakemake
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = stages_within_their_declarations(cfg.parent / "trace", cfg.parent / "results" / "micro")
     assert seen == {"data", "base", "sft", "sample", "label", "rm", "grpo", "evaluate", "certify", "report"}
 
 
@@ -147,9 +153,11 @@ def test_paper_config_builds_its_dag(path, tmp_path):
                           "--profile", str(REPO / "profiles" / "slurm")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = len(cfg["methods"]) * len(cfg["seeds"])
+    dpo = len(cfg.get("dpo", {}).get("methods", {})) * len(cfg["seeds"])  # GR Table 1's DPO / TR-DPO rows
     preferences = {} if "rlvr" in cfg else {"sample": 1, "label": 1, "rm": 1, "certify": 1}  # RLVR: no pairs, no RM
-    assert jobs(out.stdout) == {"data": 1, "sft": 1, **preferences, "grpo": runs, "evaluate": runs + 1, "report": 1,
-                                "all": 1}
+    assert jobs(out.stdout) == {"data": 1, "sft": 1, **preferences, "grpo": runs, **({"dpo": dpo} if dpo else {}),
+                                "evaluate": runs + dpo + 1, "report": 1, "all": 1}
+    assert bool(dpo) == path.stem.startswith("gr-tldr")
     if "rlvr" in cfg:  # an instruct model starts as it is: its sft job only saves it, on one GPU
         assert cfg["sft"]["epochs"] == 0 and launcher(cfg, "sft") == "python"
 

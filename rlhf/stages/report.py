@@ -252,10 +252,11 @@ def difficulty_markdown(table: pd.DataFrame) -> str:
 
 
 def run(cfg, files, args):
-    """inputs: `evals` (the SFT baseline's first, then one per GRPO run), `metrics` (the GRPO runs' training curves,
-    in the order of evals[1:]) and, for RLHF, `certify`."""
+    """inputs: `evals` (the SFT baseline's first, then one per GRPO run, then one per DPO-family run), `metrics` (the
+    GRPO runs' training curves, in the order of their evals) and, for RLHF, `certify`."""
     evals = [read_json(folder / "metrics.json") for folder in files.inputs["evals"]]
-    curves = {(e["method"], e["seed"]): read_metrics(path) for e, path in zip(evals[1:], files.inputs["metrics"],
+    grpo_runs = evals[1:1 + len(files.inputs["metrics"])]  # then the DPO-family runs: evaluated, no training curves
+    curves = {(e["method"], e["seed"]): read_metrics(path) for e, path in zip(grpo_runs, files.inputs["metrics"],
                                                                              strict=True)}
     folder = files.outputs["report"]
     if "accuracy" in evals[0]:  # an RLVR experiment

@@ -33,3 +33,24 @@ rule evaluate:
         log("evaluate"),
     shell:
         rlhf("evaluate")
+
+
+if dpo_methods(config):
+
+    rule dpo:
+        input:
+            unpack(inputs("dpo")),
+        output:
+            **outputs("dpo"),
+        params:
+            **params("dpo"),
+        priority: 5
+        conda:
+            conda_env("dpo")
+        threads: threads("dpo")
+        resources:
+            **job_resources("dpo"),
+        log:
+            log("dpo"),
+        shell:
+            rlhf("dpo")
