@@ -14,7 +14,7 @@ from rlhf.cli import SIDE_ENV
 from rlhf.cluster import job_spec, launcher, snakemake_resources
 from rlhf.config import config_from_mapping, load_config, trigger_view
 from rlhf.paths import Paths
-from rlhf.registry import SFT_BASELINE, STAGES, canonical, dpo_methods, settings_view, side_view
+from rlhf.registry import SFT_BASELINE, STAGES, canonical, dpo_methods, ensemble_members, settings_view, side_view
 
 DEFAULT_CONFIG = os.path.join(workflow.basedir, "config", "miniature.yaml")
 
@@ -32,14 +32,18 @@ os.environ[SIDE_ENV] = canonical(side_view(config))
 
 
 def _files(stage, kind, wildcards=None):
-    method, seed = (wildcards.method, wildcards.seed) if wildcards else ("{method}", "{seed}")
+    if STAGES[stage].per_member:  # a member's files are keyed by k where a run's are by method
+        method, seed = (int(wildcards.member) if wildcards else "{member}"), None
+    else:
+        method, seed = (wildcards.method, wildcards.seed) if wildcards else ("{method}", "{seed}")
     files = getattr(STAGES[stage], kind)(P, config, method, seed)
     return {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in files.items()}
 
 
 def inputs(stage):
     """The stage's declared inputs (a function of the wildcards for a per-method-and-seed stage)."""
-    return lambda w: _files(stage, "inputs", w if STAGES[stage].per_run else None)
+    st = STAGES[stage]
+    return lambda w: _files(stage, "inputs", w if st.per_run or st.per_member else None)
 
 
 def outputs(stage):
@@ -65,7 +69,8 @@ def rlhf(stage):
     files = " ".join([*(f"--input {k} {{input.{k}:q}}" for k in names("inputs")),
                       *(f"--output {k} {{output.{k}:q}}" for k in names("outputs")),
                       *(f"--work {k} {{params.{k}:q}}" for k in names("work"))])
-    run = " --method {wildcards.method} --seed {wildcards.seed}" if st.per_run else ""
+    run = (" --method {wildcards.method} --seed {wildcards.seed}" if st.per_run
+           else " --member {wildcards.member}" if st.per_member else "")
     return (f"{{params.launcher}} -m rlhf {stage} --settings {{params.settings:q}} --threads {{threads}}{run} {files} "
             "> {log:q} 2>&1")
 
@@ -86,12 +91,15 @@ def job_resources(rule):
 
 
 def log(stage):
-    return str(P.logs(f"{stage}_{{method}}_seed{{seed}}" if STAGES[stage].per_run else stage))
+    st = STAGES[stage]
+    return str(P.logs(f"{stage}_{{method}}_seed{{seed}}" if st.per_run else f"{stage}{{member}}" if st.per_member
+                      else stage))
 
 
 wildcard_constraints:
     method="|".join(re.escape(m) for m in [*METHODS, SFT_BASELINE]),
     seed=r"\d+",
+    member=r"\d+",
 
 
 rule all:

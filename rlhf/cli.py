@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from rlhf.errors import ConfigError, RLHFError
-from rlhf.registry import SFT_BASELINE, STAGES, dpo_methods, merge_views, stage_config, stage_files
+from rlhf.registry import (SFT_BASELINE, STAGES, dpo_methods, ensemble_members, merge_views, stage_config,
+                           stage_files)
 
 SIDE_ENV = "RLHF_SIDE_SETTINGS"
 
@@ -55,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--method", required=True,
                            help="a key of config.methods" + (f" or '{SFT_BASELINE}'" if name == "evaluate" else ""))
             s.add_argument("--seed", type=int, required=True, help="policy-optimization seed")
+        if st.per_member:
+            s.add_argument("--member", type=int, required=True, help="ensemble member k (1..ensemble.members)")
         if name == "bench":
             s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
             s.add_argument("--timed", type=int, default=20, help="timed steps (mean reported)")
@@ -70,7 +73,7 @@ def _given(pairs: list[list[str]], stage: str, kind: str) -> dict:
     out = {}
     for name, *paths in pairs:
         many = kind == "input" and name in STAGES[stage].many
-        if not paths or (len(paths) > 1 and not many):
+        if not many and len(paths) != 1:  # a list input may be empty (e.g. a GRPO run's ensemble without UWO)
             raise ConfigError(f"--{kind} {name}: give the name and " + ("its paths" if many else "one path"))
         out[name] = paths if many else paths[0]
     return out
@@ -80,13 +83,17 @@ def resolve(args) -> tuple[dict, RunFiles | None]:
     """The stage's config view and files, from --config (the experiment's layout) or from what Snakemake passed."""
     from rlhf.config import complete_view, load_config
     st, method, seed = STAGES[args.stage], getattr(args, "method", None), getattr(args, "seed", None)
+    if st.per_member:
+        method = args.member  # a member's files are keyed by k where a run's are by method
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
         if st.tool:
             return cfg, None
         known = [*cfg["methods"], *dpo_methods(cfg)]
-        if method is not None and method != SFT_BASELINE and method not in known:
+        if st.per_run and method != SFT_BASELINE and method not in known:
             raise ConfigError(f"method '{method}' is not in config.methods or dpo.methods (have: {', '.join(known)})")
+        if st.per_member and method not in ensemble_members(cfg):
+            raise ConfigError(f"--member {method}: the config's ensemble has members {ensemble_members(cfg) or 'none'}")
         view = stage_config(cfg, args.stage, method)
         files = stage_files(args.stage, cfg, method, seed)
     else:
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, files = resolve(args)
         if os.environ.get(TRACE_ENV):
             trace_file_access(os.environ[TRACE_ENV], args.stage, files)
-        module = importlib.import_module(f"rlhf.stages.{args.stage.replace('-', '_')}")
+        module = importlib.import_module(f"rlhf.stages.{STAGES[args.stage].module or args.stage.replace('-', '_')}")
         module.run(cfg, args) if files is None else module.run(cfg, files, args)
     except RLHFError as e:
         print(f"error: {e}", file=sys.stderr)

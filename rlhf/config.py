@@ -129,6 +129,19 @@ def _check_dpo(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: the dpo section needs preference pairs; an RLVR experiment has none")
 
 
+def _check_uwo(cfg: dict, source: str) -> None:
+    for method in cfg["methods"]:
+        m = GRPOSettings.for_method(cfg, method)
+        if m.uwo_lambda is None:
+            continue
+        if "ensemble" not in cfg:
+            raise ConfigError(f"{source}: methods.{method}: uwo_lambda needs an ensemble section (ensemble: {{}} for "
+                              "3 members from the SFT policy)")
+        if m.signcert_quantile is not None or "rlvr" in cfg:
+            raise ConfigError(f"{source}: methods.{method}: UWO's ensemble reward goes with neither SignCert-PO (no "
+                              "single head to certify) nor an RLVR reward")
+
+
 def _check_rlvr(cfg: dict, source: str) -> None:
     data, rlvr = cfg["data"]["source"], "rlvr" in cfg
     if (data in TASK_OF_SOURCE) != rlvr:
@@ -164,6 +177,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
                           "and a data.num_test")
     _check_rlvr(cfg, source)
     _check_dpo(cfg, source)
+    _check_uwo(cfg, source)
     if cfg["gold"]["type"] == "reward_model" and "name" not in cfg["gold"]:
         raise ConfigError(f"{source}: gold.name is required when gold.type is 'reward_model'")
     if SFT_BASELINE in cfg["methods"]:

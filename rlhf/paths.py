@@ -39,6 +39,9 @@ class Paths:
     @property
     def wandb(self) -> Path: return self.root / "wandb"  # offline runs, synced later with `wandb sync`
 
+    def rm_member(self, k) -> Path:
+        return self.root / "rm_ensemble" / f"member{k}"  # UWO's ensemble (ensemble section), k = 1..members
+
     def grpo(self, method: str, seed) -> Path:
         return self.root / "grpo" / str(method) / f"seed{seed}"
 

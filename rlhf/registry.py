@@ -46,6 +46,8 @@ class Stage:
     work: Files = lambda P, cfg, m, s: {}   # resumable state a stage keeps between attempts (not a Snakemake output:
     #                                         Snakemake deletes the outputs of a failed job before its next attempt)
     per_run: bool = False                   # one job per (method, seed)
+    per_member: bool = False                # one job per ensemble member k (its --member; rlhf/stages/<module>.py)
+    module: str | None = None               # the stage module that runs it, when not its own name
     data_parallel: bool = False             # torchrun with one rank per GPU when its job has several
     cpus: int = 1                           # default cpus of its cluster job (config resources.jobs overrides)
     tool: bool = False                      # a command beside the DAG, not a rule (reads the whole config)
@@ -61,9 +63,24 @@ def _sft_inputs(P, cfg, m, s):
     return {"train": P.train, **({"base": P.base} if "build" in cfg["model"] else {})}
 
 
+def ensemble_members(cfg: dict) -> list[int]:
+    """UWO's ensemble members k = 1..K (none without an ensemble section)."""
+    return list(range(1, cfg["ensemble"]["members"] + 1)) if "ensemble" in cfg else []
+
+
 def _grpo_inputs(P, cfg, m, s):
-    """An RLVR run has no proxy RM: its reward is computed from the data's solutions."""
-    return {"train": P.train, "test": P.test, "sft": P.sft, **({} if rlvr_task(cfg) else {"rm": P.rm})}
+    """An RLVR run has no proxy RM: its reward is computed from the data's solutions. A UWO method reads the
+    ensemble's members too (its reward; the proxy RM stays the one evaluation reports)."""
+    if rlvr_task(cfg):
+        return {"train": P.train, "test": P.test, "sft": P.sft}
+    uwo = m in cfg["methods"] and GRPOSettings.for_method(cfg, m).uwo_lambda is not None
+    return {"train": P.train, "test": P.test, "sft": P.sft, "rm": P.rm,
+            "ensemble": [P.rm_member(k) for k in ensemble_members(cfg)] if uwo else []}  # one rule for every method
+
+
+def _member_inputs(P, cfg, m, s):
+    """A member starts from the SFT policy, or from ensemble.model (a hub id or folder: named in its view)."""
+    return {"labels": P.labels, **({"sft": P.sft} if cfg["ensemble"]["model"] is None else {})}
 
 
 def dpo_methods(cfg: dict) -> list[str]:
@@ -110,10 +127,15 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
     Stage("rm", "proxy reward model (Bradley-Terry) and its held-out accuracy",
           settings=("seed", *MODEL, "rm"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
           outputs=lambda P, cfg, m, s: {"model": P.rm}, data_parallel=True, cpus=2),
+    Stage("rm_member", "one member k of UWO's proxy-RM ensemble: the rm stage with seed + k (ensemble section)",
+          settings=("seed", *MODEL, "rm", "ensemble.model"), inputs=_member_inputs,  # not K: k does not depend on it
+          outputs=lambda P, cfg, m, s: {"model": P.rm_member(m)}, per_member=True, module="rm",
+          data_parallel=True, cpus=2),
     Stage("grpo", "Dr.GRPO against the proxy RM for one method and seed",
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "grpo"), inputs=_grpo_inputs,
           outputs=_grpo_outputs,
-          work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True),
+          work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True,
+          many=("ensemble",)),
     Stage("dpo", "DPO / TR-DPO (GR Table 1 baselines) on the labeled pairs from the SFT policy, per method and seed",
           settings=("seed", *MODEL, "dpo"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
           outputs=lambda P, cfg, m, s: {"policy": P.dpo_policy(m, s)}, per_run=True, data_parallel=True, cpus=2),
@@ -221,8 +243,11 @@ def canonical(view: dict) -> str:
 
 
 def stage_files(stage: str, cfg: dict, method=None, seed=None) -> dict[str, dict]:
-    """{"inputs": ..., "outputs": ..., "work": ...} of one stage run, from the experiment's layout (rlhf/paths.py)."""
+    """{"inputs": ..., "outputs": ..., "work": ...} of one stage run, from the experiment's layout (rlhf/paths.py).
+    A per-member stage's member k comes as `method` (its file functions' `m`)."""
     st, P = STAGES[stage], Paths.from_config(cfg)
     if st.per_run and method is None:
         raise ConfigError(f"stage {stage} runs per method and seed: give --method and --seed")
+    if st.per_member and method is None:
+        raise ConfigError(f"stage {stage} runs per ensemble member: give --member")
     return {kind: getattr(st, kind)(P, cfg, method, seed) for kind in ("inputs", "outputs", "work")}

@@ -154,6 +154,9 @@ class GRPOSettings(Section):
     gr_excluded_grad: str             # g1 | g2 | g2_raw
     gr_second_pass_ratio: str         # one | stored
     gr_refresh_master_weights: bool
+    # UWO (rlhf/algorithms/ensemble.py): the reward over the ensemble section's members
+    uwo_lambda: float | None          # None: off (the proxy RM)
+    uwo_penalty: str                  # var | std
     # SignCert-PO (rlhf/algorithms/signcert.py)
     signcert_quantile: float | None   # None: off
     signcert_epsilon_from: str        # radius | inverse_radius

@@ -41,7 +41,7 @@ from rlhf.io import read_jsonl
 from rlhf.models import load_causal_lm
 from rlhf.policy import token_logprobs
 from rlhf.data.rlvr import rlvr_task
-from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.rewards.proxy_rm import EnsembleScorer, RewardScorer
 from rlhf.rewards.verifiable import StepRewards, VerifiableReward
 from rlhf.rng import PromptSampler
 from rlhf.settings import GRPOSettings
@@ -124,7 +124,7 @@ class GRPORun:
     policy: torch.nn.Module      # the trained model (the DeepSpeed engine's module under DeepSpeed)
     initial: torch.nn.Module     # pi_init, frozen
     reference: torch.nn.Module   # pi_ref: pi_init itself, or its own copy when reset
-    reward: RewardScorer | VerifiableReward  # the proxy RM (RLHF) or the rule / judge reward (RLVR)
+    reward: RewardScorer | EnsembleScorer | VerifiableReward  # the proxy RM or UWO's ensemble (RLHF), or RLVR's reward
     tokenizer: object
     backend: object              # the update backend: TorchUpdate or DeepSpeedUpdate (rlhf/distributed.py)
     dist: Dist
@@ -165,7 +165,7 @@ def verifiable_reward(cfg: dict, rows: list[dict]):
 
 
 def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path | None, device,
-             dist: Dist | None = None, seed: int | None = None) -> GRPORun:
+             dist: Dist | None = None, seed: int | None = None, ensemble: list[Path] | None = None) -> GRPORun:
     """The SFT policy (trained), pi_init and pi_ref (frozen), the reward (the proxy RM in folder rm; for an RLVR
     experiment, rm is None and the reward comes from the training rows' solutions), the update backend and the
     training prompts (file train)."""
@@ -180,6 +180,9 @@ def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path
     server = None
     if rlvr_task(cfg):
         reward, server = verifiable_reward(cfg, rows)
+    elif settings.uwo_lambda is not None:  # UWO: the ensemble's members, each with its own tokenizer
+        members = [load_proxy(folder, cfg, tokenizer_of(folder, cfg), device) for folder in ensemble]
+        reward = EnsembleScorer(members, settings.uwo_lambda, settings.uwo_penalty)
     else:
         reward = load_proxy(rm, cfg, tokenizer, device)
     backend = make_update(policy, settings, dist)

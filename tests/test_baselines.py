@@ -3,6 +3,9 @@ import math
 
 import pytest
 import torch
+import yaml
+
+from tests.conftest import REPO
 
 from rlhf.algorithms.advpo import adversarial_head, precision_inverse
 from rlhf.algorithms.ensemble import uncertainty_weighted_reward
@@ -219,31 +222,79 @@ def test_tr_dpo_reference_follows_the_soft_and_hard_rule_at_its_steps(micro_run,
     assert all(torch.equal(before[k], v) for k, v in snap(plain.ref_model).items())
 
 
-def test_dpo_methods_run_through_snakemake_and_are_reported_beside_grpo(micro_run, tmp_path):
-    """With a dpo section the DAG adds one dpo job and one evaluation per DPO method and seed (on the micro run's
-    pairs and SFT policy, copied in), and the report's table has their rows after the GRPO methods'."""
+def test_dpo_and_uwo_run_through_snakemake_and_are_reported_beside_grpo(micro_run, tmp_path):
+    """On the micro run's pairs, SFT policy and proxy RM (copied in), a dpo section and a UWO method over a 2-member
+    ensemble add exactly: a dpo job and an evaluation per DPO method, a rule per ensemble member, the UWO method's
+    GRPO run and evaluation, the report; every stage stays inside its declared files; the table lists the new rows
+    after the GRPO methods'. Then a third member schedules only itself and the UWO run downstream of it."""
     import os
     import shutil
 
-    from rlhf.cli import TRACE_ENV
-    from tests.test_workflow import stages_within_their_declarations
     import pandas as pd
 
+    from rlhf.cli import TRACE_ENV
+    from rlhf.io import read_json
     from tests.conftest import jobs, snakemake, write_config
+    from tests.test_workflow import stages_within_their_declarations
     shutil.copytree(micro_run[1], tmp_path / "results" / "micro")
-    cfg = write_config(tmp_path, dpo=DPO)
+    methods = {**yaml.safe_load((REPO / "config" / "micro.yaml").read_text())["methods"], "uwo": {"uwo_lambda": 0.5}}
+    cfg = write_config(tmp_path, dpo=DPO, ensemble={"members": 2}, methods=methods)
     dry = snakemake(cfg, "-n", "--forcerun", "report")
-    assert jobs(dry.stdout) == {"dpo": 2, "evaluate": 2, "report": 1, "all": 1}, dry.stdout[-2000:]
+    assert jobs(dry.stdout) == {"dpo": 2, "rm_member": 2, "grpo": 1, "evaluate": 3, "report": 1, "all": 1}, \
+        dry.stdout[-2000:]
     (tmp_path / "trace").mkdir()
     run = snakemake(cfg, "--forcerun", "report", env={**os.environ, TRACE_ENV: str(tmp_path / "trace")})
     assert run.returncode == 0, run.stderr[-3000:]
-    # the dpo stage reads only its declared pairs and SFT policy and writes only its policy folder
-    seen = stages_within_their_declarations(tmp_path / "trace", tmp_path / "results" / "micro")
-    assert seen == {"dpo", "evaluate", "report"}
-    table = pd.read_csv(tmp_path / "results" / "micro" / "report" / "table.csv")
-    assert list(table["method"])[-3:] == ["signcert", "dpo", "tr-dpo"] and table["method"].iloc[0] == "sft"
+    root = tmp_path / "results" / "micro"
+    seen = stages_within_their_declarations(tmp_path / "trace", root)
+    assert seen == {"dpo", "rm_member", "grpo", "evaluate", "report"}
+    table = pd.read_csv(root / "report" / "table.csv")
+    assert list(table["method"]) == ["sft", "noreg", "kl", "resets", "gr", "signcert", "uwo", "dpo", "tr-dpo"]
     for method in ("dpo", "tr-dpo"):
-        assert (tmp_path / "results" / "micro" / "dpo" / method / "seed0" / "policy" / "model.safetensors").is_file()
+        assert (root / "dpo" / method / "seed0" / "policy" / "model.safetensors").is_file()
+    # members: the proxy's held-out split, their own seeds (so their heads differ)
+    members = [read_json(root / "rm_ensemble" / f"member{k}" / "metrics.json") for k in (1, 2)]
+    assert members[0]["n_heldout"] == members[1]["n_heldout"] == read_json(root / "rm" / "metrics.json")["n_heldout"]
+    from safetensors.torch import load_file
+    heads = [load_file(root / "rm_ensemble" / f"member{k}" / "model.safetensors")["score.weight"] for k in (1, 2)]
+    assert not torch.equal(heads[0], heads[1])
+    assert "Nothing to be done" in snakemake(cfg, "-n").stdout  # each member cached
+    more = write_config(tmp_path, dpo=DPO, ensemble={"members": 3}, methods=methods)
+    assert jobs(snakemake(more, "-n").stdout) == {"rm_member": 1, "grpo": 1, "evaluate": 1, "report": 1, "all": 1}
+
+
+def test_uwo_reward_is_the_ensemble_mean_minus_lambda_times_its_disagreement(tiny_lm, tmp_path):
+    """Two member RMs with different heads score the same completions; the ensemble scorer's reward is the UWO value
+    of their rewards."""
+    from rlhf.algorithms.ensemble import uncertainty_weighted_reward
+    from rlhf.models import load_reward_model
+    from rlhf.rewards.proxy_rm import EnsembleScorer, RewardScorer
+    model, tok = tiny_lm
+    model.save_pretrained(tmp_path / "lm")
+    members = []
+    for k in (1, 2):
+        torch.manual_seed(k)  # a fresh head per member
+        members.append(RewardScorer(load_reward_model(tmp_path / "lm", tok), tok))
+    prompts, completions = ["post : alice lost the car . tldr :"] * 3, ["alice lost car", "car", "bob"]
+    single = torch.stack([m(prompts, completions).rewards for m in members])
+    assert not torch.allclose(single[0], single[1])
+    for penalty in ("var", "std"):
+        got = EnsembleScorer(members, 0.7, penalty)(prompts, completions)
+        assert torch.equal(got.rewards, uncertainty_weighted_reward(single, 0.7, penalty))
+
+
+def test_uwo_needs_an_ensemble_and_goes_without_signcert(tmp_path):
+    from rlhf.cli import main
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+    from tests.conftest import write_config
+    with pytest.raises(ConfigError, match="methods.u: uwo_lambda needs an ensemble section"):
+        load_config(write_config(tmp_path, methods={"u": {"uwo_lambda": 0.1}}))
+    with pytest.raises(ConfigError, match="methods.u: UWO's ensemble reward goes with neither SignCert-PO"):
+        load_config(write_config(tmp_path, ensemble={}, methods={"u": {"uwo_lambda": 0.1, "signcert_quantile": 0.3}}))
+    cfg = write_config(tmp_path, ensemble={"members": 2}, methods={"u": {"uwo_lambda": 0.1}})
+    assert load_config(cfg)["ensemble"] == {"members": 2, "model": None}
+    assert main(["rm_member", "--config", str(cfg), "--member", "3"]) == 2  # one line naming the members
 
 
 def test_dpo_method_names_are_unique_and_need_pairs(tmp_path):

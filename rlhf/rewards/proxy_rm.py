@@ -68,3 +68,16 @@ class RewardScorer:
             raise RewardError(f"reward model returned a non-finite reward for {len(bad)} completion(s), "
                               f"first: prompt {prompts[bad[0]]!r} / completion {completions[bad[0]]!r}")
         return scores
+
+
+class EnsembleScorer:
+    """UWO's reward: each member RM scores the completions (with its own tokenizer); the reward is their mean minus
+    lam times their disagreement (rlhf.algorithms.ensemble). No single head, so no feature (SignCert is refused)."""
+
+    def __init__(self, members: list[RewardScorer], lam: float, penalty: str):
+        self.members, self.lam, self.penalty = members, lam, penalty
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
+        from rlhf.algorithms.ensemble import uncertainty_weighted_reward
+        rewards = torch.stack([member(prompts, completions).rewards for member in self.members])
+        return Scores(uncertainty_weighted_reward(rewards, self.lam, self.penalty), torch.empty(len(prompts), 0))

@@ -1,7 +1,7 @@
 """grpo: Dr.GRPO for one method and seed (the trainer: rlhf/trainer.py), against the proxy RM or, in an RLVR
 experiment, the verifiable reward.
 
-Files: inputs train, test, sft, rm (RLHF only); outputs policy (folder), metrics (one JSON line per step and per held-out
+Files: inputs train, test, sft, rm (RLHF only), ensemble (UWO methods: the members); outputs policy (folder), metrics (one JSON line per step and per held-out
 evaluation) and, RLVR only, heldout (per evaluation step, whether each held-out question was solved); work: the folder of the run in progress (its checkpoint and the live metrics log, `tail -f` it), kept
 across attempts so a killed run resumes, removed once the outputs are in place.
 """
@@ -39,14 +39,16 @@ def run(cfg, files, args):
     heldout = read_jsonl(inputs["test"], required=("prompt", "reference"))[: settings.eval_prompts]
     task = rlvr_task(cfg)
 
-    trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs.get("rm"), dist.device, dist, seed=seed)
+    trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs.get("rm"), dist.device, dist, seed=seed,
+                       ensemble=inputs.get("ensemble"))
     policy, initial, reward, tokenizer = trainer.policy, trainer.initial, trainer.reward, trainer.tokenizer
     gold = make_gold(cfg, dist.device) if main and not task else None  # only rank 0 evaluates
     heldout_reward = None
     if main and task:  # the training reward on the held-out questions (the same judge client and cache)
         heldout_reward = VerifiableReward.from_rows(task, heldout, judge=reward.judge, verifier=reward.verifier)
 
-    stamp = fingerprint(cfg, settings, seed, inputs["train"], [inputs["sft"], *([inputs["rm"]] if "rm" in inputs else [])])
+    stamp = fingerprint(cfg, settings, seed, inputs["train"], [inputs["sft"], *([inputs["rm"]] if "rm" in inputs else []),
+                                                               *inputs.get("ensemble", [])])
     start = load_checkpoint(ckpt_dir, trainer, stamp)
     log = MetricsLog(live_metrics, resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
                      run_config={"method": method, "seed": seed, "world_size": dist.world_size, **settings.as_dict()},

@@ -46,9 +46,14 @@ def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
 
 
 def run(cfg, files, args):
-    dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
+    """The proxy RM, or (rule rm_member, --member k) member k of UWO's ensemble: seed + k, the same pairs and held-out
+    split, from the SFT policy or ensemble.model."""
+    member = getattr(args, "member", None)
+    seed = cfg["seed"] + (member or 0)
+    dist = Dist.from_env(setup(cfg, args, seed=seed))  # under torchrun the Trainer runs data parallel over the ranks
     device = dist.device
-    r, labels, sft = RMSettings.of(cfg), files.inputs["labels"], files.inputs["sft"]
+    r, labels = RMSettings.of(cfg), files.inputs["labels"]
+    sft = files.inputs.get("sft") or cfg["ensemble"]["model"]  # a member may start from another (smaller) model
     rows = read_jsonl(labels, required=("prompt", "chosen", "rejected"))
     heldout, train = split_by_prompt(rows, r.eval_fraction, cfg["seed"])
     if not train:
@@ -61,7 +66,7 @@ def run(cfg, files, args):
     with shared_atomic_dir(dist, files.outputs["model"]) as out:
         trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
                                 args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r.weight_decay,
-                                                  **hf_trainer_kwargs(cfg, r, dist)))
+                                                  **{**hf_trainer_kwargs(cfg, r, dist), "seed": seed}))
         trainer.train()
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 scores and writes
             shutil.rmtree(out / "trainer", ignore_errors=True)
@@ -70,8 +75,9 @@ def run(cfg, files, args):
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
             write_json(out / "metrics.json", metrics)
-            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, "rm", r.as_dict(),
+            job = "rm" if member is None else f"rm-member{member}"
+            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, job, r.as_dict(),
                               summary=metrics)
-            print(f"rm ({trainer_engine(trainer)}): "
+            print(f"{job} ({trainer_engine(trainer)}): "
                   + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     dist.close()

@@ -52,3 +52,23 @@ rule rm:
         log("rm"),
     shell:
         rlhf("rm")
+
+
+if ensemble_members(config):
+
+    rule rm_member:
+        input:
+            unpack(inputs("rm_member")),
+        output:
+            **outputs("rm_member"),
+        params:
+            **params("rm_member"),
+        conda:
+            conda_env("rm_member")
+        threads: threads("rm_member")
+        resources:
+            **job_resources("rm_member"),
+        log:
+            log("rm_member"),
+        shell:
+            rlhf("rm_member")
