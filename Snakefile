@@ -14,7 +14,8 @@ from rlhf.cli import SIDE_ENV
 from rlhf.cluster import job_spec, launcher, snakemake_resources
 from rlhf.config import config_from_mapping, load_config, trigger_view
 from rlhf.paths import Paths
-from rlhf.registry import SFT_BASELINE, STAGES, canonical, dpo_methods, ensemble_members, settings_view, side_view
+from rlhf.registry import (SFT_BASELINE, STAGES, advpo_used, canonical, dpo_methods, ensemble_members, settings_view,
+                           side_view)
 
 DEFAULT_CONFIG = os.path.join(workflow.basedir, "config", "miniature.yaml")
 

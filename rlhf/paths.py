@@ -39,6 +39,9 @@ class Paths:
     @property
     def wandb(self) -> Path: return self.root / "wandb"  # offline runs, synced later with `wandb sync`
 
+    @property
+    def advpo(self) -> Path: return self.root / "advpo" / "precision.pt"  # AdvPO's M_D^-1 from the proxy's features
+
     def rm_member(self, k) -> Path:
         return self.root / "rm_ensemble" / f"member{k}"  # UWO's ensemble (ensemble section), k = 1..members
 

@@ -73,9 +73,15 @@ def _grpo_inputs(P, cfg, m, s):
     ensemble's members too (its reward; the proxy RM stays the one evaluation reports)."""
     if rlvr_task(cfg):
         return {"train": P.train, "test": P.test, "sft": P.sft}
-    uwo = m in cfg["methods"] and GRPOSettings.for_method(cfg, m).uwo_lambda is not None
-    return {"train": P.train, "test": P.test, "sft": P.sft, "rm": P.rm,
-            "ensemble": [P.rm_member(k) for k in ensemble_members(cfg)] if uwo else []}  # one rule for every method
+    gs = GRPOSettings.for_method(cfg, m) if m in cfg["methods"] else None
+    uwo, advpo = gs is not None and gs.uwo_lambda is not None, gs is not None and gs.advpo_budget is not None
+    return {"train": P.train, "test": P.test, "sft": P.sft, "rm": P.rm,  # lists: one rule's command for every method
+            "ensemble": [P.rm_member(k) for k in ensemble_members(cfg)] if uwo else [],
+            "advpo": [P.advpo] if advpo else []}
+
+
+def advpo_used(cfg: dict) -> bool:
+    return any(GRPOSettings.for_method(cfg, m).advpo_budget is not None for m in cfg["methods"])
 
 
 def _member_inputs(P, cfg, m, s):
@@ -127,6 +133,10 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
     Stage("rm", "proxy reward model (Bradley-Terry) and its held-out accuracy",
           settings=("seed", *MODEL, "rm"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
           outputs=lambda P, cfg, m, s: {"model": P.rm}, data_parallel=True, cpus=2),
+    Stage("advpo", "AdvPO's M_D^-1: the proxy RM's features on its own training pairs (methods with advpo_budget)",
+          settings=("seed", *MODEL, "rm.eval_fraction", *PROXY, "advpo"),
+          inputs=lambda P, cfg, m, s: {"labels": P.labels, "rm": P.rm},
+          outputs=lambda P, cfg, m, s: {"precision": P.advpo}),
     Stage("rm_member", "one member k of UWO's proxy-RM ensemble: the rm stage with seed + k (ensemble section)",
           settings=("seed", *MODEL, "rm", "ensemble.model"), inputs=_member_inputs,  # not K: k does not depend on it
           outputs=lambda P, cfg, m, s: {"model": P.rm_member(m)}, per_member=True, module="rm",
@@ -135,7 +145,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "grpo"), inputs=_grpo_inputs,
           outputs=_grpo_outputs,
           work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True,
-          many=("ensemble",)),
+          many=("ensemble", "advpo")),
     Stage("dpo", "DPO / TR-DPO (GR Table 1 baselines) on the labeled pairs from the SFT policy, per method and seed",
           settings=("seed", *MODEL, "dpo"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
           outputs=lambda P, cfg, m, s: {"policy": P.dpo_policy(m, s)}, per_run=True, data_parallel=True, cpus=2),

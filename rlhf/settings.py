@@ -154,6 +154,8 @@ class GRPOSettings(Section):
     gr_excluded_grad: str             # g1 | g2 | g2_raw
     gr_second_pass_ratio: str         # one | stored
     gr_refresh_master_weights: bool
+    # AdvPO (rlhf/algorithms/advpo.py): the proxy's features times the adversarial head
+    advpo_budget: float | None        # None: off
     # UWO (rlhf/algorithms/ensemble.py): the reward over the ensemble section's members
     uwo_lambda: float | None          # None: off (the proxy RM)
     uwo_penalty: str                  # var | std

@@ -41,7 +41,7 @@ from rlhf.io import read_jsonl
 from rlhf.models import load_causal_lm
 from rlhf.policy import token_logprobs
 from rlhf.data.rlvr import rlvr_task
-from rlhf.rewards.proxy_rm import EnsembleScorer, RewardScorer
+from rlhf.rewards.proxy_rm import AdvPOScorer, EnsembleScorer, RewardScorer
 from rlhf.rewards.verifiable import StepRewards, VerifiableReward
 from rlhf.rng import PromptSampler
 from rlhf.settings import GRPOSettings
@@ -124,7 +124,7 @@ class GRPORun:
     policy: torch.nn.Module      # the trained model (the DeepSpeed engine's module under DeepSpeed)
     initial: torch.nn.Module     # pi_init, frozen
     reference: torch.nn.Module   # pi_ref: pi_init itself, or its own copy when reset
-    reward: RewardScorer | EnsembleScorer | VerifiableReward  # the proxy RM or UWO's ensemble (RLHF), or RLVR's reward
+    reward: RewardScorer | EnsembleScorer | AdvPOScorer | VerifiableReward  # proxy RM, UWO, AdvPO, or RLVR's reward
     tokenizer: object
     backend: object              # the update backend: TorchUpdate or DeepSpeedUpdate (rlhf/distributed.py)
     dist: Dist
@@ -165,7 +165,8 @@ def verifiable_reward(cfg: dict, rows: list[dict]):
 
 
 def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path | None, device,
-             dist: Dist | None = None, seed: int | None = None, ensemble: list[Path] | None = None) -> GRPORun:
+             dist: Dist | None = None, seed: int | None = None, ensemble: list[Path] | None = None,
+             advpo: Path | None = None) -> GRPORun:
     """The SFT policy (trained), pi_init and pi_ref (frozen), the reward (the proxy RM in folder rm; for an RLVR
     experiment, rm is None and the reward comes from the training rows' solutions), the update backend and the
     training prompts (file train)."""
@@ -180,6 +181,11 @@ def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path
     server = None
     if rlvr_task(cfg):
         reward, server = verifiable_reward(cfg, rows)
+    elif settings.advpo_budget is not None:  # AdvPO: the proxy with the adversarial head, M_D^-1 from the advpo stage
+        references = {r["prompt"]: r["reference"] for r in rows}
+        stats = torch.load(advpo, weights_only=True)
+        reward = AdvPOScorer(load_proxy(rm, cfg, tokenizer, device), stats["m_inverse"], settings.advpo_budget,
+                             references, gather=dist.gather)
     elif settings.uwo_lambda is not None:  # UWO: the ensemble's members, each with its own tokenizer
         members = [load_proxy(folder, cfg, tokenizer_of(folder, cfg), device) for folder in ensemble]
         reward = EnsembleScorer(members, settings.uwo_lambda, settings.uwo_penalty)
@@ -296,11 +302,13 @@ def _file_stamp(path: Path):
 
 def fingerprint(cfg: dict, settings: GRPOSettings, seed: int, prompts_file: Path, folders: list[Path]) -> str:
     """Identifies what determines a run's trajectory (the training prompts, the SFT policy and its tokenizer, the
-    proxy RM, the seed, precision and the trajectory-shaping settings), so a rerun from other inputs starts afresh."""
+    proxy RM (and UWO's members, AdvPO's matrix), the seed, precision and the trajectory-shaping settings), so a rerun
+    from other inputs starts afresh."""
     stamp = {"settings": {k: v for k, v in settings.as_dict().items() if k not in TRAJECTORY_NEUTRAL}, "seed": seed,
              "dtype": cfg["model"]["dtype"], "prompts": _file_stamp(prompts_file), "rlvr": cfg.get("rlvr"),
-             "inputs": {folder.name: {f.name: _file_stamp(f) for f in sorted(folder.iterdir())
-                                      if f.is_file() and f.name != "train_log.jsonl"} for folder in folders}}
+             "inputs": {folder.name: _file_stamp(folder) if folder.is_file() else  # a file input: AdvPO's M_D^-1
+                        {f.name: _file_stamp(f) for f in sorted(folder.iterdir())
+                         if f.is_file() and f.name != "train_log.jsonl"} for folder in folders}}
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -222,10 +222,10 @@ def test_tr_dpo_reference_follows_the_soft_and_hard_rule_at_its_steps(micro_run,
     assert all(torch.equal(before[k], v) for k, v in snap(plain.ref_model).items())
 
 
-def test_dpo_and_uwo_run_through_snakemake_and_are_reported_beside_grpo(micro_run, tmp_path):
-    """On the micro run's pairs, SFT policy and proxy RM (copied in), a dpo section and a UWO method over a 2-member
-    ensemble add exactly: a dpo job and an evaluation per DPO method, a rule per ensemble member, the UWO method's
-    GRPO run and evaluation, the report; every stage stays inside its declared files; the table lists the new rows
+def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_run, tmp_path):
+    """On the micro run's pairs, SFT policy and proxy RM (copied in), a dpo section, a UWO method over a 2-member
+    ensemble and an AdvPO method add exactly: a dpo job and an evaluation per DPO method, a rule per ensemble member,
+    AdvPO's matrix, the UWO and AdvPO GRPO runs and evaluations, the report; every stage stays inside its declared files; the table lists the new rows
     after the GRPO methods'. Then a third member schedules only itself and the UWO run downstream of it."""
     import os
     import shutil
@@ -237,19 +237,20 @@ def test_dpo_and_uwo_run_through_snakemake_and_are_reported_beside_grpo(micro_ru
     from tests.conftest import jobs, snakemake, write_config
     from tests.test_workflow import stages_within_their_declarations
     shutil.copytree(micro_run[1], tmp_path / "results" / "micro")
-    methods = {**yaml.safe_load((REPO / "config" / "micro.yaml").read_text())["methods"], "uwo": {"uwo_lambda": 0.5}}
+    methods = {**yaml.safe_load((REPO / "config" / "micro.yaml").read_text())["methods"], "uwo": {"uwo_lambda": 0.5},
+               "advpo": {"advpo_budget": 5.0, "kl_beta": 0.1}}
     cfg = write_config(tmp_path, dpo=DPO, ensemble={"members": 2}, methods=methods)
     dry = snakemake(cfg, "-n", "--forcerun", "report")
-    assert jobs(dry.stdout) == {"dpo": 2, "rm_member": 2, "grpo": 1, "evaluate": 3, "report": 1, "all": 1}, \
-        dry.stdout[-2000:]
+    assert jobs(dry.stdout) == {"dpo": 2, "rm_member": 2, "advpo": 1, "grpo": 2, "evaluate": 4, "report": 1,
+                                "all": 1}, dry.stdout[-2000:]
     (tmp_path / "trace").mkdir()
     run = snakemake(cfg, "--forcerun", "report", env={**os.environ, TRACE_ENV: str(tmp_path / "trace")})
     assert run.returncode == 0, run.stderr[-3000:]
     root = tmp_path / "results" / "micro"
     seen = stages_within_their_declarations(tmp_path / "trace", root)
-    assert seen == {"dpo", "rm_member", "grpo", "evaluate", "report"}
+    assert seen == {"dpo", "rm_member", "advpo", "grpo", "evaluate", "report"}
     table = pd.read_csv(root / "report" / "table.csv")
-    assert list(table["method"]) == ["sft", "noreg", "kl", "resets", "gr", "signcert", "uwo", "dpo", "tr-dpo"]
+    assert list(table["method"]) == ["sft", "noreg", "kl", "resets", "gr", "signcert", "uwo", "advpo", "dpo", "tr-dpo"]
     for method in ("dpo", "tr-dpo"):
         assert (root / "dpo" / method / "seed0" / "policy" / "model.safetensors").is_file()
     # members: the proxy's held-out split, their own seeds (so their heads differ)
@@ -309,3 +310,54 @@ def test_dpo_method_names_are_unique_and_need_pairs(tmp_path):
         load_config(write_config(tmp_path, "rlvr-micro.yaml", dpo={"methods": {"dpo": {}}}))
     cfg = load_config(write_config(tmp_path, dpo={"methods": {"d": {}}}))
     assert cfg["dpo"]["methods"]["d"] == {"sync_alpha": None, "sync_steps": 512} and cfg["dpo"]["beta"] == 0.1
+
+
+def test_advpo_matrix_is_the_proxy_features_on_its_training_pairs_and_the_reward_uses_the_adversarial_head(
+        micro_run, tmp_path):
+    """The advpo stage's M_D^-1 = (ridge I + sum e e^T)^-1 over the rm stage's training pairs (not the held-out ones);
+    the AdvPO reward is the proxy's features times adversarial_head(...) plus the bias: with budget 0 the proxy's own
+    reward, with a budget a lower reward gap of the completions over the references than the proxy gives."""
+    from rlhf.algorithms.advpo import adversarial_head, precision_inverse
+    from rlhf.cli import main
+    from rlhf.config import load_config
+    from rlhf.io import read_jsonl
+    from rlhf.rewards.proxy_rm import AdvPOScorer, split_by_prompt
+    from rlhf.stages.common import load_proxy, tokenizer_of
+    from tests.conftest import write_config
+    from tests.test_stages import _copy_upstream
+    dst = _copy_upstream(micro_run, tmp_path)
+    import shutil
+    shutil.copytree(micro_run[1] / "pairs", dst / "pairs")
+    cfg_path = write_config(tmp_path, methods={"advpo": {"advpo_budget": 5.0}}, advpo={"ridge": 0.5})
+    assert main(["advpo", "--config", str(cfg_path)]) == 0
+    saved = torch.load(dst / "advpo" / "precision.pt", weights_only=True)
+    cfg = load_config(cfg_path)
+    rows = read_jsonl(dst / "pairs" / "labels.jsonl")
+    held, train = split_by_prompt(rows, cfg["rm"]["eval_fraction"], cfg["seed"])
+    proxy = load_proxy(dst / "rm", cfg, tokenizer_of(dst / "rm", cfg), torch.device("cpu"))
+    features = lambda key: proxy([r["prompt"] for r in train], [r[key] for r in train]).features  # noqa: E731
+    assert saved["pairs"] == len(train) < len(rows) and saved["ridge"] == 0.5
+    torch.testing.assert_close(saved["m_inverse"], precision_inverse(features("chosen"), features("rejected"), 0.5))
+    # the reward on completions of two prompts, against their references
+    prompts = [train[0]["prompt"]] * 2 + [train[1]["prompt"]] * 2
+    completions = [train[0]["chosen"], train[0]["rejected"], train[1]["chosen"], train[1]["rejected"]]
+    references = {r["prompt"]: "bob" for r in train}
+    plain = proxy(prompts, completions)
+    zero = AdvPOScorer(proxy, saved["m_inverse"], 0.0, references)(prompts, completions)
+    torch.testing.assert_close(zero.rewards, plain.rewards, rtol=1e-5, atol=1e-5)
+    adv = AdvPOScorer(proxy, saved["m_inverse"], 5.0, references)(prompts, completions)
+    refs = proxy(list(dict.fromkeys(prompts)), ["bob", "bob"]).features
+    head = proxy.head.weight.detach()[0]
+    bias = 0.0 if proxy.head.bias is None else proxy.head.bias.detach()[0]  # transformers' score heads: no bias
+    phi = adversarial_head(head, saved["m_inverse"], plain.features, refs, 5.0)
+    torch.testing.assert_close(adv.rewards, plain.features @ phi + bias)
+    gap = lambda r, phi: r.mean() - (refs @ phi).mean()  # noqa: E731
+    assert gap(adv.rewards, phi) < gap(plain.rewards, head)
+
+
+def test_advpo_goes_without_uwo_and_signcert(tmp_path):
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+    from tests.conftest import write_config
+    with pytest.raises(ConfigError, match="methods.a: AdvPO's adversarial reward goes with neither UWO"):
+        load_config(write_config(tmp_path, ensemble={}, methods={"a": {"advpo_budget": 1.0, "uwo_lambda": 0.1}}))

@@ -160,7 +160,7 @@ def test_label_and_evaluate_send_each_text_to_the_gold_once(micro_run, tmp_path,
 
 def test_rm_holds_out_whole_prompts():
     """With several pairs per prompt (AlpacaFarm: 3), no held-out prompt is also trained on."""
-    from rlhf.stages.rm import split_by_prompt
+    from rlhf.rewards.proxy_rm import split_by_prompt
     rows = [{"prompt": f"p{i // 3}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(300)]
     heldout, train = split_by_prompt(rows, 0.1, seed=0)
     assert len(heldout) == 30 and len(train) == 270  # 10 of the 100 prompts, each with its 3 pairs

@@ -5,6 +5,7 @@ runs the backbone once and applies the linear head itself, instead of a second f
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -81,3 +82,33 @@ class EnsembleScorer:
         from rlhf.algorithms.ensemble import uncertainty_weighted_reward
         rewards = torch.stack([member(prompts, completions).rewards for member in self.members])
         return Scores(uncertainty_weighted_reward(rewards, self.lam, self.penalty), torch.empty(len(prompts), 0))
+
+
+def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(held out, train): a random `fraction` of the prompts (at least one) with all their pairs held out, so
+    with several pairs per prompt no held-out prompt is also trained on."""
+    prompts = sorted({r["prompt"] for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:max(1, int(len(prompts) * fraction))])
+    return [r for r in rows if r["prompt"] in held], [r for r in rows if r["prompt"] not in held]
+
+
+class AdvPOScorer:
+    """AdvPO's reward (rlhf/algorithms/advpo.py): the proxy RM's features times the most pessimistic head within the
+    budget, g from this batch's completions against the references of its prompts. `gather` collects a tensor over
+    the data-parallel ranks (g is the global batch's, as every rank's adversarial head must be the same)."""
+
+    def __init__(self, proxy: RewardScorer, m_inverse: torch.Tensor, budget: float, references: dict[str, str],
+                 gather=lambda t: t):
+        self.proxy, self.m_inverse, self.budget = proxy, m_inverse, budget
+        self.references, self.gather = references, gather
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
+        from rlhf.algorithms.advpo import adversarial_head
+        scores = self.proxy(prompts, completions)
+        unique = list(dict.fromkeys(prompts))
+        refs = self.proxy(unique, [self.references[p] for p in unique]).features
+        head = self.proxy.head.weight.detach()[0].float().cpu()
+        bias = self.proxy.head.bias.detach().float().cpu()[0] if self.proxy.head.bias is not None else 0.0
+        phi = adversarial_head(head, self.m_inverse, self.gather(scores.features), self.gather(refs), self.budget)
+        return Scores(scores.features @ phi + bias, scores.features)

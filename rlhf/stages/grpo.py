@@ -40,15 +40,17 @@ def run(cfg, files, args):
     task = rlvr_task(cfg)
 
     trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs.get("rm"), dist.device, dist, seed=seed,
-                       ensemble=inputs.get("ensemble"))
+                       ensemble=inputs.get("ensemble"), advpo=(inputs.get("advpo") or [None])[0])
     policy, initial, reward, tokenizer = trainer.policy, trainer.initial, trainer.reward, trainer.tokenizer
+    if hasattr(reward, "references"):  # AdvPO scores held-out completions against their references too
+        reward.references.update({r["prompt"]: r["reference"] for r in heldout})
     gold = make_gold(cfg, dist.device) if main and not task else None  # only rank 0 evaluates
     heldout_reward = None
     if main and task:  # the training reward on the held-out questions (the same judge client and cache)
         heldout_reward = VerifiableReward.from_rows(task, heldout, judge=reward.judge, verifier=reward.verifier)
 
     stamp = fingerprint(cfg, settings, seed, inputs["train"], [inputs["sft"], *([inputs["rm"]] if "rm" in inputs else []),
-                                                               *inputs.get("ensemble", [])])
+                                                               *inputs.get("ensemble", []), *inputs.get("advpo", [])])
     start = load_checkpoint(ckpt_dir, trainer, stamp)
     log = MetricsLog(live_metrics, resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
                      run_config={"method": method, "seed": seed, "world_size": dist.world_size, **settings.as_dict()},

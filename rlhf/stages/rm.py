@@ -3,7 +3,6 @@
 Held-out accuracy is reported against the gold labels and, where the gold has scores, against the
 noise-free gold order (the quantity that tells how exploitable the proxy is).
 """
-import random
 import shutil
 
 import numpy as np
@@ -15,19 +14,10 @@ from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.io import read_jsonl, write_json
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import load_reward_model, rm_input_ids
-from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.rewards.proxy_rm import RewardScorer, split_by_prompt
 from rlhf.settings import RMSettings
 from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, tokenizer_of, trainer_engine
 from rlhf.stats import preference_metrics
-
-
-def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(held out, train): a random `fraction` of the prompts (at least one) with all their pairs held out, so
-    with several pairs per prompt no held-out prompt is also trained on."""
-    prompts = sorted({r["prompt"] for r in rows})
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[:max(1, int(len(prompts) * fraction))])
-    return [r for r in rows if r["prompt"] in held], [r for r in rows if r["prompt"] not in held]
 
 
 def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:

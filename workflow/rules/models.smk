@@ -72,3 +72,23 @@ if ensemble_members(config):
             log("rm_member"),
         shell:
             rlhf("rm_member")
+
+
+if advpo_used(config):
+
+    rule advpo:
+        input:
+            unpack(inputs("advpo")),
+        output:
+            **outputs("advpo"),
+        params:
+            **params("advpo"),
+        conda:
+            conda_env("advpo")
+        threads: threads("advpo")
+        resources:
+            **job_resources("advpo"),
+        log:
+            log("advpo"),
+        shell:
+            rlhf("advpo")
