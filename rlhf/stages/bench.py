@@ -1,5 +1,6 @@
 """bench: seconds per GRPO step (generation / scoring / update) for noreg, gr (finite difference and exact
-Hessian-vector product), signcert and Elastic Reset (its per-step cost is the float32 EMA update), and for TRL's
+Hessian-vector product), signcert, Elastic Reset (the float32 EMA update), UWO (3 member RMs) and AdvPO (the
+references' features and the adversarial head) — SignCert Table 2's method / Dr.GRPO ratios —, and for TRL's
 GRPOTrainer configured as Dr.GRPO on the same model, reward model, batch, G and lengths; then sampling with HF
 generate against vLLM (where installed) at the miniature's size and a larger one.
 
@@ -9,11 +10,13 @@ Writes results/<experiment>/bench/bench.{json,md} and prints the table.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -29,7 +32,9 @@ from rlhf.trainer import load_run, train_step
 # depend on the values; gr_hvp is the config's gr with the exact Hessian-vector-product estimator.
 METHODS = {"noreg": ("noreg", {}), "gr": ("gr", {"gr_gamma": 0.1}), "gr_hvp": ("gr", {"gr_gamma": 0.1}),
            "signcert": ("signcert", {"signcert_quantile": 0.4}),
-           "elastic_reset": ("elastic_reset", {"elastic_reset_every": 260, "kl_beta": 0.02})}
+           "elastic_reset": ("elastic_reset", {"elastic_reset_every": 260, "kl_beta": 0.02}),
+           "uwo": ("uwo", {"uwo_lambda": 0.1, "uwo_penalty": "std"}), "advpo": ("advpo", {"advpo_budget": 5.0})}
+UWO_MEMBERS = 3  # SignCert's ensemble size
 EXTRA = {"gr_hvp": {"gr_estimator": "hvp"}}
 # TRL with beta = 0 computes no reference log-probs; ours also logs KL from pi_init every step by default
 # (one more forward pass). The comparison with TRL uses the same work: this row turns that metric off.
@@ -38,9 +43,17 @@ SAME_WORK_AS_TRL = "noreg_without_kl_metric"
 
 def _load(cfg, s: GRPOSettings, device):
     """The trainer on the experiment's SFT policy and proxy RM; the same prompt draws for every method (the sampler
-    is seeded by cfg.seed)."""
+    is seeded by cfg.seed). UWO's members are copies of the proxy RM and AdvPO's M_D^-1 the identity: the work per
+    step is the methods' own (K member forward passes; the references' forward and the d x d product), not their
+    values. SignCert's UWO members are smaller than the proxy, so its UWO row costs less than ours here."""
     P = Paths.from_config(cfg)
-    return load_run(cfg, s, P.train, P.sft, P.rm, device)
+    ensemble = [P.rm] * UWO_MEMBERS if s.uwo_lambda is not None else None
+    if s.advpo_budget is None:
+        return load_run(cfg, s, P.train, P.sft, P.rm, device, ensemble=ensemble)
+    d = json.loads((P.rm / "config.json").read_text())["hidden_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"m_inverse": torch.eye(d)}, Path(tmp) / "precision.pt")
+        return load_run(cfg, s, P.train, P.sft, P.rm, device, advpo=Path(tmp) / "precision.pt")
 
 
 def time_ours(cfg, s: GRPOSettings, device, warmup: int, timed: int) -> dict:
@@ -180,6 +193,8 @@ def markdown(results: dict, ratios: dict, s: GRPOSettings, threads: int, generat
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     targets = {"gr_update / noreg_update": "<= 2.2", "gr_hvp_update / noreg_update": "<= 2.5 (floor 2)",
                "signcert_step / noreg_step": "<= 1.05", "elastic_reset_step / noreg_step": "<= 1.05",
+               "uwo_step / noreg_step": "SignCert Table 2: ~1.0 (smaller members)", "advpo_step / noreg_step":
+               "SignCert Table 2: 1.45-1.53",
                **{f"ours_step / trl_step ({p}, same work)": "<= 1.0" for p in ("float32", "bfloat16")}}
     lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
     lines += [f"| {k} | not the same work: {why} | – |" for k, why in (not_comparable or {}).items()]
@@ -207,7 +222,8 @@ def run(cfg, args):
     ratios = {"gr_update / noreg_update": results["gr"]["update"] / results["noreg"]["update"],
               "gr_hvp_update / noreg_update": results["gr_hvp"]["update"] / results["noreg"]["update"],
               "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"],
-              "elastic_reset_step / noreg_step": results["elastic_reset"]["step"] / results["noreg"]["step"]}
+              **{f"{m}_step / noreg_step": results[m]["step"] / results["noreg"]["step"]
+                 for m in ("elastic_reset", "uwo", "advpo")}}
     # Ours against TRL: the same model, batch, lengths and precision (weights in that dtype, no autocast), and no
     # reference forward pass on either side; a pair that differs in any of these gets no ratio.
     precisions = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_has_bf16() else [])
