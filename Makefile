@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo demo-rlvr test bench env clean-results gpu-wheels gpu-smoke
+.PHONY: demo demo-rlvr demo-baselines test bench env clean-results gpu-wheels gpu-smoke
 
 env: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 demo-rlvr: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/rlvr-miniature.yaml \
 		&& cat results/rlvr-miniature/report/table.md
+
+# The miniature with the papers' baselines added (DPO, TR-DPO, Elastic Reset, UWO, AdvPO): reuses the demo's runs.
+demo-baselines: $(STAMP)
+	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/miniature-baselines.yaml \
+		&& cat results/miniature/report/table.md
 
 # Times GRPO steps on the miniature (builds SFT and RM first if needed); prints and writes results/miniature/bench/.
 bench: $(STAMP)
