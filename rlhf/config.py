@@ -6,6 +6,7 @@ Snakefile go through `validate_config`, so a typo fails the same way everywhere.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import re
 from pathlib import Path
@@ -41,7 +42,9 @@ def yaml_load(text: str):
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
+@functools.lru_cache(maxsize=1)
 def _schema() -> dict:
+    """The parsed schema (~60 ms to read), once per process: every rule's params call trigger_view. Read-only."""
     with open(SCHEMA_PATH) as f:
         schema = yaml.safe_load(f)
     rules = [name for name, stage in STAGES.items() if not stage.tool]  # the one list of stages
@@ -360,7 +363,7 @@ def trigger_view(view: dict) -> dict:
             declared = node is not None and "properties" in _resolve(node, root)
             if isinstance(value, dict) and declared:
                 out[key] = strip(value, [*path, key])
-            elif node is None or _default_of(node, root) is _NO_DEFAULT or _default_of(node, root) != value:
+            elif node is None or _default_of(node, root) != value:  # _NO_DEFAULT differs from every value
                 out[key] = value
         return out
     return strip(view, [])

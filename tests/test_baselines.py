@@ -310,6 +310,13 @@ def test_dpo_method_names_are_unique_and_need_pairs(tmp_path):
         load_config(write_config(tmp_path, "rlvr-micro.yaml", dpo={"methods": {"dpo": {}}}))
     cfg = load_config(write_config(tmp_path, dpo={"methods": {"d": {}}}))
     assert cfg["dpo"]["methods"]["d"] == {"sync_alpha": None, "sync_steps": 512} and cfg["dpo"]["beta"] == 0.1
+    import dataclasses
+
+    from rlhf.config import _schema
+    from rlhf.settings import DPOSettings
+    dpo = _schema()["properties"]["dpo"]["properties"]  # the typed settings name the schema's fields, no more
+    assert {f.name for f in dataclasses.fields(DPOSettings)} == \
+        (set(dpo) - {"methods"}) | set(dpo["methods"]["additionalProperties"]["properties"])
 
 
 def test_advpo_matrix_is_the_proxy_features_on_its_training_pairs_and_the_reward_uses_the_adversarial_head(
@@ -353,6 +360,12 @@ def test_advpo_matrix_is_the_proxy_features_on_its_training_pairs_and_the_reward
     torch.testing.assert_close(adv.rewards, plain.features @ phi + bias)
     gap = lambda r, phi: r.mean() - (refs @ phi).mean()  # noqa: E731
     assert gap(adv.rewards, phi) < gap(plain.rewards, head)
+
+    def gather(t):
+        raise AssertionError("a rank scoring alone must not gather (the other ranks wait at a barrier)")
+    training = AdvPOScorer(proxy, saved["m_inverse"], 5.0, {}, gather=gather)
+    alone = training.on_one_rank(references)(prompts, completions)  # rank 0's held-out evaluation
+    torch.testing.assert_close(alone.rewards, adv.rewards)
 
 
 def test_advpo_goes_without_uwo_and_signcert(tmp_path):

@@ -103,6 +103,12 @@ class AdvPOScorer:
         self.proxy, self.m_inverse, self.budget = proxy, m_inverse, budget
         self.references, self.gather = references, gather
 
+    def on_one_rank(self, references: dict[str, str]) -> "AdvPOScorer":
+        """The same reward for a caller that scores alone (rank 0's held-out evaluation and diagnostics): g from the
+        batch it is given, never gathered (the other ranks wait at a barrier, so a gather would hang), and the
+        references of these prompts too."""
+        return AdvPOScorer(self.proxy, self.m_inverse, self.budget, {**self.references, **references})
+
     def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
         from rlhf.algorithms.advpo import adversarial_head
         scores = self.proxy(prompts, completions)

@@ -1,7 +1,7 @@
 """grpo: Dr.GRPO for one method and seed (the trainer: rlhf/trainer.py), against the proxy RM or, in an RLVR
 experiment, the verifiable reward.
 
-Files: inputs train, test, sft, rm (RLHF only), ensemble (UWO methods: the members); outputs policy (folder), metrics (one JSON line per step and per held-out
+Files: inputs train, test, sft, rm (RLHF only), ensemble (UWO methods: the members), advpo (AdvPO methods: M_D^-1); outputs policy (folder), metrics (one JSON line per step and per held-out
 evaluation) and, RLVR only, heldout (per evaluation step, whether each held-out question was solved); work: the folder of the run in progress (its checkpoint and the live metrics log, `tail -f` it), kept
 across attempts so a killed run resumes, removed once the outputs are in place.
 """
@@ -20,6 +20,7 @@ from rlhf.evaluation import evaluate_policy, evaluate_rlvr
 from rlhf.io import atomic_dir, atomic_file, read_jsonl
 from rlhf.metrics_log import MetricsLog
 from rlhf.rewards.gold import make_gold
+from rlhf.rewards.proxy_rm import AdvPOScorer
 from rlhf.rewards.verifiable import VerifiableReward
 from rlhf.settings import GRPOSettings
 from rlhf.stages.common import setup
@@ -42,8 +43,8 @@ def run(cfg, files, args):
     trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs.get("rm"), dist.device, dist, seed=seed,
                        ensemble=inputs.get("ensemble"), advpo=(inputs.get("advpo") or [None])[0])
     policy, initial, reward, tokenizer = trainer.policy, trainer.initial, trainer.reward, trainer.tokenizer
-    if hasattr(reward, "references"):  # AdvPO scores held-out completions against their references too
-        reward.references.update({r["prompt"]: r["reference"] for r in heldout})
+    if isinstance(reward, AdvPOScorer):  # rank 0 evaluates alone, against the held-out prompts' references
+        reward = reward.on_one_rank({r["prompt"]: r["reference"] for r in heldout})
     gold = make_gold(cfg, dist.device) if main and not task else None  # only rank 0 evaluates
     heldout_reward = None
     if main and task:  # the training reward on the held-out questions (the same judge client and cache)
