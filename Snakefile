@@ -9,13 +9,14 @@
 # rule's shell command, which is the same text for every config.
 import os
 import re
+import shlex
 
 from rlhf.cli import SIDE_ENV
 from rlhf.cluster import job_spec, launcher, snakemake_resources
 from rlhf.config import config_from_mapping, load_config, trigger_view
 from rlhf.paths import Paths
-from rlhf.registry import (SFT_BASELINE, STAGES, advpo_used, canonical, dpo_methods, ensemble_members, settings_view,
-                           side_view)
+from rlhf.registry import (SFT_BASELINE, STAGES, advpo_used, bspo_used, canonical, dpo_methods, ensemble_members,
+                           settings_view, side_view)
 
 DEFAULT_CONFIG = os.path.join(workflow.basedir, "config", "miniature.yaml")
 
@@ -59,7 +60,20 @@ def params(stage):
             else canonical(trigger_view(settings_view(config, stage))))
     work = {k: (lambda w, v=v: v.format(method=w.method, seed=w.seed)) if st.per_run else v
             for k, v in _files(stage, "work").items()}
-    return {"settings": view, "launcher": launcher(config, stage), **work}
+    return {"settings": view, "launcher": launcher(config, stage), "inputs": input_args(stage), **work}
+
+
+def input_args(stage):
+    """The command's `--input NAME PATH...` for each declared input, a list input only where it is non-empty. Built
+    from the job's inputs (a derived param: never a rerun trigger itself, the input trigger covers the files), so the
+    rule's command text stays the same when a release adds an optional list input (a new baseline's artifact to the
+    grpo rule): Snakemake's code trigger compares that text, and would rerun every run of the rule."""
+    many = STAGES[stage].many
+
+    def args(wildcards, input):
+        named = [(k, list(input[k]) if k in many else [input[k]]) for k in input.keys()]
+        return " ".join(" ".join(["--input", k, *map(shlex.quote, paths)]) for k, paths in named if paths)
+    return args
 
 
 def rlhf(stage):
@@ -67,8 +81,7 @@ def rlhf(stage):
     The text depends on the stage only (and on which files it declares), never on the experiment's settings."""
     st = STAGES[stage]
     names = lambda kind: list(_files(stage, kind))
-    files = " ".join([*(f"--input {k} {{input.{k}:q}}" for k in names("inputs")),
-                      *(f"--output {k} {{output.{k}:q}}" for k in names("outputs")),
+    files = " ".join(["{params.inputs}", *(f"--output {k} {{output.{k}:q}}" for k in names("outputs")),
                       *(f"--work {k} {{params.{k}:q}}" for k in names("work"))])
     run = (" --method {wildcards.method} --seed {wildcards.seed}" if st.per_run
            else " --member {wildcards.member}" if st.per_member else "")

@@ -133,9 +133,13 @@ def _check_dpo(cfg: dict, source: str) -> None:
 
 
 def _check_uwo(cfg: dict, source: str) -> None:
-    """UWO and AdvPO replace the proxy's reward: neither with the other, SignCert-PO or an RLVR reward."""
+    """UWO, AdvPO and BSPO replace the proxy's reward: none with another, SignCert-PO or an RLVR reward."""
     for method in cfg["methods"]:
         m = GRPOSettings.for_method(cfg, method)
+        if m.bspo_threshold is not None and (m.uwo_lambda is not None or m.advpo_budget is not None
+                                             or m.signcert_quantile is not None or "rlvr" in cfg):
+            raise ConfigError(f"{source}: methods.{method}: BSPO's ScoreLM reward goes with neither UWO, AdvPO, "
+                              "SignCert-PO nor an RLVR reward")
         if m.advpo_budget is not None and (m.uwo_lambda is not None or m.signcert_quantile is not None or "rlvr" in cfg):
             raise ConfigError(f"{source}: methods.{method}: AdvPO's adversarial reward goes with neither UWO, "
                               "SignCert-PO nor an RLVR reward")

@@ -122,6 +122,35 @@ def load_reward_model(path: str | Path, tokenizer: PreTrainedTokenizerBase, dtyp
     return model if device_map else model.to(device)
 
 
+
+# --- BSPO's ScoreLM: the reward model with its language-model head kept (rlhf/algorithms/bspo.py) ---
+
+def attach_behavior_head(model, folder: str | Path) -> None:
+    """Give a sequence-classification model the LM head of the causal LM saved in `folder`, so one backbone pass gives
+    the reward and the next-token distribution. Tied embeddings need nothing (the head is the input embedding); an
+    untied head is attached under the causal-LM class's own attribute name, so the saved folder loads as that causal
+    LM too. The head is taken from the causal LM as transformers loads it (checkpoint key names differ from attribute
+    names across versions, e.g. GPT-NeoX's embed_out), once per stage start."""
+    model.behavior_head_name = None  # a plain attribute (not a module): behavior_logits reads it
+    if model.config.tie_word_embeddings:
+        return
+    _check_model_dir(folder)
+    lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=model.dtype)
+    head = lm.get_output_embeddings()
+    name = next(n for n, module in lm.named_children() if module is head)
+    del lm
+    setattr(model, name, head.to(next(model.parameters()).device).requires_grad_(True))
+    model.behavior_head_name = name
+
+
+def behavior_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits from last-layer hidden states of a model prepared by attach_behavior_head."""
+    if not hasattr(model, "behavior_head_name"):
+        raise TypeError("behavior_logits needs a model prepared by attach_behavior_head")
+    if model.behavior_head_name is None:
+        return torch.nn.functional.linear(hidden, model.get_input_embeddings().weight)
+    return getattr(model, model.behavior_head_name)(hidden)
+
 # --- text <-> tokens, shared by SFT, RM training and scoring so the three always agree ---
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -42,6 +42,9 @@ class Paths:
     @property
     def advpo(self) -> Path: return self.root / "advpo" / "precision.pt"  # AdvPO's M_D^-1 from the proxy's features
 
+    @property
+    def bspo(self) -> Path: return self.root / "bspo" / "rm"  # BSPO's ScoreLM: the reward model with its LM head
+
     def rm_member(self, k) -> Path:
         return self.root / "rm_ensemble" / f"member{k}"  # UWO's ensemble (ensemble section), k = 1..members
 

@@ -75,13 +75,18 @@ def _grpo_inputs(P, cfg, m, s):
         return {"train": P.train, "test": P.test, "sft": P.sft}
     gs = GRPOSettings.for_method(cfg, m) if m in cfg["methods"] else None
     uwo, advpo = gs is not None and gs.uwo_lambda is not None, gs is not None and gs.advpo_budget is not None
+    bspo = gs is not None and gs.bspo_threshold is not None
     return {"train": P.train, "test": P.test, "sft": P.sft, "rm": P.rm,  # lists: one rule's command for every method
             "ensemble": [P.rm_member(k) for k in ensemble_members(cfg)] if uwo else [],
-            "advpo": [P.advpo] if advpo else []}
+            "advpo": [P.advpo] if advpo else [], "bspo": [P.bspo] if bspo else []}
 
 
 def advpo_used(cfg: dict) -> bool:
     return any(GRPOSettings.for_method(cfg, m).advpo_budget is not None for m in cfg["methods"])
+
+
+def bspo_used(cfg: dict) -> bool:
+    return any(GRPOSettings.for_method(cfg, m).bspo_threshold is not None for m in cfg["methods"])
 
 
 def _member_inputs(P, cfg, m, s):
@@ -137,6 +142,10 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           settings=("seed", *MODEL, "rm.eval_fraction", *PROXY, "advpo"),
           inputs=lambda P, cfg, m, s: {"labels": P.labels, "rm": P.rm},
           outputs=lambda P, cfg, m, s: {"precision": P.advpo}),
+    Stage("bspo", "BSPO's ScoreLM: the proxy RM's recipe with the LM head kept and the behavior loss (methods with "
+          "bspo_threshold)", settings=("seed", *MODEL, "rm", "bspo"),
+          inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
+          outputs=lambda P, cfg, m, s: {"model": P.bspo}, data_parallel=True, cpus=2),
     Stage("rm_member", "one member k of UWO's proxy-RM ensemble: the rm stage with seed + k (ensemble section)",
           settings=("seed", *MODEL, "rm", "ensemble.model"), inputs=_member_inputs,  # not K: k does not depend on it
           outputs=lambda P, cfg, m, s: {"model": P.rm_member(m)}, per_member=True, module="rm",
@@ -145,7 +154,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "grpo"), inputs=_grpo_inputs,
           outputs=_grpo_outputs,
           work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True,
-          many=("ensemble", "advpo")),
+          many=("ensemble", "advpo", "bspo")),
     Stage("dpo", "DPO / TR-DPO (GR Table 1 baselines) on the labeled pairs from the SFT policy, per method and seed",
           settings=("seed", *MODEL, "dpo"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
           outputs=lambda P, cfg, m, s: {"policy": P.dpo_policy(m, s)}, per_run=True, data_parallel=True, cpus=2),

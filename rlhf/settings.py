@@ -156,6 +156,9 @@ class GRPOSettings(Section):
     gr_refresh_master_weights: bool
     # AdvPO (rlhf/algorithms/advpo.py): the proxy's features times the adversarial head
     advpo_budget: float | None        # None: off
+    # BSPO (rlhf/algorithms/bspo.py): the ScoreLM's reward, r_min outside the behavior support
+    bspo_threshold: float | None      # None: off
+    bspo_r_min: float | None          # None: the ScoreLM's lowest reward on its training completions
     # UWO (rlhf/algorithms/ensemble.py): the reward over the ensemble section's members
     uwo_lambda: float | None          # None: off (the proxy RM)
     uwo_penalty: str                  # var | std

@@ -45,7 +45,7 @@ from rlhf.rewards.proxy_rm import AdvPOScorer, EnsembleScorer, RewardScorer
 from rlhf.rewards.verifiable import StepRewards, VerifiableReward
 from rlhf.rng import PromptSampler
 from rlhf.settings import GRPOSettings
-from rlhf.stages.common import load_proxy, tokenizer_of
+from rlhf.stages.common import load_bspo, load_proxy, tokenizer_of
 
 
 def grpo_step(backend, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float, settings: GRPOSettings) -> dict:
@@ -124,7 +124,7 @@ class GRPORun:
     policy: torch.nn.Module      # the trained model (the DeepSpeed engine's module under DeepSpeed)
     initial: torch.nn.Module     # pi_init, frozen
     reference: torch.nn.Module   # pi_ref: pi_init itself, or its own copy when reset
-    reward: RewardScorer | EnsembleScorer | AdvPOScorer | VerifiableReward  # proxy RM, UWO, AdvPO, or RLVR's reward
+    reward: RewardScorer | EnsembleScorer | AdvPOScorer | VerifiableReward  # proxy RM (BSPO's ScoreLM), UWO, AdvPO, RLVR
     tokenizer: object
     backend: object              # the update backend: TorchUpdate or DeepSpeedUpdate (rlhf/distributed.py)
     dist: Dist
@@ -166,7 +166,7 @@ def verifiable_reward(cfg: dict, rows: list[dict]):
 
 def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path | None, device,
              dist: Dist | None = None, seed: int | None = None, ensemble: list[Path] | None = None,
-             advpo: Path | None = None) -> GRPORun:
+             advpo: Path | None = None, bspo: Path | None = None) -> GRPORun:
     """The SFT policy (trained), pi_init and pi_ref (frozen), the reward (the proxy RM in folder rm; for an RLVR
     experiment, rm is None and the reward comes from the training rows' solutions), the update backend and the
     training prompts (file train)."""
@@ -186,6 +186,8 @@ def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path
         stats = torch.load(advpo, weights_only=True)
         reward = AdvPOScorer(load_proxy(rm, cfg, tokenizer, device), stats["m_inverse"], settings.advpo_budget,
                              references, gather=dist.gather)
+    elif settings.bspo_threshold is not None:  # BSPO: the ScoreLM's reward and support test (the bspo stage's folder)
+        reward = load_bspo(bspo, cfg, settings, tokenizer, device)
     elif settings.uwo_lambda is not None:  # UWO: the ensemble's members, each with its own tokenizer
         members = [load_proxy(folder, cfg, tokenizer_of(folder, cfg), device) for folder in ensemble]
         reward = EnsembleScorer(members, settings.uwo_lambda, settings.uwo_penalty)
@@ -260,7 +262,8 @@ def reward_stats(scores) -> dict:
     """The step's reward metrics: the proxy RM's mean, or the verifiable reward's mean, each term's mean and the
     fraction of judge replies without a usable score."""
     if not isinstance(scores, StepRewards):
-        return {"proxy_reward": scores.rewards.mean().item()}
+        bspo = {} if scores.unsupported is None else {"bspo/unsupported_fraction": scores.unsupported.float().mean().item()}
+        return {"proxy_reward": scores.rewards.mean().item(), **bspo}
     return {"reward": scores.rewards.mean().item(), **{f"reward/{k}": v for k, v in scores.terms.items()},
             "judge/unparseable_fraction": scores.unparseable / len(scores.rewards)}
 

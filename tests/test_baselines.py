@@ -1,4 +1,5 @@
-"""The papers' baselines (issue 14): UWO's ensemble reward and AdvPO's adversarial head against hand-worked values."""
+"""The papers' baselines (issue 14): UWO's ensemble reward, AdvPO's adversarial head and BSPO's support test against
+hand-worked values; DPO / TR-DPO, Elastic Reset and every baseline end to end."""
 import math
 
 import pytest
@@ -224,33 +225,46 @@ def test_tr_dpo_reference_follows_the_soft_and_hard_rule_at_its_steps(micro_run,
 
 def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_run, tmp_path):
     """On the micro run's pairs, SFT policy and proxy RM (copied in), a dpo section, a UWO method over a 2-member
-    ensemble and an AdvPO method add exactly: a dpo job and an evaluation per DPO method, a rule per ensemble member,
-    AdvPO's matrix, the UWO and AdvPO GRPO runs and evaluations, the report; every stage stays inside its declared files; the table lists the new rows
-    after the GRPO methods'. Then a third member schedules only itself and the UWO run downstream of it."""
+    ensemble, an AdvPO and a BSPO method add exactly: a dpo job and an evaluation per DPO method, a rule per ensemble
+    member, AdvPO's matrix, BSPO's ScoreLM, the UWO, AdvPO and BSPO GRPO runs and evaluations, the report; every stage
+    stays inside its declared files; the table lists the new rows after the GRPO methods'. Then a third member
+    schedules only itself and the UWO run downstream of it."""
     import os
+    import re
     import shutil
+    from pathlib import Path
 
     import pandas as pd
 
     from rlhf.cli import TRACE_ENV
-    from rlhf.io import read_json
+    from rlhf.io import read_json, read_jsonl
     from tests.conftest import jobs, snakemake, write_config
     from tests.test_workflow import stages_within_their_declarations
     shutil.copytree(micro_run[1], tmp_path / "results" / "micro")
     methods = {**yaml.safe_load((REPO / "config" / "micro.yaml").read_text())["methods"], "uwo": {"uwo_lambda": 0.5},
-               "advpo": {"advpo_budget": 5.0, "kl_beta": 0.1}}
+               "advpo": {"advpo_budget": 5.0, "kl_beta": 0.1}, "bspo": {"bspo_threshold": 1e-3}}
     cfg = write_config(tmp_path, dpo=DPO, ensemble={"members": 2}, methods=methods)
     dry = snakemake(cfg, "-n", "--forcerun", "report")
-    assert jobs(dry.stdout) == {"dpo": 2, "rm_member": 2, "advpo": 1, "grpo": 2, "evaluate": 4, "report": 1,
-                                "all": 1}, dry.stdout[-2000:]
+    assert jobs(dry.stdout) == {"dpo": 2, "rm_member": 2, "advpo": 1, "bspo": 1, "grpo": 3, "evaluate": 5,
+                                "report": 1, "all": 1}, dry.stdout[-2000:]
     (tmp_path / "trace").mkdir()
     run = snakemake(cfg, "--forcerun", "report", env={**os.environ, TRACE_ENV: str(tmp_path / "trace")})
     assert run.returncode == 0, run.stderr[-3000:]
     root = tmp_path / "results" / "micro"
     seen = stages_within_their_declarations(tmp_path / "trace", root)
-    assert seen == {"dpo", "rm_member", "advpo", "grpo", "evaluate", "report"}
+    assert seen == {"dpo", "rm_member", "advpo", "bspo", "grpo", "evaluate", "report"}
     table = pd.read_csv(root / "report" / "table.csv")
-    assert list(table["method"]) == ["sft", "noreg", "kl", "resets", "gr", "signcert", "uwo", "advpo", "dpo", "tr-dpo"]
+    assert list(table["method"]) == ["sft", "noreg", "kl", "resets", "gr", "signcert", "uwo", "advpo", "bspo", "dpo",
+                                     "tr-dpo"]
+    bspo_steps = [r for r in read_jsonl(root / "grpo" / "bspo" / "seed0" / "metrics.jsonl") if "proxy_reward" in r]
+    assert bspo_steps and all(0 <= r["bspo/unsupported_fraction"] <= 1 for r in bspo_steps)
+    # the grpo rule's recorded command text (Snakemake's code trigger) names no optional input, so a release that adds
+    # one (as this issue added three) reruns no finished run
+    import json
+    codes = {record["code"] for record in map(json.loads, map(Path.read_text, (tmp_path / ".snakemake" / "metadata")
+                                                                   .iterdir())) if record["rule"] == "grpo"}
+    code = codes.pop()
+    assert not codes and "{params.inputs}" in code and not re.search(r"\{input\.|ensemble|advpo|bspo", code), code
     for method in ("dpo", "tr-dpo"):
         assert (root / "dpo" / method / "seed0" / "policy" / "model.safetensors").is_file()
     # members: the proxy's held-out split, their own seeds (so their heads differ)
@@ -374,3 +388,151 @@ def test_advpo_goes_without_uwo_and_signcert(tmp_path):
     from tests.conftest import write_config
     with pytest.raises(ConfigError, match="methods.a: AdvPO's adversarial reward goes with neither UWO"):
         load_config(write_config(tmp_path, ensemble={}, methods={"a": {"advpo_budget": 1.0, "uwo_lambda": 0.1}}))
+
+
+def test_bspo_loss_and_support_test_by_hand():
+    from rlhf.algorithms.bspo import behavior_supported_rewards, least_supported, scorelm_loss
+    loss, nll = scorelm_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]), torch.log(torch.tensor([0.5, 0.25])),
+                             alpha=0.5)
+    bt = (-math.log(1 / (1 + math.exp(-1))) + math.log(2)) / 2
+    assert nll.item() == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert loss.item() == pytest.approx(bt + 0.5 * nll.item())
+    # 3 completions x 4 positions: the mask marks each one's tokens; a masked-out -20 (a prompt token) never counts
+    logprobs = torch.tensor([[-20.0, -1.0, -2.0, -0.5], [-0.1, -9.0, -0.2, -30.0], [-0.3, -0.3, -0.3, -0.3]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
+    least = least_supported(logprobs, mask)
+    assert least.tolist() == [-2.0, -9.0, math.inf]
+    rewards = torch.tensor([1.0, 5.0, 3.0])
+    out, unsupported = behavior_supported_rewards(rewards, least, threshold=math.exp(-5), r_min=-7.0)
+    assert out.tolist() == [1.0, -7.0, 3.0] and unsupported.tolist() == [False, True, False]
+    out, unsupported = behavior_supported_rewards(rewards, least, threshold=math.exp(-2), r_min=-7.0)  # beta <= t
+    assert out.tolist() == [-7.0, -7.0, 3.0]
+    out, _ = behavior_supported_rewards(rewards, least, threshold=0.0, r_min=-7.0)  # threshold 0: nothing rejected
+    assert torch.equal(out, rewards)
+
+
+def test_bspo_scorer_tests_the_completion_tokens_eos_included_under_the_lms_own_distribution(tiny_lm, tmp_path):
+    """On crafted completions, the scorer's least-supported log beta is the minimum over the completion's tokens and
+    EOS (never the prompt's) of the causal LM's own log-softmax, read one position earlier; a completion with a rare
+    token falls outside the support at a threshold between the two, and only its reward becomes r_min."""
+    from rlhf.models import attach_behavior_head, encode_prompt, load_causal_lm, load_reward_model, rm_input_ids
+    from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
+    model, tok = tiny_lm
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    lm = load_causal_lm(tmp_path / "lm")
+    prompts = ["post : alice lost the car . tldr :", "post : bob found a dog . tldr :"]
+    words = ["alice", "car", "lost", "the", "dog", "bob", "found", "a", "."]
+
+    def by_hand(prompt, completion):
+        ids = rm_input_ids(tok, prompt, completion)
+        logp = lm(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        start = len(encode_prompt(tok, prompt))
+        return min(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+
+    with torch.no_grad():
+        table = {(p, w): by_hand(p, w) for p in prompts for w in words}
+    (p_rare, rare), (p_common, common) = min(table, key=table.get), max(table, key=table.get)
+    reward_model = load_reward_model(tmp_path / "lm", tok)
+    attach_behavior_head(reward_model, tmp_path / "lm")
+    threshold = math.exp((table[p_rare, rare] + table[p_common, common]) / 2)
+    scorer = BSPOScorer(reward_model, tok, batch_size=3, threshold=threshold, r_min=-100.0)
+    batch_p = [p_common, p_rare, p_common, prompts[0]]
+    batch_c = [common, rare, f"{common} {rare} {common}", "alice lost the car"]
+    _, least = scorer.behavior(batch_p, batch_c)
+    with torch.no_grad():
+        expected = [by_hand(p, c) for p, c in zip(batch_p, batch_c)]
+    torch.testing.assert_close(least, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    scores = scorer(batch_p, batch_c)
+    plain = RewardScorer(reward_model, tok)(batch_p, batch_c)
+    assert scores.unsupported.tolist() == [e <= math.log(threshold) for e in expected]
+    assert scores.unsupported[:2].tolist() == [False, True]
+    torch.testing.assert_close(scores.rewards, torch.where(scores.unsupported, torch.tensor(-100.0), plain.rewards))
+    torch.testing.assert_close(scores.features, plain.features)
+
+
+def test_untied_lm_head_is_kept_and_the_saved_scorelm_loads_as_the_causal_lm(tmp_path):
+    """GPT-NeoX / Pythia keep an untied LM head: it is attached under the causal class's name, so the saved folder
+    loads as the causal LM (same logits) and as the reward model (same rewards)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import attach_behavior_head, behavior_logits, load_reward_model
+    from tests.conftest import build_tiny
+    model, tok = build_tiny(arch="gpt_neox")
+    model.config.tie_word_embeddings = False
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone() + 0.5 * torch.randn_like(head.weight))
+    model.save_pretrained(tmp_path / "lm")
+    ids = torch.tensor([tok("post : alice lost the car . tldr : alice")["input_ids"]])
+    rm = load_reward_model(tmp_path / "lm", tok)
+    attach_behavior_head(rm, tmp_path / "lm")
+    with torch.no_grad():
+        hidden = rm.base_model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(behavior_logits(rm, hidden), model(input_ids=ids).logits)
+        rm.save_pretrained(tmp_path / "scorelm")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "scorelm")
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+        torch.testing.assert_close(load_reward_model(tmp_path / "scorelm", tok)(input_ids=ids).logits,
+                                   rm(input_ids=ids).logits)
+
+
+def test_bspo_stage_trains_the_lm_head_and_records_r_min_and_the_support_calibration(micro_run, tmp_path):
+    """The bspo stage on the micro run's pairs: a folder that loads as the reward model and as beta; r_min_train is
+    the lowest ScoreLM reward over the training completions (not the held-out ones); the unsupported fractions fall
+    as the threshold falls; with alpha > 0 the behavior NLL of the training completions is lower than with alpha 0."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.cli import main
+    from rlhf.config import load_config
+    from rlhf.io import read_json
+    from rlhf.models import encode_prompt, load_reward_model, rm_input_ids
+    from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
+    from rlhf.settings import GRPOSettings
+    from rlhf.stages.common import load_bspo, tokenizer_of
+    from rlhf.stages.rm import training_pairs
+    from tests.conftest import write_config
+    from tests.test_stages import _copy_upstream
+    dst = _copy_upstream(micro_run, tmp_path)
+    shutil.copytree(micro_run[1] / "pairs", dst / "pairs")
+    nll = {}
+    for alpha in (0.0, 1.0):  # 3 epochs at the micro RM's lr: enough for the LM term to show
+        cfg_path = write_config(tmp_path, methods={"bspo": {"bspo_threshold": 1e-4}}, bspo={"alpha": alpha},
+                                rm={"lr": 1.0e-3, "epochs": 3, "batch_size": 8, "max_length": 48})
+        shutil.rmtree(dst / "bspo", ignore_errors=True)
+        assert main(["bspo", "--config", str(cfg_path)]) == 0
+        folder, cfg = dst / "bspo" / "rm", load_config(cfg_path)
+        metrics = read_json(folder / "metrics.json")
+        heldout, train = training_pairs(cfg, dst / "pairs" / "labels.jsonl")
+        tok = tokenizer_of(folder, cfg)
+        scorer = load_bspo(folder, cfg, GRPOSettings.for_method(cfg, "bspo"), tok, torch.device("cpu"))
+        assert scorer.r_min == metrics["r_min_train"]
+        prompts, completions = [x["prompt"] for x in train] * 2, [x["chosen"] for x in train] + [
+            x["rejected"] for x in train]
+        rewards = RewardScorer(load_reward_model(folder, tok), tok)(prompts, completions).rewards
+        assert metrics["r_min_train"] == pytest.approx(rewards.min().item(), abs=1e-6)
+        fractions = list(metrics["unsupported_heldout"].values())
+        assert fractions == sorted(fractions, reverse=True) and metrics["n_heldout"] == len(heldout)
+        # mean NLL of the training completions' tokens under beta (the stage's own loss term)
+        lm = AutoModelForCausalLM.from_pretrained(folder)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for p, c in zip(prompts, completions):
+                ids = rm_input_ids(tok, p, c)
+                logp = lm(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+                start = len(encode_prompt(tok, p))
+                total -= sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+                count += len(ids) - start
+        nll[alpha] = total / count
+        assert isinstance(scorer, BSPOScorer)
+    assert nll[1.0] < nll[0.0] - 0.05, nll  # measured: 3.83 vs 3.95
+
+
+def test_bspo_goes_without_the_other_reward_replacements(tmp_path):
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+    from tests.conftest import write_config
+    for other in ({"advpo_budget": 1.0}, {"signcert_quantile": 0.3}):
+        with pytest.raises(ConfigError, match="methods.b: BSPO's ScoreLM reward goes with neither UWO, AdvPO"):
+            load_config(write_config(tmp_path, methods={"b": {"bspo_threshold": 1e-4, **other}}))

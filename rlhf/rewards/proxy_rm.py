@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.errors import RewardError
-from rlhf.models import rm_input_ids
+from rlhf.models import encode_prompt, rm_input_ids
 
 
 @dataclass
 class Scores:
     rewards: torch.Tensor   # [N] float32
     features: torch.Tensor  # [N, d] float32
+    unsupported: torch.Tensor | None = None  # [N] bool, BSPO only: a token outside the behavior support
 
 
 def reward_head(model) -> torch.nn.Linear:
@@ -40,17 +41,19 @@ class RewardScorer:
         self.batch_size, self.max_length = batch_size, max_length
         self.head = reward_head(model)
 
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
+    def batches(self, prompts: list[str], completions: list[str]):
+        """Right-padded batches of the RM's inputs: (input_ids, attention_mask, completion_start) on the model's
+        device; completion_start is where each row's completion tokens begin (after left truncation to max_length)."""
         if len(prompts) != len(completions):
             raise ValueError("prompts and completions differ in length")
         device = next(self.model.parameters()).device
         pad = self.model.config.pad_token_id
-        rewards, features = [], []
         for start in range(0, len(prompts), self.batch_size):
-            seqs = [rm_input_ids(self.tokenizer, p, c)
-                    for p, c in zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size])]
+            pairs = list(zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size]))
+            seqs = [rm_input_ids(self.tokenizer, p, c) for p, c in pairs]
+            starts = [len(encode_prompt(self.tokenizer, p)) for p, _ in pairs]
             if self.max_length:
+                starts = [max(0, b - max(0, len(s) - self.max_length)) for s, b in zip(seqs, starts)]
                 seqs = [s[-self.max_length:] for s in seqs]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -58,17 +61,75 @@ class RewardScorer:
             for i, s in enumerate(seqs):
                 ids[i, :len(s)] = torch.tensor(s)
                 mask[i, :len(s)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            h = hidden[torch.arange(len(seqs), device=device), reward_token_index(ids, pad)]
-            rewards.append(self.head(h).squeeze(-1).float())
-            features.append(h.float())
-        scores = Scores(torch.cat(rewards).cpu(), torch.cat(features).cpu())
+            yield ids.to(device), mask.to(device), torch.tensor(starts, device=device)
+
+    def reward_and_feature(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = hidden[torch.arange(len(ids), device=ids.device), reward_token_index(ids, self.model.config.pad_token_id)]
+        return self.head(h).squeeze(-1).float(), h.float()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
+        rewards, features = [], []
+        for ids, mask, _ in self.batches(prompts, completions):
+            reward, feature = self.reward_and_feature(self.model.base_model(input_ids=ids, attention_mask=mask)
+                                                      .last_hidden_state, ids)
+            rewards.append(reward)
+            features.append(feature)
+        return self.checked(prompts, completions, Scores(torch.cat(rewards).cpu(), torch.cat(features).cpu()))
+
+    @staticmethod
+    def checked(prompts: list[str], completions: list[str], scores: Scores) -> Scores:
         bad = (~torch.isfinite(scores.rewards)).nonzero().flatten().tolist()
         if bad:
             raise RewardError(f"reward model returned a non-finite reward for {len(bad)} completion(s), "
                               f"first: prompt {prompts[bad[0]]!r} / completion {completions[bad[0]]!r}")
         return scores
+
+
+class BSPOScorer(RewardScorer):
+    """BSPO's reward (rlhf/algorithms/bspo.py): the ScoreLM's reward, or r_min for a completion with a token whose
+    behavior probability is at most `threshold`. One backbone pass gives both: the score head at the reward token, the
+    LM head at every completion position (in chunks of `chunk_tokens`, so [tokens, vocab] logits stay bounded at a
+    paper-scale vocabulary). `behavior` gives the unreplaced reward and log beta (the bspo stage's calibration)."""
+
+    def __init__(self, model, tokenizer, batch_size: int, threshold: float, r_min: float,
+                 max_length: int | None = None, chunk_tokens: int = 1024):
+        super().__init__(model, tokenizer, batch_size, max_length)
+        self.threshold, self.r_min, self.chunk_tokens = threshold, r_min, chunk_tokens
+
+    @torch.no_grad()
+    def least_supported(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                        starts: torch.Tensor) -> torch.Tensor:
+        """[N]: min over each completion's tokens (EOS included) of log beta(token | prefix)."""
+        from rlhf.algorithms.bspo import least_supported
+        from rlhf.models import behavior_logits
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        predicted = ((positions >= starts[:, None]) & mask.bool())[:, 1:]  # token t is predicted at position t - 1
+        states, targets = hidden[:, :-1][predicted], ids[:, 1:][predicted]
+        logprobs = torch.cat([behavior_logits(self.model, h).float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+                              for h, t in zip(states.split(self.chunk_tokens), targets.split(self.chunk_tokens))])
+        token_logprobs = torch.zeros(predicted.shape, device=ids.device)
+        token_logprobs[predicted] = logprobs
+        return least_supported(token_logprobs, predicted)
+
+    @torch.no_grad()
+    def behavior(self, prompts: list[str], completions: list[str]) -> tuple[Scores, torch.Tensor]:
+        """(the ScoreLM's scores, each completion's least-supported log beta)."""
+        rewards, features, least = [], [], []
+        for ids, mask, starts in self.batches(prompts, completions):
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            reward, feature = self.reward_and_feature(hidden, ids)
+            rewards.append(reward)
+            features.append(feature)
+            least.append(self.least_supported(hidden, ids, mask, starts))
+        scores = Scores(torch.cat(rewards).cpu(), torch.cat(features).cpu())
+        return self.checked(prompts, completions, scores), torch.cat(least).cpu()
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
+        from rlhf.algorithms.bspo import behavior_supported_rewards
+        scores, least = self.behavior(prompts, completions)
+        rewards, unsupported = behavior_supported_rewards(scores.rewards, least, self.threshold, self.r_min)
+        return Scores(rewards, scores.features, unsupported)
 
 
 class EnsembleScorer:

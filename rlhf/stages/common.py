@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from rlhf.distributed import Dist, trainer_deepspeed_config
-from rlhf.models import device_from_config, load_reward_model, load_tokenizer
-from rlhf.rewards.proxy_rm import RewardScorer
+from rlhf.models import attach_behavior_head, device_from_config, load_reward_model, load_tokenizer
+from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
 from rlhf.settings import TrainerSettings
 
 
@@ -34,6 +36,17 @@ def load_proxy(folder, cfg: dict, tokenizer, device) -> RewardScorer:
     """The trained proxy RM (frozen) behind the scorer that returns rewards and features."""
     model = load_reward_model(folder, tokenizer, cfg["model"]["dtype"], device)
     return RewardScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"])
+
+
+def load_bspo(folder: Path, cfg: dict, settings, tokenizer, device) -> BSPOScorer:
+    """BSPO's reward: the ScoreLM (frozen) with its LM head; r_min from its metrics unless the method sets one."""
+    model = load_reward_model(folder, tokenizer, cfg["model"]["dtype"], device)
+    attach_behavior_head(model, folder)
+    r_min = settings.bspo_r_min
+    if r_min is None:
+        r_min = json.loads((Path(folder) / "metrics.json").read_text())["r_min_train"]
+    return BSPOScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"],
+                      settings.bspo_threshold, r_min)
 
 
 def hf_trainer_kwargs(cfg: dict, section: TrainerSettings, dist: Dist) -> dict:

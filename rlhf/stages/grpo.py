@@ -1,8 +1,10 @@
 """grpo: Dr.GRPO for one method and seed (the trainer: rlhf/trainer.py), against the proxy RM or, in an RLVR
 experiment, the verifiable reward.
 
-Files: inputs train, test, sft, rm (RLHF only), ensemble (UWO methods: the members), advpo (AdvPO methods: M_D^-1); outputs policy (folder), metrics (one JSON line per step and per held-out
-evaluation) and, RLVR only, heldout (per evaluation step, whether each held-out question was solved); work: the folder of the run in progress (its checkpoint and the live metrics log, `tail -f` it), kept
+Files: inputs train, test, sft, rm (RLHF only), ensemble (UWO methods: the members), advpo (AdvPO methods: M_D^-1),
+bspo (BSPO methods: the ScoreLM); outputs policy (folder), metrics (one JSON line per step and per held-out evaluation)
+and, RLVR only, heldout (per evaluation step, whether each held-out question was solved); work: the folder of the run
+in progress (its checkpoint and the live metrics log, `tail -f` it), kept
 across attempts so a killed run resumes, removed once the outputs are in place.
 """
 from __future__ import annotations
@@ -41,7 +43,8 @@ def run(cfg, files, args):
     task = rlvr_task(cfg)
 
     trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs.get("rm"), dist.device, dist, seed=seed,
-                       ensemble=inputs.get("ensemble"), advpo=(inputs.get("advpo") or [None])[0])
+                       ensemble=inputs.get("ensemble"), advpo=(inputs.get("advpo") or [None])[0],
+                       bspo=(inputs.get("bspo") or [None])[0])
     policy, initial, reward, tokenizer = trainer.policy, trainer.initial, trainer.reward, trainer.tokenizer
     if isinstance(reward, AdvPOScorer):  # rank 0 evaluates alone, against the held-out prompts' references
         reward = reward.on_one_rank({r["prompt"]: r["reference"] for r in heldout})
@@ -51,7 +54,8 @@ def run(cfg, files, args):
         heldout_reward = VerifiableReward.from_rows(task, heldout, judge=reward.judge, verifier=reward.verifier)
 
     stamp = fingerprint(cfg, settings, seed, inputs["train"], [inputs["sft"], *([inputs["rm"]] if "rm" in inputs else []),
-                                                               *inputs.get("ensemble", []), *inputs.get("advpo", [])])
+                                                               *inputs.get("ensemble", []), *inputs.get("advpo", []),
+                                                               *inputs.get("bspo", [])])
     start = load_checkpoint(ckpt_dir, trainer, stamp)
     log = MetricsLog(live_metrics, resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
                      run_config={"method": method, "seed": seed, "world_size": dist.world_size, **settings.as_dict()},

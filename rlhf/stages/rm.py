@@ -35,6 +35,28 @@ def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
     return out
 
 
+def training_pairs(cfg: dict, labels) -> tuple[list[dict], list[dict]]:
+    """(held out, train): the labeled pairs split by prompt, the same split for the proxy, UWO's members and BSPO."""
+    rows = read_jsonl(labels, required=("prompt", "chosen", "rejected"))
+    eval_fraction = cfg["rm"]["eval_fraction"]
+    heldout, train = split_by_prompt(rows, eval_fraction, cfg["seed"])
+    if not train:
+        raise DataError(f"{labels}: {len(rows)} labeled pairs leave nothing to train on after holding out "
+                        f"{len(heldout)} (rm.eval_fraction = {eval_fraction})")
+    return heldout, train
+
+
+def save_trained(out, model, tokenizer, trainer, metrics: dict, cfg: dict, job: str, settings: dict) -> None:
+    """Rank 0 after training: the model folder, its metrics.json and the trainer's log; one summary line."""
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(out / "metrics.json", metrics)
+    write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, job, settings, summary=metrics)
+    print(f"{job} ({trainer_engine(trainer)}): " + ", ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict)))
+
+
 def run(cfg, files, args):
     """The proxy RM, or (rule rm_member, --member k) member k of UWO's ensemble: seed + k, the same pairs and held-out
     split, from the SFT policy or ensemble.model."""
@@ -42,13 +64,9 @@ def run(cfg, files, args):
     seed = cfg["seed"] + (member or 0)
     dist = Dist.from_env(setup(cfg, args, seed=seed))  # under torchrun the Trainer runs data parallel over the ranks
     device = dist.device
-    r, labels = RMSettings.of(cfg), files.inputs["labels"]
+    r = RMSettings.of(cfg)
     sft = files.inputs.get("sft") or cfg["ensemble"]["model"]  # a member may start from another (smaller) model
-    rows = read_jsonl(labels, required=("prompt", "chosen", "rejected"))
-    heldout, train = split_by_prompt(rows, r.eval_fraction, cfg["seed"])
-    if not train:
-        raise DataError(f"{labels}: {len(rows)} labeled pairs leave nothing to train on after holding out "
-                        f"{len(heldout)} (rm.eval_fraction = {r.eval_fraction})")
+    heldout, train = training_pairs(cfg, files.inputs["labels"])
     tokenizer = tokenizer_of(sft, cfg)
     model = load_reward_model(sft, tokenizer, TRAINER_WEIGHTS, device)
     dataset = Dataset.from_list([{"chosen_ids": rm_input_ids(tokenizer, x["prompt"], x["chosen"]),
@@ -59,15 +77,8 @@ def run(cfg, files, args):
                                                   **{**hf_trainer_kwargs(cfg, r, dist), "seed": seed}))
         trainer.train()
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 scores and writes
-            shutil.rmtree(out / "trainer", ignore_errors=True)
             metrics = {"n_train": len(train),
                        **heldout_accuracy(RewardScorer(model, tokenizer, r.batch_size_scoring), heldout)}
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            write_json(out / "metrics.json", metrics)
-            job = "rm" if member is None else f"rm-member{member}"
-            write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, job, r.as_dict(),
-                              summary=metrics)
-            print(f"{job} ({trainer_engine(trainer)}): "
-                  + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            save_trained(out, model, tokenizer, trainer, metrics, cfg, "rm" if member is None else f"rm-member{member}",
+                         r.as_dict())
     dist.close()

@@ -92,3 +92,23 @@ if advpo_used(config):
             log("advpo"),
         shell:
             rlhf("advpo")
+
+
+if bspo_used(config):
+
+    rule bspo:
+        input:
+            unpack(inputs("bspo")),
+        output:
+            **outputs("bspo"),
+        params:
+            **params("bspo"),
+        conda:
+            conda_env("bspo")
+        threads: threads("bspo")
+        resources:
+            **job_resources("bspo"),
+        log:
+            log("bspo"),
+        shell:
+            rlhf("bspo")
