@@ -26,7 +26,7 @@ demo-rlvr: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/rlvr-miniature.yaml \
 		&& cat results/rlvr-miniature/report/table.md
 
-# The miniature with the papers' baselines added (DPO, TR-DPO, Elastic Reset, UWO, AdvPO): reuses the demo's runs.
+# The miniature with the papers' baselines added (DPO, TR-DPO, Elastic Reset, UWO, AdvPO, BSPO): reuses the demo's runs.
 demo-baselines: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/miniature-baselines.yaml \
 		&& cat results/miniature/report/table.md

@@ -490,8 +490,7 @@ def test_bspo_stage_trains_the_lm_head_and_records_r_min_and_the_support_calibra
     from rlhf.models import encode_prompt, load_reward_model, rm_input_ids
     from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
     from rlhf.settings import GRPOSettings
-    from rlhf.stages.common import load_bspo, tokenizer_of
-    from rlhf.stages.rm import training_pairs
+    from rlhf.stages.common import load_bspo, tokenizer_of, training_pairs
     from tests.conftest import write_config
     from tests.test_stages import _copy_upstream
     dst = _copy_upstream(micro_run, tmp_path)
@@ -536,3 +535,14 @@ def test_bspo_goes_without_the_other_reward_replacements(tmp_path):
     for other in ({"advpo_budget": 1.0}, {"signcert_quantile": 0.3}):
         with pytest.raises(ConfigError, match="methods.b: BSPO's ScoreLM reward goes with neither UWO, AdvPO"):
             load_config(write_config(tmp_path, methods={"b": {"bspo_threshold": 1e-4, **other}}))
+
+
+def test_scorelm_collator_marks_the_completion_tokens_of_chosen_then_rejected_rows():
+    from rlhf.stages.bspo import CompletionCollator
+    batch = CompletionCollator(pad_token_id=0)([{"chosen_ids": [5, 6, 7, 8], "chosen_start": 2,
+                                                 "rejected_ids": [5, 6, 9], "rejected_start": 2},
+                                                {"chosen_ids": [4, 7], "chosen_start": 1,
+                                                 "rejected_ids": [4, 3, 3, 3, 1], "rejected_start": 0}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 0], [4, 7, 0, 0, 0], [5, 6, 9, 0, 0], [4, 3, 3, 3, 1]]
+    assert batch["completion_mask"].int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0],
+                                                       [1, 1, 1, 1, 1]]

@@ -1,6 +1,7 @@
 """bench: seconds per GRPO step (generation / scoring / update) for noreg, gr (finite difference and exact
-Hessian-vector product), signcert, Elastic Reset (the float32 EMA update), UWO (3 member RMs) and AdvPO (the
-references' features and the adversarial head) — SignCert Table 2's method / Dr.GRPO ratios —, and for TRL's
+Hessian-vector product), signcert, Elastic Reset (the float32 EMA update), UWO (3 member RMs), AdvPO (the
+references' features and the adversarial head) and BSPO (the LM head over the completions) — SignCert Table 2's
+method / Dr.GRPO ratios —, and for TRL's
 GRPOTrainer configured as Dr.GRPO on the same model, reward model, batch, G and lengths; then sampling with HF
 generate against vLLM (where installed) at the miniature's size and a larger one.
 
@@ -33,7 +34,8 @@ from rlhf.trainer import load_run, train_step
 METHODS = {"noreg": ("noreg", {}), "gr": ("gr", {"gr_gamma": 0.1}), "gr_hvp": ("gr", {"gr_gamma": 0.1}),
            "signcert": ("signcert", {"signcert_quantile": 0.4}),
            "elastic_reset": ("elastic_reset", {"elastic_reset_every": 260, "kl_beta": 0.02}),
-           "uwo": ("uwo", {"uwo_lambda": 0.1, "uwo_penalty": "std"}), "advpo": ("advpo", {"advpo_budget": 5.0})}
+           "uwo": ("uwo", {"uwo_lambda": 0.1, "uwo_penalty": "std"}), "advpo": ("advpo", {"advpo_budget": 5.0}),
+           "bspo": ("bspo", {"bspo_threshold": 1e-4})}
 UWO_MEMBERS = 3  # SignCert's ensemble size
 EXTRA = {"gr_hvp": {"gr_estimator": "hvp"}}
 # TRL with beta = 0 computes no reference log-probs; ours also logs KL from pi_init every step by default
@@ -45,11 +47,14 @@ def _load(cfg, s: GRPOSettings, device):
     """The trainer on the experiment's SFT policy and proxy RM; the same prompt draws for every method (the sampler
     is seeded by cfg.seed). UWO's members are copies of the proxy RM and AdvPO's M_D^-1 the identity: the work per
     step is the methods' own (K member forward passes; the references' forward and the d x d product), not their
-    values. SignCert's UWO members are smaller than the proxy, so its UWO row costs less than ours here."""
+    values. SignCert's UWO members are smaller than the proxy, so its UWO row costs less than ours here. BSPO's ScoreLM
+    is the proxy RM with the SFT policy's LM head (the work of a ScoreLM: one backbone pass, both heads)."""
     P = Paths.from_config(cfg)
+    if s.bspo_threshold is not None and s.bspo_r_min is None:
+        s = s.replace(bspo_r_min=-10.0)  # the proxy's folder records no r_min_train (the value costs nothing)
     ensemble = [P.rm] * UWO_MEMBERS if s.uwo_lambda is not None else None
     if s.advpo_budget is None:
-        return load_run(cfg, s, P.train, P.sft, P.rm, device, ensemble=ensemble)
+        return load_run(cfg, s, P.train, P.sft, P.rm, device, ensemble=ensemble, bspo=P.rm)
     d = json.loads((P.rm / "config.json").read_text())["hidden_size"]
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"m_inverse": torch.eye(d)}, Path(tmp) / "precision.pt")
@@ -194,7 +199,7 @@ def markdown(results: dict, ratios: dict, s: GRPOSettings, threads: int, generat
     targets = {"gr_update / noreg_update": "<= 2.2", "gr_hvp_update / noreg_update": "<= 2.5 (floor 2)",
                "signcert_step / noreg_step": "<= 1.05", "elastic_reset_step / noreg_step": "<= 1.05",
                "uwo_step / noreg_step": "SignCert Table 2: ~1.0 (smaller members)", "advpo_step / noreg_step":
-               "SignCert Table 2: 1.45-1.53",
+               "SignCert Table 2: 1.45-1.53", "bspo_step / noreg_step": "SignCert Table 2: 1.25-1.32",
                **{f"ours_step / trl_step ({p}, same work)": "<= 1.0" for p in ("float32", "bfloat16")}}
     lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
     lines += [f"| {k} | not the same work: {why} | – |" for k, why in (not_comparable or {}).items()]
@@ -223,7 +228,7 @@ def run(cfg, args):
               "gr_hvp_update / noreg_update": results["gr_hvp"]["update"] / results["noreg"]["update"],
               "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"],
               **{f"{m}_step / noreg_step": results[m]["step"] / results["noreg"]["step"]
-                 for m in ("elastic_reset", "uwo", "advpo")}}
+                 for m in ("elastic_reset", "uwo", "advpo", "bspo")}}
     # Ours against TRL: the same model, batch, lengths and precision (weights in that dtype, no autocast), and no
     # reference forward pass on either side; a pair that differs in any of these gets no ratio.
     precisions = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_has_bf16() else [])

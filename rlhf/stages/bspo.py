@@ -17,15 +17,16 @@ from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.models import attach_behavior_head, behavior_logits, encode_prompt, load_reward_model, rm_input_ids
 from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
 from rlhf.settings import RMSettings
-from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, tokenizer_of
-from rlhf.stages.rm import heldout_accuracy, save_trained, training_pairs
+from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, save_trained, setup, tokenizer_of,
+                                training_pairs)
 
 CALIBRATION_THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8)
 
 
 class CompletionCollator(DataCollatorForPreference):
-    """TRL's pair collator (chosen rows, then rejected rows, right-padded) plus completion_mask: the positions of each
-    row's completion tokens (EOS included), the actions whose log beta the behavior loss raises."""
+    """TRL's pair collator (chosen rows, then rejected rows, right-padded) plus completion_mask: the positions from
+    each row's `*_start` on (its completion, EOS included; 0 for the whole sequence), whose log beta the behavior loss
+    raises."""
 
     def torch_call(self, examples):
         out = super().torch_call(examples)
@@ -66,14 +67,15 @@ class ScoreLMTrainer(RewardTrainer):
 
 def run(cfg, files, args):
     dist = Dist.from_env(setup(cfg, args))
-    r, alpha, sft = RMSettings.of(cfg), cfg["bspo"]["alpha"], files.inputs["sft"]
+    r, sft = RMSettings.of(cfg), files.inputs["sft"]
+    alpha, whole_sequence = cfg["bspo"]["alpha"], cfg["bspo"]["behavior_tokens"] == "sequence"
     heldout, train = training_pairs(cfg, files.inputs["labels"])
     tokenizer = tokenizer_of(sft, cfg)
     model = load_reward_model(sft, tokenizer, TRAINER_WEIGHTS, dist.device)
     attach_behavior_head(model, sft)
 
     def row(x):
-        start = len(encode_prompt(tokenizer, x["prompt"]))
+        start = 0 if whole_sequence else len(encode_prompt(tokenizer, x["prompt"]))
         return {"chosen_ids": rm_input_ids(tokenizer, x["prompt"], x["chosen"]), "chosen_start": start,
                 "rejected_ids": rm_input_ids(tokenizer, x["prompt"], x["rejected"]), "rejected_start": start}
 
@@ -96,7 +98,7 @@ def run(cfg, files, args):
                        "heldout_least_logprob_median": least.median().item(),
                        "unsupported_heldout": {f"{t:g}": (least <= torch.log(torch.tensor(t))).float().mean().item()
                                                for t in CALIBRATION_THRESHOLDS}}
-            save_trained(out, model, tokenizer, trainer, metrics, cfg, "bspo", {**r.as_dict(), "alpha": alpha})
+            save_trained(out, model, tokenizer, trainer, metrics, cfg, "bspo", {**r.as_dict(), **cfg["bspo"]})
             print("bspo: held-out completions outside the support per threshold: " + ", ".join(
                 f"{t} {f:.1%}" for t, f in metrics["unsupported_heldout"].items()))
     dist.close()

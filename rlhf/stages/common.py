@@ -2,15 +2,20 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rlhf.distributed import Dist, trainer_deepspeed_config
+from rlhf.errors import DataError
+from rlhf.io import read_jsonl, write_json
+from rlhf.metrics_log import write_trainer_log
 from rlhf.models import attach_behavior_head, device_from_config, load_reward_model, load_tokenizer
-from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
+from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer, split_by_prompt
 from rlhf.settings import TrainerSettings
+from rlhf.stats import preference_metrics
 
 
 def setup(cfg: dict, args, seed: int | None = None, device: bool = True) -> torch.device | None:
@@ -75,3 +80,42 @@ def trainer_engine(trainer) -> str:
     """How an HF Trainer ran, for the stage's log line."""
     ds = trainer.args.hf_deepspeed_config.config["zero_optimization"]["stage"] if trainer.is_deepspeed_enabled else None
     return f"{trainer.args.world_size} rank(s), " + (f"DeepSpeed ZeRO-{ds}" if ds is not None else "no DeepSpeed")
+
+
+# --- shared by the stages that train a reward model (rm, rm_member, bspo) ---
+
+def training_pairs(cfg: dict, labels) -> tuple[list[dict], list[dict]]:
+    """(held out, train): the labeled pairs split by prompt, the same split for the proxy, UWO's members and BSPO."""
+    rows = read_jsonl(labels, required=("prompt", "chosen", "rejected"))
+    eval_fraction = cfg["rm"]["eval_fraction"]
+    heldout, train = split_by_prompt(rows, eval_fraction, cfg["seed"])
+    if not train:
+        raise DataError(f"{labels}: {len(rows)} labeled pairs leave nothing to train on after holding out "
+                        f"{len(heldout)} (rm.eval_fraction = {eval_fraction})")
+    return heldout, train
+
+
+def heldout_accuracy(scorer: RewardScorer, rows: list[dict]) -> dict:
+    prompts = [r["prompt"] for r in rows]
+    chosen = scorer(prompts, [r["chosen"] for r in rows]).rewards.numpy()
+    rejected = scorer(prompts, [r["rejected"] for r in rows]).rewards.numpy()
+    margin = chosen - rejected
+    accuracy, bt_loss = preference_metrics(margin)
+    out = {"n_heldout": len(rows), "accuracy_vs_labels": accuracy, "bt_loss_vs_labels": bt_loss}
+    if "gold_chosen" in rows[0]:
+        gold_margin = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows])
+        decided = gold_margin != 0
+        out["accuracy_vs_gold_order"] = float(np.mean((margin[decided] > 0) == (gold_margin[decided] > 0)))
+        out["n_gold_decided"] = int(decided.sum())
+    return out
+
+
+def save_trained(out, model, tokenizer, trainer, metrics: dict, cfg: dict, job: str, settings: dict) -> None:
+    """Rank 0 after training: the model folder, its metrics.json and the trainer's log; one summary line."""
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(out / "metrics.json", metrics)
+    write_trainer_log(out / "train_log.jsonl", trainer.state.log_history, cfg, job, settings, summary=metrics)
+    print(f"{job} ({trainer_engine(trainer)}): " + ", ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict)))
