@@ -225,9 +225,9 @@ def test_tr_dpo_reference_follows_the_soft_and_hard_rule_at_its_steps(micro_run,
 
 def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_run, tmp_path):
     """On the micro run's pairs, SFT policy and proxy RM (copied in), a dpo section, a UWO method over a 2-member
-    ensemble, an AdvPO and a BSPO method add exactly: a dpo job and an evaluation per DPO method, a rule per ensemble
-    member, AdvPO's matrix, BSPO's ScoreLM, the UWO, AdvPO and BSPO GRPO runs and evaluations, the report; every stage
-    stays inside its declared files; the table lists the new rows after the GRPO methods'. Then a third member
+    ensemble, AdvPO, BSPO, Elastic Reset and scheduled-beta methods add exactly: a dpo job and an evaluation per DPO
+    method, a rule per ensemble member, AdvPO's matrix, BSPO's ScoreLM, a GRPO run and evaluation per method, the
+    report; every stage stays inside its declared files; the table lists the new rows after the GRPO methods'. Then a third member
     schedules only itself and the UWO run downstream of it."""
     import os
     import re
@@ -242,10 +242,12 @@ def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_
     from tests.test_workflow import stages_within_their_declarations
     shutil.copytree(micro_run[1], tmp_path / "results" / "micro")
     methods = {**yaml.safe_load((REPO / "config" / "micro.yaml").read_text())["methods"], "uwo": {"uwo_lambda": 0.5},
-               "advpo": {"advpo_budget": 5.0, "kl_beta": 0.1}, "bspo": {"bspo_threshold": 1e-3}}
+               "advpo": {"advpo_budget": 5.0, "kl_beta": 0.1}, "bspo": {"bspo_threshold": 1e-3},
+               "elastic": {"elastic_reset_every": 2, "elastic_reset_decay": 0.9, "kl_beta": 0.02},
+               "scheduled": {"kl_beta": 0.1, "kl_beta_decay_every": 2}}
     cfg = write_config(tmp_path, dpo=DPO, ensemble={"members": 2}, methods=methods)
     dry = snakemake(cfg, "-n", "--forcerun", "report")
-    assert jobs(dry.stdout) == {"dpo": 2, "rm_member": 2, "advpo": 1, "bspo": 1, "grpo": 3, "evaluate": 5,
+    assert jobs(dry.stdout) == {"dpo": 2, "rm_member": 2, "advpo": 1, "bspo": 1, "grpo": 5, "evaluate": 7,
                                 "report": 1, "all": 1}, dry.stdout[-2000:]
     (tmp_path / "trace").mkdir()
     run = snakemake(cfg, "--forcerun", "report", env={**os.environ, TRACE_ENV: str(tmp_path / "trace")})
@@ -254,10 +256,13 @@ def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_
     seen = stages_within_their_declarations(tmp_path / "trace", root)
     assert seen == {"dpo", "rm_member", "advpo", "bspo", "grpo", "evaluate", "report"}
     table = pd.read_csv(root / "report" / "table.csv")
-    assert list(table["method"]) == ["sft", "noreg", "kl", "resets", "gr", "signcert", "uwo", "advpo", "bspo", "dpo",
-                                     "tr-dpo"]
-    bspo_steps = [r for r in read_jsonl(root / "grpo" / "bspo" / "seed0" / "metrics.jsonl") if "proxy_reward" in r]
-    assert bspo_steps and all(0 <= r["bspo/unsupported_fraction"] <= 1 for r in bspo_steps)
+    assert list(table["method"]) == ["sft", "noreg", "kl", "resets", "gr", "signcert", "uwo", "advpo", "bspo",
+                                     "elastic", "scheduled", "dpo", "tr-dpo"]
+    steps = lambda m: [r for r in read_jsonl(root / "grpo" / m / "seed0" / "metrics.jsonl")  # noqa: E731
+                       if "proxy_reward" in r]
+    assert steps("bspo") and all(0 <= r["bspo/unsupported_fraction"] <= 1 for r in steps("bspo"))
+    assert [r["step"] for r in steps("elastic") if r.get("elastic_reset")] == [2, 4]  # micro: 4 steps
+    assert [r["kl_beta"] for r in steps("scheduled")] == pytest.approx([0.1, 0.1, 0.05, 0.05])
     # the grpo rule's recorded command text (Snakemake's code trigger) names no optional input, so a release that adds
     # one (as this issue added three) reruns no finished run
     import json
