@@ -227,8 +227,8 @@ def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_
     """On the micro run's pairs, SFT policy and proxy RM (copied in), a dpo section, a UWO method over a 2-member
     ensemble, AdvPO, BSPO, Elastic Reset and scheduled-beta methods add exactly: a dpo job and an evaluation per DPO
     method, a rule per ensemble member, AdvPO's matrix, BSPO's ScoreLM, a GRPO run and evaluation per method, the
-    report; every stage stays inside its declared files; the table lists the new rows after the GRPO methods'. Then a third member
-    schedules only itself and the UWO run downstream of it."""
+    report; every stage stays inside its declared files; the table lists the new rows after the GRPO methods'. Then a
+    third member schedules only itself and the UWO run downstream of it."""
     import os
     import re
     import shutil
