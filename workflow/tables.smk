@@ -1,0 +1,68 @@
+# The papers' tables (rlhf/tables.py), with whatever their experiments still need run first.
+#
+#   snakemake -s workflow/tables.smk --cores 2                                    # the miniature editions
+#   snakemake -s workflow/tables.smk --profile profiles/slurm --config tables=config/tables/paper
+#   snakemake -s workflow/tables.smk --config 'tables=[config/tables/paper/gr-table1.yaml]'
+#
+# Every experiment a selected spec names is loaded as a Snakemake module of the pipeline's own Snakefile (its rules
+# prefixed with the experiment's name), so one DAG spans the experiments, each keeps its results, rerun triggers and
+# cluster resources, and a table's rule waits for exactly the files its cells read. Outputs: results/tables/<spec>.*
+import os
+import re
+from pathlib import Path
+
+from rlhf.config import load_config
+from rlhf.tables import cell_files, load_spec, resolve, spec_paths
+
+SNAKEFILE = os.path.join(workflow.basedir, "..", "Snakefile")
+_selection = config.get("tables", "config/tables/miniature")
+SPECS = [load_spec(p) for p in spec_paths(_selection if isinstance(_selection, list) else [_selection])]
+OUT = config.get("tables_dir", "results/tables")
+EXPERIMENTS = {path: load_config(resolve(path)) for spec in SPECS for path in spec.experiments()}
+
+
+def rule_prefix(name):
+    return re.sub(r"\W", "_", name)
+
+
+_names = {}
+for _path, _cfg in EXPERIMENTS.items():
+    if _names.setdefault(_cfg["experiment"], _path) != _path:
+        raise ValueError(f"{_path} and {_names[_cfg['experiment']]} are both experiment {_cfg['experiment']!r}: "
+                         "they would share results/<experiment>/; give one its own `experiment:` name")
+
+
+def table_inputs(spec):
+    """What its cells read that the DAG makes (make bench's timings are read where they exist, not run)."""
+    return sorted({str(f) for _, _, cell in spec.cells() if cell["source"] != "bench"
+                   for _, f in cell_files(cell, EXPERIMENTS[Path(cell["experiment"])])})
+
+
+rule tables:
+    input:
+        [os.path.join(OUT, f"{spec.name}.md") for spec in SPECS],
+
+
+for _spec in SPECS:
+
+    rule:
+        name:
+            f"table_{rule_prefix(_spec.name)}"
+        input:
+            table_inputs(_spec),
+        output:
+            **{suffix: os.path.join(OUT, f"{_spec.name}.{suffix}") for suffix in ("md", "csv", "tex")},
+        params:
+            spec=str(_spec.path),
+        localrule: True
+        shell:
+            "python -m rlhf.tables {params.spec:q} --out " + OUT
+
+
+# One module per experiment: the internal form of `module <name>: snakefile: ...; config: ...` and
+# `use rule * from <name> as <name>_*` (what Snakemake compiles those statements to), because the experiments are
+# only known from the specs.
+for _path, _cfg in EXPERIMENTS.items():
+    _name = rule_prefix(_cfg["experiment"])
+    workflow.module(_name, snakefile=SNAKEFILE, config=_cfg)
+    workflow.userule(rules=["*"], from_module=_name, exclude_rules=[], name_modifier=f"{_name}_*")(lambda: None)
