@@ -194,7 +194,8 @@ def _run_files(P, cell: dict, cfg: dict, method: str) -> list[tuple[int | None, 
     if method == SFT_BASELINE:
         return [(cfg["seed"], P.evaluation(SFT_BASELINE, cfg["seed"]))]
     # a DPO policy has no training-time evaluation: its final one
-    training = (cell["source"] == "training" or cell["selection"] == "early_stopping") and method not in dpo_methods(cfg)
+    training = cell["source"] == "training" or cell["selection"] == "early_stopping"
+    training = training and method not in dpo_methods(cfg)
     return [(s, P.grpo_metrics(method, s) if training else P.evaluation(method, s)) for s in cfg["seeds"]]
 
 
@@ -413,8 +414,14 @@ def main(argv=None) -> int:
     p.add_argument("specs", nargs="*", default=["config/tables"], help="spec files or folders (default: config/tables)")
     p.add_argument("--out", default="results/tables", help="where the tables go (default: results/tables)")
     args = p.parse_args(argv)
+    from rlhf.figures import is_figure, load_figure, render
     try:
         for path in spec_paths(args.specs):
+            if is_figure(path):
+                png, missing = render(load_figure(path), Path(args.out))
+                print(f"tables: {path.stem}: figure -> {png}" + (f" ({len(missing)} run(s) missing, e.g. "
+                                                                 f"{missing[0]})" if missing else ""))
+                continue
             table = build(load_spec(path))
             files = write(table, Path(args.out))
             missing = sum(bool(c.missing) for c in table.cells.values())

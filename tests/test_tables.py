@@ -29,7 +29,8 @@ def _eval(root, method, seed, **metrics):
 def test_a_spec_with_a_missing_experiment_names_it_and_prints_no_number(tmp_path):
     cfg = write_config(tmp_path, seeds=[0, 1, 2])  # the micro experiment, never run here
     spec = load_spec(_spec(tmp_path, title="T", metric="win_rate", experiment=str(cfg), columns={"micro": {}},
-                           rows={"SFT": {"method": "sft"}, "KL": {"method": "kl"}}, paper={"SFT": [17.8], "KL": [None]}))
+                           rows={"SFT": {"method": "sft"}, "KL": {"method": "kl"}},
+                           paper={"SFT": [17.8], "KL": [None]}))
     table = build(spec)
     text = markdown(table)
     assert "| SFT | missing | 17.8 |" in text and "| KL | missing | – |" in text
@@ -138,9 +139,12 @@ def test_every_paper_table_dry_runs_through_the_slurm_profile(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     scheduled = jobs(out.stdout)
     specs = sorted(p.stem for p in (REPO / "config" / "tables" / "paper").glob("*.yaml"))
-    assert {k for k in scheduled if k.startswith("table_")} == {"table_" + s.replace("-", "_") for s in specs}
-    # only what the tables read: GR Table 1's kl / resets / gr grids (not noreg), Tables 8-11's Dr.GRPO and q sweep
-    assert scheduled["gr_tldr_pythia_1b_grpo"] == (6 + 5 + 3) * 3 and scheduled["signcert_tldr_pythia_1b_data5_grpo"] == 7
+    rules = {("figure_" if s.startswith("fig-") else "table_") + s.replace("-", "_") for s in specs}
+    assert {k for k in scheduled if k.startswith(("table_", "figure_"))} == rules
+    # only what the tables read: GR Table 1's kl / resets / gr grids and the figure's noreg; Tables 8-11's Dr.GRPO and
+    # q sweep (not the Table-1 baselines the data-amount configs inherit)
+    assert scheduled["gr_tldr_pythia_1b_grpo"] == (1 + 6 + 5 + 3) * 3
+    assert scheduled["signcert_tldr_pythia_1b_data5_grpo"] == 7
     assert scheduled["gr_tldr_pythia_1b_dpo"] == 2 * 3 and scheduled["gr_math_qwen2_5_1_5b_report"] == 1
 
 
@@ -179,3 +183,47 @@ def test_difficulty_cells_read_the_reports_bins_and_tell_an_empty_bin_from_a_mis
     assert table.cells["40-60", "step 0"].empty and not table.cells["40-60", "step 0"].missing
     assert table.cells["60-80", "step 0"].missing  # a bin the report does not have
     assert "| 0-20 | 12.5 (n=3) | – | 25.0 (n=3) | – |" in markdown(table)
+
+
+def test_a_method_family_keeps_its_colour_and_a_variant_gets_a_stable_shade_of_it():
+    from rlhf.figures import FAMILY_COLOURS, method_colour
+    assert method_colour("kl") == FAMILY_COLOURS["kl"] and method_colour("noreg") == FAMILY_COLOURS["noreg"]
+    assert method_colour("elastic_reset") == FAMILY_COLOURS["elastic"]
+    shades = {method_colour(m) for m in ("kl-0.03", "kl-0.05", "kl-0.07")}
+    assert FAMILY_COLOURS["kl"] not in shades and method_colour("kl-0.05") == method_colour("kl-0.05")
+    assert method_colour("unheard-of") == method_colour("unheard-of")
+
+
+def test_figures_plot_every_seed_and_say_what_is_missing(tmp_path):
+    """A curve figure from crafted metrics logs (one panel complete, one whose runs are absent) and a bars figure from
+    a bench.json: PNGs with content, the missing runs named."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    from rlhf.figures import load_figure, render
+    for name in ("done", "empty"):
+        (tmp_path / name).mkdir()
+    done, empty = (write_config(tmp_path / name, seeds=[0, 1]) for name in ("done", "empty"))
+    for seed in (0, 1):
+        run = tmp_path / "done" / "results" / "micro" / "grpo" / "kl" / f"seed{seed}"
+        run.mkdir(parents=True)
+        run.joinpath("metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "eval/kl": s / 10,
+                                                                       "eval/win_rate": 0.5 + seed * s / 100})
+                                                           for s in (0, 5, 10)) + "\n")
+    curve = load_figure(_spec(tmp_path, "curve", figure="curve", title="T", x="eval/kl", y="eval/win_rate",
+                              methods=["kl"], panels={"done": {"experiment": str(done)},
+                                                      "empty": {"experiment": str(empty)}}))
+    png, missing = render(curve, tmp_path / "out")
+    assert len(missing) == 2 and all("empty/results/micro/grpo/kl" in m for m in missing)
+    image = imread(png)
+    assert image.shape[1] > image.shape[0] and np.std(image[..., :3]) > 0.05  # two panels, not blank
+    bench = tmp_path / "done" / "results" / "micro" / "bench"
+    bench.mkdir(parents=True)
+    bench.joinpath("bench.json").write_text(json.dumps({"results": {"noreg": {"step": 0.4}, "gr": {"step": 0.7}}}))
+    bars = load_figure(_spec(tmp_path, "bars", figure="bars", title="T", metric="step", methods=["noreg", "gr", "uwo"],
+                             panels={"cpu": {"experiment": str(done)}}))
+    png, missing = render(bars, tmp_path / "out")
+    assert png.name == "bars.png" and len(missing) == 1 and "no method 'uwo'" in missing[0]
+    with pytest.raises(ConfigError, match="figure curve needs y"):
+        load_figure(_spec(tmp_path, "bad", figure="curve", x="eval/kl", methods=["kl"],
+                          panels={"p": {"experiment": str(done)}}))

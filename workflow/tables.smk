@@ -7,18 +7,22 @@
 # Every experiment a selected spec names is loaded as a Snakemake module of the pipeline's own Snakefile (its rules
 # prefixed with the experiment's name), so one DAG spans the experiments, each keeps its results, rerun triggers and
 # cluster resources, and a table's rule waits for exactly the files its cells read. Outputs: results/tables/<spec>.*
+# (a figure spec, with `figure:`, gives <spec>.png: rlhf/figures.py)
 import os
 import re
 from pathlib import Path
 
 from rlhf.config import load_config
+from rlhf.figures import is_figure, load_figure
 from rlhf.tables import cell_files, load_spec, resolve, spec_paths
 
 SNAKEFILE = os.path.join(workflow.basedir, "..", "Snakefile")
 _selection = config.get("tables", "config/tables/miniature")
-SPECS = [load_spec(p) for p in spec_paths(_selection if isinstance(_selection, list) else [_selection])]
+_paths = spec_paths(_selection if isinstance(_selection, list) else [_selection])
+SPECS = [load_spec(p) for p in _paths if not is_figure(p)]
+FIGURES = [load_figure(p) for p in _paths if is_figure(p)]
 OUT = config.get("tables_dir", "results/tables")
-EXPERIMENTS = {path: load_config(resolve(path)) for spec in SPECS for path in spec.experiments()}
+EXPERIMENTS = {path: load_config(resolve(path)) for spec in [*SPECS, *FIGURES] for path in spec.experiments()}
 
 
 def rule_prefix(name):
@@ -33,14 +37,17 @@ for _path, _cfg in EXPERIMENTS.items():
 
 
 def table_inputs(spec):
-    """What its cells read that the DAG makes (make bench's timings are read where they exist, not run)."""
-    return sorted({str(f) for _, _, cell in spec.cells() if cell["source"] != "bench"
+    """What its cells (a figure: its panels) read that the DAG makes (make bench's timings are read where they
+    exist, not run)."""
+    cells = [cell for _, _, cell in spec.cells()] if hasattr(spec, "rows") else [spec.cell(p) for p in spec.panels]
+    return sorted({str(f) for cell in cells if cell["source"] != "bench"
                    for _, f in cell_files(cell, EXPERIMENTS[Path(cell["experiment"])])})
 
 
 rule tables:
     input:
         [os.path.join(OUT, f"{spec.name}.md") for spec in SPECS],
+        [os.path.join(OUT, f"{figure.name}.png") for figure in FIGURES],
 
 
 for _spec in SPECS:
@@ -54,6 +61,22 @@ for _spec in SPECS:
             **{suffix: os.path.join(OUT, f"{_spec.name}.{suffix}") for suffix in ("md", "csv", "tex")},
         params:
             spec=str(_spec.path),
+        localrule: True
+        shell:
+            "python -m rlhf.tables {params.spec:q} --out " + OUT
+
+
+for _figure in FIGURES:
+
+    rule:
+        name:
+            f"figure_{rule_prefix(_figure.name)}"
+        input:
+            table_inputs(_figure),
+        output:
+            os.path.join(OUT, f"{_figure.name}.png"),
+        params:
+            spec=str(_figure.path),
         localrule: True
         shell:
             "python -m rlhf.tables {params.spec:q} --out " + OUT

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from rlhf.difficulty import difficulty_by_method  # noqa: E402
+from rlhf.figures import method_colour  # noqa: E402
 from rlhf.io import atomic_dir, read_json, read_jsonl  # noqa: E402
 from rlhf.stats import mean_ci  # noqa: E402
 
@@ -107,7 +108,7 @@ def markdown(table: pd.DataFrame, over: pd.DataFrame) -> str:
 
 def plot_curves(curves: dict, out) -> None:
     methods = list(dict.fromkeys(m for m, _ in curves))
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    colors = {m: method_colour(m) for m in methods}  # the same in every figure
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for (method, seed), df in curves.items():
         proxy = df.dropna(subset=["proxy_reward"])
@@ -140,7 +141,7 @@ def _label_once(curves: dict, method: str, seed) -> str | None:
 
 def plot_diagnostics(curves: dict, out) -> None:
     methods = list(dict.fromkeys(m for m, _ in curves))
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    colors = {m: method_colour(m) for m in methods}  # the same in every figure
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     (a_norm, a_sharp, a_bt), (a_bt_norm, a_acc, a_sc) = axes
     for (method, seed), df in curves.items():
@@ -205,7 +206,7 @@ def rlvr_markdown(table: pd.DataFrame, runs: pd.DataFrame) -> str:
 
 def plot_rlvr(curves: dict, out) -> None:
     methods = list(dict.fromkeys(m for m, _ in curves))
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    colors = {m: method_colour(m) for m in methods}  # the same in every figure
     judge = "eval/reward/judge_correctness"  # a judge-trained run: the judge's own score, beside the rule's accuracy
     third = judge if all(judge in df for df in curves.values()) else "eval/reward"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
