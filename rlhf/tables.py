@@ -25,7 +25,7 @@ listed with the table.
 
 `python -m rlhf.tables [SPEC ...]` renders what exists; `snakemake -s workflow/tables.smk` runs whatever the specs
 need first (the experiments' own DAGs as modules, so `--profile profiles/slurm` applies) and then renders.
-Writes <out>/<spec name>.{md,csv,tex}.
+Writes <out>/<spec name>.{md,csv,tex,html}.
 """
 from __future__ import annotations
 
@@ -384,10 +384,29 @@ def latex(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def html(table: Table) -> str:
+    """The table as a small HTML page (what `snakemake --report` shows)."""
+    from html import escape
+    spec, columns = table.spec, list(table.spec.columns)
+    head = "".join(f"<th>{escape(c)} (ours)</th><th>{escape(c)} (paper)</th>" for c in columns)
+    rows = "".join(
+        f"<tr><th>{escape(r)}</th>" + "".join(
+            f"<td>{escape(ours_text(table.cells[r, c], table.formats[r, c]))}</td>"
+            f"<td>{escape(_number(paper_value(table, r, c), table.formats[r, c]))}</td>" for c in columns) + "</tr>"
+        for r in spec.rows)
+    notes = "".join(f"<p>{escape(line)}</p>" for line in ([spec.notes.strip()] if spec.notes.strip() else [])
+                    + notes_lines(table))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(spec.title)}</title><style>"
+            "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}table{border-collapse:collapse}</style>"
+            f"</head><body><h3>{escape(spec.title)}</h3><table><tr><th></th>{head}</tr>{rows}</table>{notes}"
+            "</body></html>\n")
+
+
 def write(table: Table, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {}
-    for suffix, text in (("md", markdown(table)), ("csv", csv_text(table)), ("tex", latex(table))):
+    for suffix, text in (("md", markdown(table)), ("csv", csv_text(table)), ("tex", latex(table)),
+                         ("html", html(table))):
         files[suffix] = out / f"{table.spec.name}.{suffix}"
         with atomic_file(files[suffix]) as f:
             f.write(text)

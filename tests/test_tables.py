@@ -148,25 +148,56 @@ def test_every_paper_table_dry_runs_through_the_slurm_profile(tmp_path):
     assert scheduled["gr_tldr_pythia_1b_dpo"] == 2 * 3 and scheduled["gr_math_qwen2_5_1_5b_report"] == 1
 
 
-def test_the_tables_workflow_reuses_an_experiments_results_and_fills_the_table(micro_snakemake, tmp_path):
-    """On the micro DAG already run by the pipeline's own Snakefile, the tables workflow schedules only the table:
-    the experiment's module sees its finished jobs (same commands, params and inputs), and the table holds the
-    evaluations' own numbers."""
+def test_the_tables_workflow_reuses_an_experiments_results_and_its_report_shows_every_table_and_figure(
+        micro_snakemake, tmp_path):
+    """On the micro DAG already run by the pipeline's own Snakefile, the tables workflow schedules only the table and
+    the figure: the experiment's module sees its finished jobs (same commands, params and inputs), and the table holds
+    the evaluations' own numbers. Then `snakemake --report` embeds both with their captions, and a real headless
+    browser renders the report (a screenshot with content)."""
+    import base64
+    import csv
+    import shutil
+
+    import numpy as np
+    from matplotlib.image import imread
     cfg, _, run = micro_snakemake
     assert run.returncode == 0, run.stderr[-3000:]
-    spec = _spec(tmp_path, "micro-table", title="micro", metric="win_rate", experiment=str(cfg),
-                 columns={"micro": {}}, rows={"SFT": {"method": "sft"}, "GR": {"method": "gr"}})
-    command = [*SNAKEMAKE, "-s", str(REPO / "workflow" / "tables.smk"), "--directory", str(cfg.parent), "--cores",
-               "1", "--config", f"tables={spec}", f"tables_dir={tmp_path / 'tables'}"]
-    dry = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=300)
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    _spec(specs, "micro-table", title="Micro table", metric="win_rate", experiment=str(cfg), columns={"micro": {}},
+          rows={"SFT": {"method": "sft"}, "GR": {"method": "gr"}})
+    _spec(specs, "micro-figure", figure="curve", title="Micro figure", x="eval/kl", y="eval/win_rate",
+          methods=["noreg", "gr"], panels={"micro": {"experiment": str(cfg)}})
+    out = tmp_path / "tables"
+    command = [*SNAKEMAKE, "-s", str(REPO / "workflow" / "tables.smk"), "--directory", str(cfg.parent),
+               "--config", f"tables={specs}", f"tables_dir={out}"]
+    dry = subprocess.run([*command, "-n", "--cores", "1"], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert jobs(dry.stdout) == {"table_micro_table": 1, "tables": 1}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert jobs(dry.stdout) == {"table_micro_table": 1, "figure_micro_figure": 1, "tables": 1}
+    done = subprocess.run([*command, "--cores", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {r["row"]: r for r in __import__("csv").DictReader((tmp_path / "tables" / "micro-table.csv").open())}
+    rows = {r["row"]: r for r in csv.DictReader((out / "micro-table.csv").open())}
     expected = json.loads((cfg.parent / "results" / "micro" / "eval" / "gr" / "seed0" / "metrics.json").read_text())
     assert float(rows["GR"]["mean"]) == pytest.approx(expected["win_rate"]) and rows["GR"]["n"] == "1"
-    assert (tmp_path / "tables" / "micro-table.tex").is_file() and (tmp_path / "tables" / "micro-table.md").is_file()
+    assert all((out / f"micro-table.{suffix}").is_file() for suffix in ("md", "tex", "html"))
+
+    report = tmp_path / "report.html"
+    made = subprocess.run([*command, "--report", str(report)], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    page = report.read_text()
+    for item in ("micro-table.html", "micro-figure.png"):  # each embedded whole, with its caption's title
+        assert base64.b64encode((out / item).read_bytes()).decode() in page, item
+    assert "Micro table" in page and "Micro figure" in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (make test installs Debian's where apt can)")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=1280,900", "--virtual-time-budget=8000", f"--screenshot={shot}",
+                    report.as_uri()], capture_output=True, text=True, timeout=120)
+    image = imread(shot)[..., :3]
+    assert image.shape[:2] == (900, 1280) and np.std(image) > 0.05  # the rendered app, not a blank page
+    assert (np.abs(image - image.mean(axis=(0, 1))).sum(axis=2) > 0.3).mean() > 0.02  # with text and graphics
 
 
 def test_difficulty_cells_read_the_reports_bins_and_tell_an_empty_bin_from_a_missing_one(tmp_path):

@@ -3,6 +3,7 @@
 #   snakemake -s workflow/tables.smk --cores 2                                    # the miniature editions
 #   snakemake -s workflow/tables.smk --profile profiles/slurm --config tables=config/tables/paper
 #   snakemake -s workflow/tables.smk --config 'tables=[config/tables/paper/gr-table1.yaml]'
+#   snakemake -s workflow/tables.smk --report results/tables/report.html    # the tables and figures, with captions
 #
 # Every experiment a selected spec names is loaded as a Snakemake module of the pipeline's own Snakefile (its rules
 # prefixed with the experiment's name), so one DAG spans the experiments, each keeps its results, rerun triggers and
@@ -44,9 +45,12 @@ def table_inputs(spec):
                    for _, f in cell_files(cell, EXPERIMENTS[Path(cell["experiment"])])})
 
 
+report: "report/workflow.rst"
+
+
 rule tables:
     input:
-        [os.path.join(OUT, f"{spec.name}.md") for spec in SPECS],
+        [os.path.join(OUT, f"{spec.name}.{suffix}") for spec in SPECS for suffix in ("md", "csv", "tex", "html")],
         [os.path.join(OUT, f"{figure.name}.png") for figure in FIGURES],
 
 
@@ -59,8 +63,11 @@ for _spec in SPECS:
             table_inputs(_spec),
         output:
             **{suffix: os.path.join(OUT, f"{_spec.name}.{suffix}") for suffix in ("md", "csv", "tex")},
+            html=report(os.path.join(OUT, f"{_spec.name}.html"), caption="report/table.rst", category="Tables"),
         params:
             spec=str(_spec.path),
+            title=_spec.title,
+            notes=_spec.notes,
         localrule: True
         shell:
             "python -m rlhf.tables {params.spec:q} --out " + OUT
@@ -74,9 +81,10 @@ for _figure in FIGURES:
         input:
             table_inputs(_figure),
         output:
-            os.path.join(OUT, f"{_figure.name}.png"),
+            report(os.path.join(OUT, f"{_figure.name}.png"), caption="report/figure.rst", category="Figures"),
         params:
             spec=str(_figure.path),
+            title=_figure.title,
         localrule: True
         shell:
             "python -m rlhf.tables {params.spec:q} --out " + OUT
