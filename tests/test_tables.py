@@ -258,3 +258,17 @@ def test_figures_plot_every_seed_and_say_what_is_missing(tmp_path):
     with pytest.raises(ConfigError, match="figure curve needs y"):
         load_figure(_spec(tmp_path, "bad", figure="curve", x="eval/kl", methods=["kl"],
                           panels={"p": {"experiment": str(done)}}))
+
+
+def test_the_tables_command_renders_what_exists_and_fails_in_one_line(tmp_path, capsys):
+    from rlhf.tables import main
+    cfg = write_config(tmp_path)
+    _eval(tmp_path / "results" / "micro", "sft", 0, win_rate=0.4)
+    spec = _spec(tmp_path, "one", title="T", metric="win_rate", experiment=str(cfg), columns={"c": {}},
+                 rows={"SFT": {"method": "sft"}, "KL": {"method": "kl"}})
+    assert main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    assert "tables: one: 1/2 cells complete" in capsys.readouterr().out
+    assert {p.suffix for p in (tmp_path / "out").iterdir()} == {".md", ".csv", ".tex", ".html"}
+    assert main([str(tmp_path / "nowhere.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tables: error:") and "nowhere.yaml: no such table spec" in err and "\n" not in err
