@@ -130,6 +130,22 @@ def test_bad_specs_fail_with_one_line_naming_the_file_and_field(tmp_path):
         assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+def _table_rules(edition: str) -> set[str]:
+    specs = sorted(p.stem for p in (REPO / "config" / "tables" / edition).glob("*.yaml"))
+    return {("figure_" if s.startswith("fig-") else "table_") + s.replace("-", "_") for s in specs}
+
+
+def test_the_miniature_tables_dag_builds_from_a_clean_directory(tmp_path):
+    """make tables-miniature's DAG (dry run): every miniature table and figure with the experiments it needs."""
+    out = subprocess.run([*SNAKEMAKE, "-s", str(REPO / "workflow" / "tables.smk"), "--directory", str(tmp_path), "-n",
+                          "--cores", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    scheduled = jobs(out.stdout)
+    assert {k for k in scheduled if k.startswith(("table_", "figure_"))} == _table_rules("miniature")
+    assert {k.rsplit("_", 1)[0] for k in scheduled if k.endswith("_sft")} == {
+        "miniature", "miniature_small", "miniature_data3", "rlvr_miniature"}
+
+
 def test_every_paper_table_dry_runs_through_the_slurm_profile(tmp_path):
     """One DAG over every experiment the paper tables name (modules of the pipeline's Snakefile), each table's rule
     waiting for its cells' files, through the cluster profile."""
@@ -138,9 +154,7 @@ def test_every_paper_table_dry_runs_through_the_slurm_profile(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     scheduled = jobs(out.stdout)
-    specs = sorted(p.stem for p in (REPO / "config" / "tables" / "paper").glob("*.yaml"))
-    rules = {("figure_" if s.startswith("fig-") else "table_") + s.replace("-", "_") for s in specs}
-    assert {k for k in scheduled if k.startswith(("table_", "figure_"))} == rules
+    assert {k for k in scheduled if k.startswith(("table_", "figure_"))} == _table_rules("paper")
     # only what the tables read: GR Table 1's kl / resets / gr grids and the figure's noreg; Tables 8-11's Dr.GRPO and
     # q sweep (not the Table-1 baselines the data-amount configs inherit)
     assert scheduled["gr_tldr_pythia_1b_grpo"] == (1 + 6 + 5 + 3) * 3
