@@ -151,6 +151,17 @@ def behavior_logits(model, hidden: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(hidden, model.get_input_embeddings().weight)
     return getattr(model, model.behavior_head_name)(hidden)
 
+
+def behavior_token_logprobs(model, hidden: torch.Tensor, ids: torch.Tensor, predicted: torch.Tensor,
+                            chunk_tokens: int | None = None) -> torch.Tensor:
+    """log beta of the marked tokens, flat in row order: token t is read from the state at position t - 1, so
+    `predicted` [N, T - 1] marks tokens 1..T-1. In chunks of chunk_tokens (None: one), so the [tokens, vocabulary]
+    logits stay bounded at a paper-scale vocabulary. The one place of this offset for the ScoreLM's loss and scoring."""
+    states, targets = hidden[:, :-1][predicted], ids[:, 1:][predicted]
+    chunk = chunk_tokens or max(len(targets), 1)
+    return torch.cat([behavior_logits(model, h).float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+                      for h, t in zip(states.split(chunk), targets.split(chunk))])
+
 # --- text <-> tokens, shared by SFT, RM training and scoring so the three always agree ---
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -102,14 +102,11 @@ class BSPOScorer(RewardScorer):
                         starts: torch.Tensor) -> torch.Tensor:
         """[N]: min over each completion's tokens (EOS included) of log beta(token | prefix)."""
         from rlhf.algorithms.bspo import least_supported
-        from rlhf.models import behavior_logits
+        from rlhf.models import behavior_token_logprobs
         positions = torch.arange(ids.shape[1], device=ids.device)
-        predicted = ((positions >= starts[:, None]) & mask.bool())[:, 1:]  # token t is predicted at position t - 1
-        states, targets = hidden[:, :-1][predicted], ids[:, 1:][predicted]
-        logprobs = torch.cat([behavior_logits(self.model, h).float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
-                              for h, t in zip(states.split(self.chunk_tokens), targets.split(self.chunk_tokens))])
+        predicted = ((positions >= starts[:, None]) & mask.bool())[:, 1:]  # tokens 1..T-1 of each completion
         token_logprobs = torch.zeros(predicted.shape, device=ids.device)
-        token_logprobs[predicted] = logprobs
+        token_logprobs[predicted] = behavior_token_logprobs(self.model, hidden, ids, predicted, self.chunk_tokens)
         return least_supported(token_logprobs, predicted)
 
     @torch.no_grad()

@@ -14,7 +14,8 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.algorithms.bspo import scorelm_loss
 from rlhf.distributed import Dist, shared_atomic_dir
-from rlhf.models import attach_behavior_head, behavior_logits, encode_prompt, load_reward_model, rm_input_ids
+from rlhf.models import (attach_behavior_head, behavior_token_logprobs, encode_prompt, load_reward_model,
+                         rm_input_ids)
 from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
 from rlhf.settings import RMSettings
 from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, save_trained, setup, tokenizer_of,
@@ -54,9 +55,8 @@ class ScoreLMTrainer(RewardTrainer):
         outputs = model(input_ids=ids, attention_mask=inputs["attention_mask"], output_hidden_states=True,
                         use_cache=False)
         chosen, rejected = outputs.logits.squeeze(-1).float().chunk(2)
-        predicted = completion[:, 1:]  # token t is predicted from position t - 1
-        logits = behavior_logits(self.accelerator.unwrap_model(model), outputs.hidden_states[-1][:, :-1][predicted])
-        token_logprobs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:][predicted][:, None]).squeeze(-1)
+        token_logprobs = behavior_token_logprobs(self.accelerator.unwrap_model(model), outputs.hidden_states[-1], ids,
+                                                 completion[:, 1:])
         loss, behavior_nll = scorelm_loss(chosen, rejected, token_logprobs, self.alpha)
         with torch.no_grad():
             gather = self.accelerator.gather_for_metrics
