@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from rlhf.cluster import job_spec
+from rlhf.cluster import ranks, ranks_text
 from rlhf.errors import ConfigError
 from rlhf.data.rlvr import TASK_OF_SOURCE
 from rlhf.registry import SFT_BASELINE, SIDE_SETTINGS, STAGES, drop, pick
@@ -203,15 +203,19 @@ def _check_semantics(cfg: dict, source: str) -> None:
         if m.gr_refresh_master_weights and m.gr_estimator != "finite_difference":
             raise ConfigError(f"{source}: methods.{method}: gr_refresh_master_weights reproduces the authors' finite "
                               "difference (a refresh around the perturbation); gr_estimator hvp perturbs nothing")
-        ranks = job_spec(cfg, "grpo")["gpus"]
-        if ranks > 1 and m.prompts_per_step % ranks:
+        world = ranks(cfg, "grpo")
+        if world > 1 and m.prompts_per_step % world:
             raise ConfigError(f"{source}: methods.{method}: prompts_per_step = {m.prompts_per_step} does not split "
-                              f"over the {ranks} GPUs of resources.jobs.grpo (one rank per GPU)")
+                              f"over the {ranks_text(cfg, 'grpo')} of resources.jobs.grpo (one rank per GPU)")
     for stage in ("sft", "rm"):
-        ranks = job_spec(cfg, stage)["gpus"]
-        if ranks > 1 and cfg[stage]["batch_size"] % ranks:
+        world = ranks(cfg, stage)
+        if world > 1 and cfg[stage]["batch_size"] % world:
             raise ConfigError(f"{source}: {stage}.batch_size = {cfg[stage]['batch_size']} (the global batch) does not "
-                              f"split over the {ranks} GPUs of resources.jobs.{stage}")
+                              f"split over the {ranks_text(cfg, stage)} of resources.jobs.{stage}")
+    for rule, spec in cfg["resources"]["jobs"].items():
+        if spec.get("nodes", 1) > 1 and (rule == "default" or not STAGES[rule].data_parallel):
+            raise ConfigError(f"{source}: resources.jobs.{rule}.nodes = {spec['nodes']}: only the data-parallel stages "
+                              f"({', '.join(n for n, s in STAGES.items() if s.data_parallel)}) run on several nodes")
     if cfg["data"]["source"] == "miniature" and not (cfg["data"]["num_train"] and cfg["data"]["num_test"]):
         raise ConfigError(f"{source}: the miniature generates data.num_train and data.num_test examples; set both")
     if cfg["data"]["source"] == "miniature" and "build" not in cfg["model"]:

@@ -130,9 +130,10 @@ def float64_lm(tiny_lm, monkeypatch):
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 
 
-def snakemake(cfg: Path, *args: str, cores: str = "2", env=None) -> subprocess.CompletedProcess:
-    """Snakemake on a config, run in the config's folder (results land beside it)."""
-    cmd = [*SNAKEMAKE, "--directory", str(cfg.parent), "--configfile", str(cfg), *args]
+def snakemake(cfg: Path, *args: str, cores: str = "2", env=None, on=()) -> subprocess.CompletedProcess:
+    """Snakemake on a config, run in the config's folder (results land beside it); `on`: a command prefix that runs
+    it elsewhere (a test cluster's node)."""
+    cmd = [*on, *SNAKEMAKE, "--directory", str(cfg.parent), "--configfile", str(cfg), *args]
     if cores:
         cmd += ["--cores", cores]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)

@@ -1,57 +1,170 @@
-"""The micro DAG through `snakemake --profile profiles/slurm` on a real single-node Slurm started by the test.
+"""The pipeline on a real two-node Slurm 22.05 cluster started by the tests (tests/slurm_cluster.py: two network
+namespaces joined by a veth pair, a private config and munge; nothing written outside the test's folder).
 
-Runs where the test is root (it installs slurm-wlm and munge with apt-get if needed and starts munged,
-slurmctld and slurmd); skipped with the reason otherwise. Checks that every non-local job went through sbatch
-and that the artifacts match the same DAG run by local Snakemake.
+The micro DAG runs through `snakemake --profile profiles/slurm` with sft, rm and grpo on 2 nodes x 1 rank
+(rlhf/launch.py: one torchrun per node, the c10d rendezvous); one GRPO run loses its second node's rank mid-run and
+is resubmitted by the profile's retries, resuming from the checkpoint both nodes wrote. Skipped with the reason where
+the cluster cannot be started (not root, no namespaces, no slurm-wlm/munge and no apt-get).
 """
 import json
 import os
-import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO, jobs, snakemake, write_config
-from tests.slurm_cluster import LocalSlurm, why_unavailable
+from tests.slurm_cluster import SlurmCluster, why_unavailable
+from tests.test_distributed import deepspeed_available
+from tests.test_robustness import _assert_same_run, _finished_run
 
-LOCAL_RULES = {"all"}
-# Two of the micro config's methods (GR's double backward among them) keep the test to ~12 jobs; the shared stages and
-# these methods' jobs are the same as in the local run of all five.
-METHODS = ("noreg", "gr")
+MULTI_NODE = ("sft", "rm", "grpo")
+KILLED = "gr"   # the method whose run loses a rank on the second node after its first checkpoint
 
 
-@pytest.mark.slow
-def test_micro_dag_through_slurm_matches_a_local_run(tmp_path, micro_snakemake):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
     reason = why_unavailable()
     if reason:
         pytest.skip(reason)
-    if shutil.which("snakemake") is None:
-        pytest.skip("snakemake is not on PATH for the Slurm jobs (activate the environment)")
-    local_cfg, _, local_run = micro_snakemake
-    assert local_run.returncode == 0, local_run.stderr[-2000:]
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def _two_node_config(folder: Path) -> Path:
+    """The micro config with gr alone (GR's double backward, the hardest update to keep equal across ranks), sft / rm /
+    grpo on 2 nodes (DeepSpeed ZeRO-2 where installed) and 6 GRPO steps with a checkpoint every 2, so a kill after
+    step 3 leaves work to resume."""
+    micro = yaml.safe_load((REPO / "config" / "micro.yaml").read_text())
+    backend = "deepspeed" if deepspeed_available() else "torch"
+    return write_config(
+        folder, methods={KILLED: micro["methods"][KILLED]},
+        sft={**micro["sft"], "backend": backend}, rm={**micro["rm"], "backend": backend},
+        grpo={**micro["grpo"], "backend": backend, "steps": 6, "checkpoint_every": 2},
+        resources={"jobs": {stage: {"nodes": 2} for stage in MULTI_NODE}})
+
+
+def _rank_processes(node, method: str) -> list[int]:
+    """The GRPO worker processes of `method` on a node (torchrun's children: they carry LOCAL_RANK)."""
+    found = []
+    for pid in node.processes():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"grpo" in cmdline and method.encode() in cmdline and any(e.startswith(b"LOCAL_RANK=") for e in environ):
+            found.append(pid)
+    return found
+
+
+def _job_state(cluster, job: str) -> str:
+    out = subprocess.run(cluster.login.command("scontrol", "-o", "show", "job", job), capture_output=True,
+                         text=True, env=cluster.env).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), "GONE")
+
+
+def _kill_second_node_rank(cluster, run_dir: Path, seen: dict) -> None:
+    """When the run has logged step 3 (its step-2 checkpoint is written), SIGKILL its rank on the second node; then
+    wait for that Slurm job to end and record whether anything complete-looking was left."""
+    metrics, deadline = run_dir / "work" / "metrics.jsonl", time.monotonic() + 600
+    node = cluster.node(cluster.names[1])
+    while time.monotonic() < deadline:
+        steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        victims = _rank_processes(node, KILLED) if steps and max(steps) >= 3 else []
+        if victims:
+            job = next(e.split(b"=", 1)[1].decode() for e in Path(f"/proc/{victims[0]}/environ").read_bytes()
+                       .split(b"\0") if e.startswith(b"SLURM_JOB_ID="))
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            seen["killed_at_step"], seen["job"] = max(steps), job
+            while _job_state(cluster, job) in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            seen["state"] = _job_state(cluster, job)
+            seen["left"] = sorted(p.name for p in run_dir.iterdir() if p.name != "work")
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_micro_dag_on_two_nodes_through_slurm(cluster, tmp_path, micro_snakemake):
+    """Every job goes through sbatch; sft, rm and grpo run on both nodes; the run that lost its second node's rank
+    fails without a complete-looking artifact, is resubmitted (the profile's retries) and resumes on 2 nodes; its
+    metrics and weights equal a 2-rank single-node torchrun of the same stage on the same inputs."""
     (tmp_path / "run").mkdir()
-    methods = yaml.safe_load(local_cfg.read_text())["methods"]
-    cfg = write_config(tmp_path / "run", methods={m: methods[m] for m in METHODS})
-    expected = {rule: n for rule, n in jobs(snakemake(cfg, "-n").stdout).items() if rule not in LOCAL_RULES}
-    assert expected["grpo"] == len(METHODS)
-    with LocalSlurm(tmp_path / "slurm") as slurm:
-        run = snakemake(cfg, "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4",
-                        "--slurm-no-account", "--slurm-status-command", "squeue",
-                        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
-                        "--slurm-keep-successful-logs", "--latency-wait", "1",
-                        "--retries", "0", cores="", env={**slurm.env, "PATH": os.environ["PATH"]})
-        submitted = slurm.submitted_jobs()
+    cfg = _two_node_config(tmp_path / "run")
+    dry = snakemake(cfg, "-n", "--profile", str(REPO / "profiles" / "slurm"))
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "python -m rlhf.launch --nodes 2" in dry.stdout  # the launcher, from resources.jobs.<stage>.nodes
+    expected = {rule: n for rule, n in jobs(dry.stdout).items() if rule != "all"}
+    results = tmp_path / "run" / "results" / "micro"
+    seen: dict = {}
+    killer = threading.Thread(target=_kill_second_node_rank, args=(cluster, results / "grpo" / KILLED / "seed0", seen))
+    killer.start()
+    run = snakemake(cfg, "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4", "--slurm-no-account",
+                    "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+                    "--seconds-between-status-checks", "2", "--slurm-keep-successful-logs", "--latency-wait", "1",
+                    cores="", env={**cluster.env, "PATH": os.environ["PATH"]}, on=cluster.login.command())
+    killer.join(timeout=60)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    assert submitted == sum(expected.values())  # every job through sbatch, none run locally
+
+    # The kill: after step 3, the job failed and left only the work folder; the retry resumed from step 2.
+    assert seen.get("killed_at_step", 0) >= 3 and seen["state"] == "FAILED", seen
+    assert seen["left"] == [], seen
+    log = (results / "logs" / f"grpo_{KILLED}_seed0.log").read_text()
+    assert "resumed from step" in log, log[-3000:]
+    # Every job through sbatch (the killed one twice), none run locally; the plugin's per-rule logs agree.
+    assert cluster.submitted_jobs() == sum(expected.values()) + 1
     logs = tmp_path / "run" / ".snakemake" / "slurm_logs"
     per_rule = {p.name.removeprefix("rule_"): len(list(p.rglob("*.log"))) for p in logs.iterdir()}
-    assert per_rule == expected
-    # same inputs, same code, same threads: the artifacts equal the local run's
-    here, there = tmp_path / "run" / "results" / "micro", local_cfg.parent / "results" / "micro"
-    for name in ("data/train.jsonl", "pairs/samples.jsonl", "pairs/labels.jsonl", "rm/metrics.json"):
-        assert (here / name).read_text() == (there / name).read_text(), name
-    for method in ("sft", *METHODS):
-        a, b = (json.loads((d / "eval" / method / "seed0" / "metrics.json").read_text()) for d in (here, there))
-        assert a.keys() == b.keys() and a["method"] == b["method"], method
-        numbers = [k for k, v in a.items() if isinstance(v, (int, float))]
-        assert [a[k] for k in numbers] == pytest.approx([b[k] for k in numbers], rel=1e-6, abs=1e-9), method
+    assert per_rule == {**expected, "grpo": expected["grpo"] + 1}
+    # Each multi-node job was allocated both nodes and started a torchrun on each.
+    allocations = (cluster.root / "slurmctld.log").read_text().count("NodeList=nodea,nodeb")
+    assert allocations == sum(expected[s] for s in MULTI_NODE) + 1
+    for name in ("sft", "rm", f"grpo_{KILLED}_seed0"):
+        text = (results / "logs" / f"{name}.log").read_text()
+        assert all(f"rlhf.launch: node {n}: 1 rank(s)" in text for n in cluster.names), (name, text[-2000:])
+    assert "2 rank(s)" in (results / "logs" / "sft.log").read_text()
+    # Stages before the first multi-node job equal the local run's.
+    local = micro_snakemake[0].parent / "results" / "micro"
+    assert (results / "data" / "train.jsonl").read_text() == (local / "data" / "train.jsonl").read_text()
+
+    # The reference: the same GRPO stage on the same inputs, 2 ranks on one node, uninterrupted.
+    import shutil
+    reference = tmp_path / "reference"
+    for part in ("data", "sft", "rm"):
+        shutil.copytree(results / part, reference / "results" / "micro" / part)
+    ref_cfg = _two_node_config(reference)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "rlhf", "grpo", "--config", str(ref_cfg), "--method", KILLED, "--seed", "0",
+                          "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _assert_same_run(_finished_run(results / "grpo" / KILLED / "seed0"),
+                     _finished_run(reference / "results" / "micro" / "grpo" / KILLED / "seed0"))
+
+
+def test_a_misconfigured_node_fails_the_launch_in_one_line(cluster, tmp_path):
+    """On the real cluster: GLOO_SOCKET_IFNAME naming no interface stops the nodes before torchrun, with one line that
+    names the node; a job with fewer nodes than the config asks is refused before srun."""
+    def job(nodes: int, env: dict) -> str:
+        script = tmp_path / f"job{nodes}.sh"
+        script.write_text(f"#!/bin/sh\ncd {REPO}\n{sys.executable} -m rlhf.launch --nodes 2 -- -m rlhf grpo\n")
+        out = tmp_path / f"job{nodes}.out"
+        done = subprocess.run(cluster.login.command("sbatch", "--wait", f"--nodes={nodes}", f"--ntasks={nodes}",
+                                                    "-o", str(out), str(script)),
+                              capture_output=True, text=True, env={**cluster.env, **env}, timeout=120)
+        assert done.returncode != 0, done.stdout + done.stderr
+        return out.read_text()
+    text = job(2, {"GLOO_SOCKET_IFNAME": "ib0"})
+    # the first node to fail ends the step (srun --kill-on-bad-exit): at least one says why, none started torchrun
+    assert any(f"rlhf.launch: node {node}: GLOO_SOCKET_IFNAME=ib0 names no interface here (this node has: eth0, lo)"
+               in text for node in cluster.names), text
+    assert "torch.distributed" not in text and "Traceback" not in text
+    text = job(1, {})
+    assert "has 1 node(s), the config asks 2" in text and "--nodes 2" in text, text
