@@ -24,6 +24,17 @@ def write_config(tmp_path: Path, base: str = "micro.yaml", **sections) -> Path:
     return path
 
 
+# `make test` runs two pytest-xdist workers, one test file per work unit (--dist loadfile --no-loadscope-reorder): the
+# files that take longest start first, the short ones fill in after, and both workers finish together.
+LONGEST_FIRST = ("test_slurm.py", "test_baselines.py", "test_workflow.py", "test_robustness.py", "test_distributed.py",
+                 "test_rlvr_miniature.py", "test_smoke.py", "test_vllm.py", "test_judge.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+
+
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

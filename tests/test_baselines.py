@@ -223,6 +223,7 @@ def test_tr_dpo_reference_follows_the_soft_and_hard_rule_at_its_steps(micro_run,
     assert all(torch.equal(before[k], v) for k, v in snap(plain.ref_model).items())
 
 
+@pytest.mark.slow
 def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_run, tmp_path):
     """On the micro run's pairs, SFT policy and proxy RM (copied in), a dpo section, a UWO method over a 2-member
     ensemble, AdvPO, BSPO, Elastic Reset and scheduled-beta methods add exactly: a dpo job and an evaluation per DPO

@@ -38,13 +38,12 @@ def cluster(tmp_path_factory):
 
 def _two_node_config(folder: Path) -> Path:
     """The micro config with gr alone (GR's double backward, the hardest update to keep equal across ranks), sft / rm /
-    grpo on 2 nodes (DeepSpeed ZeRO-2 where installed) and 6 GRPO steps with a checkpoint every 2, so a kill after
-    step 3 leaves work to resume."""
+    grpo on 2 nodes (grpo under DeepSpeed ZeRO-2 where installed; sft and rm on their CPU default, the Trainer's DDP)
+    and 6 GRPO steps with a checkpoint every 2, so a kill after step 3 leaves work to resume."""
     micro = yaml.safe_load((REPO / "config" / "micro.yaml").read_text())
     backend = "deepspeed" if deepspeed_available() else "torch"
     return write_config(
         folder, methods={KILLED: micro["methods"][KILLED]},
-        sft={**micro["sft"], "backend": backend}, rm={**micro["rm"], "backend": backend},
         grpo={**micro["grpo"], "backend": backend, "steps": 6, "checkpoint_every": 2},
         resources={"jobs": {stage: {"nodes": 2} for stage in MULTI_NODE}})
 
@@ -92,7 +91,7 @@ def _kill_second_node_rank(cluster, run_dir: Path, seen: dict) -> None:
 
 
 @pytest.mark.slow
-def test_micro_dag_on_two_nodes_through_slurm(cluster, tmp_path, micro_snakemake):
+def test_micro_dag_on_two_nodes_through_slurm(cluster, tmp_path):
     """Every job goes through sbatch; sft, rm and grpo run on both nodes; the run that lost its second node's rank
     fails without a complete-looking artifact, is resubmitted (the profile's retries) and resumes on 2 nodes; its
     metrics and weights equal a 2-rank single-node torchrun of the same stage on the same inputs."""
@@ -130,9 +129,13 @@ def test_micro_dag_on_two_nodes_through_slurm(cluster, tmp_path, micro_snakemake
         text = (results / "logs" / f"{name}.log").read_text()
         assert all(f"rlhf.launch: node {n}: 1 rank(s)" in text for n in cluster.names), (name, text[-2000:])
     assert "2 rank(s)" in (results / "logs" / "sft.log").read_text()
-    # Stages before the first multi-node job equal the local run's.
-    local = micro_snakemake[0].parent / "results" / "micro"
-    assert (results / "data" / "train.jsonl").read_text() == (local / "data" / "train.jsonl").read_text()
+    # A single-node job's artifact equals the same stage run here, outside Slurm.
+    (tmp_path / "local").mkdir()
+    local = write_config(tmp_path / "local")
+    assert subprocess.run([sys.executable, "-m", "rlhf", "data", "--config", str(local)], cwd=REPO,
+                          capture_output=True).returncode == 0
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (results / "data" / name).read_text() == (tmp_path / "local" / "results" / "micro" / "data" / name).read_text()
 
     # The reference: the same GRPO stage on the same inputs, 2 ranks on one node, uninterrupted.
     import shutil
