@@ -11,7 +11,7 @@ import os
 import re
 import shlex
 
-from rlhf.cli import SIDE_ENV
+from rlhf.cli import SIDE_ENV, add_side_settings
 from rlhf.cluster import job_spec, launcher, snakemake_resources
 from rlhf.config import config_from_mapping, load_config, trigger_view
 from rlhf.paths import Paths
@@ -31,8 +31,10 @@ P = Paths.from_config(config)
 METHODS = list(config["methods"]) + dpo_methods(config)  # GRPO methods, then the DPO family (dpo section)
 SEEDS = config["seeds"]
 # Logging and API-client settings reach every stage through the environment: they change no artifact, so they are
-# no rule's rerun trigger (a Slurm job re-reads this file and sets it again).
-os.environ[SIDE_ENV] = canonical(side_view(config))
+# no rule's rerun trigger (a Slurm job re-reads this file and sets it again). Keyed by the experiment's results folder:
+# one Snakemake process can hold several experiments (workflow/tables.smk loads each as a module), and a stage takes
+# the entry its outputs live under (rlhf/cli.py).
+os.environ[SIDE_ENV] = add_side_settings(os.environ.get(SIDE_ENV), P.root, side_view(config))
 
 
 def _files(stage, kind, wildcards=None):

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from rlhf.errors import ConfigError, RLHFError
-from rlhf.registry import (SFT_BASELINE, STAGES, dpo_methods, ensemble_members, merge_views, stage_config,
-                           stage_files)
+from rlhf.registry import (SFT_BASELINE, STAGES, canonical, dpo_methods, ensemble_members, merge_views,
+                           stage_config, stage_files)
 
 SIDE_ENV = "RLHF_SIDE_SETTINGS"
 
@@ -69,6 +69,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_side_settings(current: str | None, root, side: dict) -> str:
+    """$RLHF_SIDE_SETTINGS with `side` as the entry of the experiment whose results folder is `root` (kept absolute:
+    the Snakefile and the stage resolve it from the same working directory)."""
+    table = json.loads(current) if current else {}
+    if not all(isinstance(v, dict) and os.path.isabs(k) for k, v in table.items()):
+        table = {}  # an older or foreign value: start afresh
+    table[os.path.abspath(root)] = side
+    return canonical(table)
+
+
+def side_settings_for(value: str, outputs: list[str]) -> dict:
+    """The side settings of the experiment the stage writes into: the entry whose folder holds its outputs."""
+    table = json.loads(value)
+    for out in outputs:
+        target = os.path.abspath(out)
+        for root, side in table.items():
+            if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+                return side
+    raise ConfigError(f"${SIDE_ENV} has no experiment whose results folder holds {outputs[0] if outputs else 'no output'} "
+                      f"(it has {', '.join(table) or 'none'}): run the stage through the Snakefile, or with --config FILE")
+
+
 def _given(pairs: list[list[str]], stage: str, kind: str) -> dict:
     out = {}
     for name, *paths in pairs:
@@ -102,7 +124,8 @@ def resolve(args) -> tuple[dict, RunFiles | None]:
         if SIDE_ENV not in os.environ:
             raise ConfigError(f"--settings needs the side settings in ${SIDE_ENV} (the Snakefile sets it); "
                               "by hand, run the stage with --config FILE")
-        view = merge_views(complete_view(json.loads(args.settings), args.stage), json.loads(os.environ[SIDE_ENV]))
+        side = side_settings_for(os.environ[SIDE_ENV], [paths[-1] for _, *paths in args.output if paths])
+        view = merge_views(complete_view(json.loads(args.settings), args.stage), side)
         files = {"inputs": {}, "outputs": {}, "work": {}}
     for kind in ("input", "output", "work"):
         files[kind + "s" if kind != "work" else kind].update(_given(getattr(args, kind), args.stage, kind))

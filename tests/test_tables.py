@@ -286,3 +286,20 @@ def test_the_tables_command_renders_what_exists_and_fails_in_one_line(tmp_path, 
     assert main([str(tmp_path / "nowhere.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tables: error:") and "nowhere.yaml: no such table spec" in err and "\n" not in err
+
+
+def test_experiments_in_one_snakemake_process_keep_their_own_side_settings(tmp_path, monkeypatch):
+    """workflow/tables.smk parses one Snakefile module per experiment in one process, and every module sets
+    $RLHF_SIDE_SETTINGS: each experiment's entry is kept under its results folder and a stage takes the entry its
+    outputs live under (the RLVR miniature's stand-in judge prices once reached another experiment's jobs)."""
+    from rlhf.cli import add_side_settings, side_settings_for
+    from rlhf.config import ConfigError
+    monkeypatch.chdir(tmp_path)
+    value = add_side_settings(None, "results/rlvr-miniature", {"gold": {"judge": {"prices": {"standin-judge": 0}}}})
+    value = add_side_settings(value, "results/miniature", {"wandb": {"enabled": False}})
+    assert side_settings_for(value, ["results/rlvr-miniature/grpo/gr/seed0/policy"])["gold"]["judge"]["prices"] == {
+        "standin-judge": 0}
+    assert side_settings_for(value, [str(tmp_path / "results" / "miniature" / "sft")]) == {"wandb": {"enabled": False}}
+    with pytest.raises(ConfigError, match="no experiment whose results folder holds results/miniature-small/sft"):
+        side_settings_for(value, ["results/miniature-small/sft"])   # a prefix of the name is not the folder
+    assert add_side_settings('{"gold": {}}', "results/x", {}) == add_side_settings(None, "results/x", {})
