@@ -352,3 +352,26 @@ def test_judge_cost_takes_each_methods_own_eval_settings(tmp_path):
     assert bigger["requests"] == (3 * 8 + 5 * 16) * 2          # kl: steps 0..4 x 16 prompts
     per_request = lambda r: r["input_mtok"] / r["requests"]  # noqa: E731
     assert per_request(bigger) > per_request(same)             # kl's completions are longer
+
+
+def test_opening_the_cache_waits_out_another_jobs_lock(tmp_path, monkeypatch):
+    """Two GRPO jobs opened one judge cache at the same moment and one failed with "database is locked" (met while
+    opening, where SQLite's busy timeout does not apply): opening retries that error, and still refuses a file that
+    is not sqlite."""
+    import sqlite3
+
+    import rlhf.judge.cache as cache
+    real, calls = sqlite3.connect, []
+
+    def locked_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cache.sqlite3, "connect", locked_twice)
+    answers = cache.AnswerCache(tmp_path / "judge_cache.sqlite")
+    assert len(calls) == 3 and answers.get_many(["k"]) == {}
+    monkeypatch.setattr(cache.sqlite3, "connect", real)
+    (tmp_path / "bad.sqlite").write_text("not a database, just text " * 100)
+    with pytest.raises(ConfigError, match="not a usable sqlite file"):
+        cache.AnswerCache(tmp_path / "bad.sqlite")

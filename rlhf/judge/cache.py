@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.errors import ConfigError
+
+OPEN_PATIENCE_S = 120   # how long opening waits out other jobs' locks
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -56,15 +59,40 @@ class AnswerCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # One connection guarded by a lock: writes are tiny next to an API round trip.
-            self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
-            raise ConfigError(f"judge cache {self.path}: not a usable sqlite file ({e}); move it away to start afresh") from None
+        # Several jobs open one cache at once (an experiment's GRPO runs with an API judge). SQLite's busy timeout does
+        # not cover every lock met while opening (a WAL file another process is checkpointing as it closes, switching
+        # the journal mode): "database is locked" there is retried, any other error means the file is not sqlite.
+        deadline = time.monotonic() + OPEN_PATIENCE_S
+        while True:
+            try:
+                self._db = self._open()
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" in str(e) or "busy" in str(e):
+                    if time.monotonic() < deadline:
+                        time.sleep(0.05 + 0.2 * random.random())
+                        continue
+                    raise ConfigError(f"judge cache {self.path}: still locked by another process after "
+                                      f"{OPEN_PATIENCE_S} s ({e})") from None
+                raise ConfigError(f"judge cache {self.path}: not a usable sqlite file ({e}); move it away to start "
+                                  "afresh") from None
+            except sqlite3.DatabaseError as e:
+                raise ConfigError(f"judge cache {self.path}: not a usable sqlite file ({e}); move it away to start "
+                                  "afresh") from None
         self._lock = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection:
+        # One connection guarded by a lock: writes are tiny next to an API round trip.
+        db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def get_many(self, keys) -> dict[str, Answer]:
         keys, out = list(keys), {}
