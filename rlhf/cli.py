@@ -87,8 +87,9 @@ def side_settings_for(value: str, outputs: list[str]) -> dict:
         for root, side in table.items():
             if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
                 return side
-    raise ConfigError(f"${SIDE_ENV} has no experiment whose results folder holds {outputs[0] if outputs else 'no output'} "
-                      f"(it has {', '.join(table) or 'none'}): run the stage through the Snakefile, or with --config FILE")
+    held = outputs[0] if outputs else "no output"
+    raise ConfigError(f"${SIDE_ENV} has no experiment whose results folder holds {held} (it has "
+                      f"{', '.join(table) or 'none'}): run the stage through the Snakefile, or with --config FILE")
 
 
 def _given(pairs: list[list[str]], stage: str, kind: str) -> dict:

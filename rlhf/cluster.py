@@ -26,11 +26,7 @@ def job_spec(cfg: dict, rule: str) -> dict:
 def ranks(cfg: dict, rule: str) -> int:
     """The job's world size: one rank per GPU per node (one per node without GPUs); 1 for one process."""
     spec = job_spec(cfg, rule)
-    if not STAGES[rule].data_parallel:
-        return 1
-    if spec["nodes"] > 1:
-        return spec["nodes"] * max(spec["gpus"], 1)
-    return max(spec["gpus"], 1)
+    return spec["nodes"] * max(spec["gpus"], 1) if STAGES[rule].data_parallel else 1
 
 
 def ranks_text(cfg: dict, rule: str) -> str:

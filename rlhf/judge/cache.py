@@ -67,18 +67,14 @@ class AnswerCache:
             try:
                 self._db = self._open()
                 break
-            except sqlite3.OperationalError as e:
-                if "locked" in str(e) or "busy" in str(e):
-                    if time.monotonic() < deadline:
-                        time.sleep(0.05 + 0.2 * random.random())
-                        continue
-                    raise ConfigError(f"judge cache {self.path}: still locked by another process after "
-                                      f"{OPEN_PATIENCE_S} s ({e})") from None
-                raise ConfigError(f"judge cache {self.path}: not a usable sqlite file ({e}); move it away to start "
-                                  "afresh") from None
             except sqlite3.DatabaseError as e:
-                raise ConfigError(f"judge cache {self.path}: not a usable sqlite file ({e}); move it away to start "
-                                  "afresh") from None
+                locked = isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+                if locked and time.monotonic() < deadline:
+                    time.sleep(0.05 + 0.2 * random.random())
+                    continue
+                raise ConfigError(f"judge cache {self.path}: still locked by another process after {OPEN_PATIENCE_S} s "
+                                  f"({e})" if locked else f"judge cache {self.path}: not a usable sqlite file ({e}); "
+                                  "move it away to start afresh") from None
         self._lock = threading.Lock()
 
     def _open(self) -> sqlite3.Connection:
