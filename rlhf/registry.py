@@ -50,6 +50,9 @@ class Stage:
     module: str | None = None               # the stage module that runs it, when not its own name
     data_parallel: bool = False             # torchrun with one rank per GPU when its job has several
     cpus: int = 1                           # default cpus of its cluster job (config resources.jobs overrides)
+    #   and torch threads. One for every stage: on the miniature two threads made SFT, the RM and DPO only 6-10%
+    #   faster (bit-identical weights) while holding both cores of a 2-core machine, idling work that could run beside
+    #   them; paper configs set cpus per stage (config/paper/cluster.base.yaml).
     tool: bool = False                      # a command beside the DAG, not a rule (reads the whole config)
     many: tuple[str, ...] = ()              # inputs that are a list of paths (one per method and seed)
 
@@ -128,16 +131,16 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           outputs=lambda P, cfg, m, s: {"model": P.base}),
     Stage("sft", "supervised fine-tuning on references (completion-only loss)",
           settings=("seed", "model.name", *MODEL, "sft"), inputs=_sft_inputs,
-          outputs=lambda P, cfg, m, s: {"model": P.sft}, data_parallel=True, cpus=2),
+          outputs=lambda P, cfg, m, s: {"model": P.sft}, data_parallel=True),
     Stage("sample", "pairs of completions per prompt from the SFT policy",
           settings=("seed", *MODEL, "sample"), inputs=lambda P, cfg, m, s: {"train": P.train, "sft": P.sft},
-          outputs=lambda P, cfg, m, s: {"samples": P.samples}, cpus=2),
+          outputs=lambda P, cfg, m, s: {"samples": P.samples}),
     Stage("label", "gold preference for each pair",
           settings=(*GOLD, *MODEL), inputs=lambda P, cfg, m, s: {"samples": P.samples},
           outputs=lambda P, cfg, m, s: {"labels": P.labels}),
     Stage("rm", "proxy reward model (Bradley-Terry) and its held-out accuracy",
           settings=("seed", *MODEL, "rm"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
-          outputs=lambda P, cfg, m, s: {"model": P.rm}, data_parallel=True, cpus=2),
+          outputs=lambda P, cfg, m, s: {"model": P.rm}, data_parallel=True),
     Stage("advpo", "AdvPO's M_D^-1: the proxy RM's features on its own training pairs (methods with advpo_budget)",
           settings=("seed", *MODEL, "rm.eval_fraction", *PROXY, "advpo"),
           inputs=lambda P, cfg, m, s: {"labels": P.labels, "rm": P.rm},
@@ -145,11 +148,11 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
     Stage("bspo", "BSPO's ScoreLM: the proxy RM's recipe with the LM head kept and the behavior loss (methods with "
           "bspo_threshold)", settings=("seed", *MODEL, "rm", "bspo"),
           inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
-          outputs=lambda P, cfg, m, s: {"model": P.bspo}, data_parallel=True, cpus=2),
+          outputs=lambda P, cfg, m, s: {"model": P.bspo}, data_parallel=True),
     Stage("rm_member", "one member k of UWO's proxy-RM ensemble: the rm stage with seed + k (ensemble section)",
           settings=("seed", *MODEL, "rm", "ensemble.model"), inputs=_member_inputs,  # not K: k does not depend on it
           outputs=lambda P, cfg, m, s: {"model": P.rm_member(m)}, per_member=True, module="rm",
-          data_parallel=True, cpus=2),
+          data_parallel=True),
     Stage("grpo", "Dr.GRPO against the proxy RM for one method and seed",
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "grpo"), inputs=_grpo_inputs,
           outputs=_grpo_outputs,
@@ -157,7 +160,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           many=("ensemble", "advpo", "bspo")),
     Stage("dpo", "DPO / TR-DPO (GR Table 1 baselines) on the labeled pairs from the SFT policy, per method and seed",
           settings=("seed", *MODEL, "dpo"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
-          outputs=lambda P, cfg, m, s: {"policy": P.dpo_policy(m, s)}, per_run=True, data_parallel=True, cpus=2),
+          outputs=lambda P, cfg, m, s: {"policy": P.dpo_policy(m, s)}, per_run=True, data_parallel=True),
     Stage("evaluate", "gold win rate against references for one method and seed (or 'sft')",
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "evaluate"), inputs=_eval_inputs,
           outputs=lambda P, cfg, m, s: {"evaluation": P.evaluation(m, s)}, per_run=True),

@@ -5,6 +5,7 @@ rule data:
         **outputs("data"),
     params:
         **params("data"),
+    priority: 6
     conda:
         conda_env("data")
     threads: threads("data")

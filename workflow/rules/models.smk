@@ -7,6 +7,7 @@ if "build" in config["model"]:
             **outputs("base"),
         params:
             **params("base"),
+        priority: 6
         conda:
             conda_env("base")
         threads: threads("base")
@@ -25,6 +26,7 @@ rule sft:
         **outputs("sft"),
     params:
         **params("sft"),
+    priority: 6  # stages the policies wait on go first: a late RM would leave its GRPO runs to end the DAG alone
     conda:
         conda_env("sft")
     threads: threads("sft")
@@ -43,6 +45,7 @@ rule rm:
         **outputs("rm"),
     params:
         **params("rm"),
+    priority: 6
     conda:
         conda_env("rm")
     threads: threads("rm")
@@ -63,6 +66,7 @@ if ensemble_members(config):
             **outputs("rm_member"),
         params:
             **params("rm_member"),
+        priority: 6
         conda:
             conda_env("rm_member")
         threads: threads("rm_member")
@@ -83,6 +87,7 @@ if advpo_used(config):
             **outputs("advpo"),
         params:
             **params("advpo"),
+        priority: 6
         conda:
             conda_env("advpo")
         threads: threads("advpo")
@@ -103,6 +108,7 @@ if bspo_used(config):
             **outputs("bspo"),
         params:
             **params("bspo"),
+        priority: 6
         conda:
             conda_env("bspo")
         threads: threads("bspo")

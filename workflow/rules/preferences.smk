@@ -5,6 +5,7 @@ rule sample:
         **outputs("sample"),
     params:
         **params("sample"),
+    priority: 6
     conda:
         conda_env("sample")
     threads: threads("sample")
@@ -23,6 +24,7 @@ rule label:
         **outputs("label"),
     params:
         **params("label"),
+    priority: 6
     conda:
         conda_env("label")
     threads: threads("label")
