@@ -182,18 +182,32 @@ def test_the_tables_workflow_reuses_an_experiments_results_and_its_report_shows_
           rows={"SFT": {"method": "sft"}, "GR": {"method": "gr"}})
     _spec(specs, "micro-figure", figure="curve", title="Micro figure", x="eval/kl", y="eval/win_rate",
           methods=["noreg", "gr"], panels={"micro": {"experiment": str(cfg)}})
+    _spec(specs, "micro-bench", title="Micro bench", source="bench", metric="step", experiment=str(cfg),
+          columns={"cpu": {}}, rows={"Dr.GRPO": {"method": "noreg"}})
     out = tmp_path / "tables"
     command = [*SNAKEMAKE, "-s", str(REPO / "workflow" / "tables.smk"), "--directory", str(cfg.parent),
                "--config", f"tables={specs}", f"tables_dir={out}"]
     dry = subprocess.run([*command, "-n", "--cores", "1"], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert jobs(dry.stdout) == {"table_micro_table": 1, "figure_micro_figure": 1, "tables": 1}
+    assert jobs(dry.stdout) == {"table_micro_table": 1, "figure_micro_figure": 1, "table_micro_bench": 1, "tables": 1}
     done = subprocess.run([*command, "--cores", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["row"]: r for r in csv.DictReader((out / "micro-table.csv").open())}
     expected = json.loads((cfg.parent / "results" / "micro" / "eval" / "gr" / "seed0" / "metrics.json").read_text())
     assert float(rows["GR"]["mean"]) == pytest.approx(expected["win_rate"]) and rows["GR"]["n"] == "1"
     assert all((out / f"micro-table.{suffix}").is_file() for suffix in ("md", "tex", "html"))
+    bench_row = lambda: next(csv.DictReader((out / "micro-bench.csv").open()))
+    assert bench_row()["mean"] == "" and bench_row()["missing"].endswith("bench/bench.json")  # make bench not run
+    bench = cfg.parent / "results" / "micro" / "bench" / "bench.json"
+    bench.parent.mkdir(exist_ok=True)
+    bench.write_text(json.dumps({"results": {"noreg": {"step": 0.4}}}))
+    try:  # a bench.json made after the table re-renders it, and only it
+        dry = subprocess.run([*command, "-n", "--cores", "1"], capture_output=True, text=True, timeout=300)
+        assert jobs(dry.stdout) == {"table_micro_bench": 1, "tables": 1}, dry.stdout[-3000:]
+        done = subprocess.run([*command, "--cores", "1"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and float(bench_row()["mean"]) == 0.4, done.stderr[-3000:]
+    finally:
+        bench.unlink()
 
     report = tmp_path / "report.html"
     made = subprocess.run([*command, "--report", str(report)], capture_output=True, text=True, timeout=300)

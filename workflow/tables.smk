@@ -38,11 +38,12 @@ for _path, _cfg in EXPERIMENTS.items():
 
 
 def table_inputs(spec):
-    """What its cells (a figure: its panels) read that the DAG makes (make bench's timings are read where they
-    exist, not run)."""
+    """What its cells (a figure: its panels) read. The DAG makes them, except make bench's timings (a step timed
+    beside other jobs would measure them too): an input only where one exists, so a new bench.json re-renders the
+    table on the next run and its absence leaves the cell `missing`."""
     cells = [cell for _, _, cell in spec.cells()] if hasattr(spec, "rows") else [spec.cell(p) for p in spec.panels]
-    return sorted({str(f) for cell in cells if cell["source"] != "bench"
-                   for _, f in cell_files(cell, EXPERIMENTS[Path(cell["experiment"])])})
+    files = {(cell["source"], f) for cell in cells for _, f in cell_files(cell, EXPERIMENTS[Path(cell["experiment"])])}
+    return sorted(str(f) for source, f in files if source != "bench" or f.exists())
 
 
 report: "report/workflow.rst"
