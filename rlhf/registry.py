@@ -49,10 +49,6 @@ class Stage:
     per_member: bool = False                # one job per ensemble member k (its --member; rlhf/stages/<module>.py)
     module: str | None = None               # the stage module that runs it, when not its own name
     data_parallel: bool = False             # torchrun with one rank per GPU when its job has several
-    cpus: int = 1                           # default cpus of its cluster job (config resources.jobs overrides)
-    #   and torch threads. One for every stage: on the miniature two threads made SFT, the RM and DPO only 6-10%
-    #   faster (bit-identical weights) while holding both cores of a 2-core machine, idling work that could run beside
-    #   them; paper configs set cpus per stage (config/paper/cluster.base.yaml).
     tool: bool = False                      # a command beside the DAG, not a rule (reads the whole config)
     many: tuple[str, ...] = ()              # inputs that are a list of paths (one per method and seed)
 
