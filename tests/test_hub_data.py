@@ -1,11 +1,12 @@
-"""TL;DR and AlpacaFarm loaders on local folders in the hub's parquet layout, through the data stage."""
+"""The paper datasets' loaders on local folders in the real hub repositories' layouts, through the data stage."""
 import json
 
 import pandas as pd
+import pytest
 
 from rlhf.cli import main
 from rlhf.data.hub import TLDR_PROMPT
-from tests.conftest import write_config
+from tests.conftest import REPO, write_config
 
 
 def hub_folder(root, splits: dict[str, list[dict]]):
@@ -15,8 +16,8 @@ def hub_folder(root, splits: dict[str, list[dict]]):
     return root
 
 
-def run_data(tmp_path, data: dict, model: dict | None = None) -> tuple[int, list[dict], list[dict]]:
-    cfg = write_config(tmp_path, data=data, model=model or {"name": "unused"})
+def run_data(tmp_path, data: dict, model: dict | None = None, **sections) -> tuple[int, list[dict], list[dict]]:
+    cfg = write_config(tmp_path, data=data, model=model or {"name": "unused"}, **sections)
     code = main(["data", "--config", str(cfg)])
     out = tmp_path / "results" / "micro" / "data"
     read = lambda f: [json.loads(line) for line in (out / f).read_text().splitlines()] if (out / f).exists() else []  # noqa: E731
@@ -53,18 +54,84 @@ def test_missing_column_and_split_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "results" / "micro" / "data" / "train.jsonl").exists()
 
 
+def alpaca_folder(root, splits: dict[str, list[dict]]):
+    """tatsu-lab/alpaca_farm's layout: the loading script beside alpaca_instructions/<split>.json."""
+    from rlhf.rehearsal.hub_fixtures import ALPACA_SCRIPT
+    (root / "alpaca_instructions").mkdir(parents=True)
+    for split, rows in splits.items():
+        (root / "alpaca_instructions" / f"{split}.json").write_text(json.dumps(rows))
+    (root / "alpaca_farm.py").write_text(ALPACA_SCRIPT)
+    return root
+
+
 def test_alpaca_farm_merges_splits_and_filters_by_policy_tokens(tmp_path, tiny_lm):
     _, tok = tiny_lm
     tok.save_pretrained(tmp_path / "policy")
     short = {"instruction": "name a car", "input": "", "output": "the car"}
     with_input = {"instruction": "summarize", "input": "alice lost the car", "output": "alice lost car"}
     too_long = {"instruction": " ".join(["word"] * 20), "input": "", "output": "x"}
-    hub = hub_folder(tmp_path / "alpaca", {"sft": [short] * 4 + [too_long], "preference": [with_input] * 4, "val": [short] * 2})
-    code, train, test = run_data(tmp_path, {"source": "alpaca_farm", "hub_name": str(hub), "max_tokens": 12,
-                                            "num_train": None, "num_test": 2}, {"name": str(tmp_path / "policy")})
+    hub = alpaca_folder(tmp_path / "alpaca_farm", {"sft": [short] * 4 + [too_long], "preference": [with_input] * 4,
+                                                   "val": [short] * 2})
+    code, train, test = run_data(tmp_path, {"source": "alpaca_farm", "hub_name": str(hub), "hub_config":
+                                            "alpaca_instructions", "max_tokens": 12, "num_train": None, "num_test": 2},
+                                 {"name": str(tmp_path / "policy")})
     assert code == 0 and len(train) + len(test) == 10 and len(test) == 2  # 11 rows merged, 1 over 12 tokens
     prompts = {r["prompt"] for r in train + test}
     assert prompts == {"name a car", "summarize\n\nalice lost the car"}
+
+
+def test_alpaca_farm_script_repository_loads_where_datasets_refuses_it(tmp_path, tiny_lm):
+    """tatsu-lab/alpaca_farm ships a loading script, which datasets >= 4 refuses ("Dataset scripts are no longer
+    supported") for a hub id and a local copy alike: its JSON files are read instead, from the folder or from the
+    repository's snapshot in the hub cache (huggingface_hub.snapshot_download, only that config's files)."""
+    import datasets
+
+    from rlhf.data import hub
+    from rlhf.errors import DataError
+    from rlhf.rehearsal.hub_fixtures import write_hub_dataset
+    folder = write_hub_dataset("alpaca_farm", tmp_path / "alpaca_farm", 8)
+    with pytest.raises(RuntimeError, match="Dataset scripts are no longer supported"):
+        datasets.load_dataset(str(folder), "alpaca_instructions")
+    with pytest.raises(DataError, match="is a script-based dataset repository"):
+        hub.load(str(folder), "alpaca_instructions")
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs))
+        return str(folder)
+    import huggingface_hub
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    try:
+        splits = hub.alpaca_splits("tatsu-lab/alpaca_farm", "alpaca_instructions")
+    finally:
+        monkeypatch.undo()
+    assert asked == [("tatsu-lab/alpaca_farm", {"repo_type": "dataset", "allow_patterns": ["alpaca_instructions/*.json"]})]
+    assert sorted(splits) == ["preference", "sft", "unlabeled", "val"] and all(len(v) == 8 for v in splits.values())
+    assert set(splits["sft"][0]) == {"instruction", "input", "output"}
+
+
+@pytest.mark.parametrize("kind", ["tldr", "alpaca_farm", "gsm8k", "math"])
+def test_every_paper_dataset_in_its_real_layout_through_the_data_stage(tmp_path, kind):
+    """The data stage of the paper configs' sources on folders in the real repositories' layouts (README configs,
+    parquet per split and config, AlpacaFarm's script + JSON), with a tokenizer of the policy's class."""
+    from rlhf.rehearsal.hub_fixtures import write_hub_dataset
+    from rlhf.rehearsal.standins import build_tokenizer
+    from rlhf.config import load_config
+    folder = write_hub_dataset(kind, tmp_path / kind, 12)
+    paper = {"tldr": "gr-tldr-pythia-1b", "alpaca_farm": "gr-alpaca-qwen2.5-0.5b", "gsm8k": "gr-gsm8k-rule-qwen2.5-0.5b",
+             "math": "gr-math-qwen2.5-1.5b"}[kind]
+    cfg = load_config(REPO / "config" / "paper" / f"{paper}.yaml")
+    family = {"tldr": "pythia", "alpaca_farm": "qwen"}.get(kind, "qwen-instruct")
+    (tmp_path / "tok").mkdir()
+    build_tokenizer(family, ["a few words to learn merges from, TL;DR: <answer> 12"] * 20, tmp_path / "tok")
+    data = {**cfg["data"], "hub_name": str(folder), **({"num_test": 6} if cfg["data"]["num_test"] else {})}
+    extra = {"rlvr": cfg["rlvr"], "methods": {"noreg": {}}} if "rlvr" in cfg else {}
+    code, train, test = run_data(tmp_path, data, {"name": str(tmp_path / "tok"), "pad_token": "<|padding|>"}, **extra)
+    assert code == 0 and train and test
+    assert all(r["prompt"].strip() and r["reference"].strip() for r in train + test)
+    if kind == "math":
+        assert {"level", "type", "solution"} <= set(test[0])
 
 
 def test_alpaca_farm_needs_the_policy_tokenizer(tmp_path, capsys):

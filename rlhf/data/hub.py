@@ -1,11 +1,16 @@
 """Hub datasets mapped to the common schema (prompt, reference).
 
-Everything goes through `datasets.load_dataset(name, config)`, so a hub id (on a user's machine) and a local
-folder in the hub's layout (what the tests build) take the same code path.
+Parquet repositories (TL;DR, GSM8K, MATH) go through `datasets.load_dataset(name, config)`, so a hub id (on a user's
+machine) and a local folder in the hub's layout (what the tests and the rehearsal build) take the same code path.
+AlpacaFarm is a script repository (`alpaca_farm.py` beside `alpaca_instructions/*.json`), which `datasets` >= 4
+refuses to load; its JSON files are read directly, from the local folder or from the repository's snapshot in the
+hub cache (`huggingface_hub.snapshot_download`, which also serves them offline once downloaded).
 """
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 from rlhf.errors import DataError
 
@@ -25,6 +30,25 @@ def load(name: str, config: str | None = None, split: str | None = None):
         raise
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"cannot load dataset {name!r}: {e}") from None
+    except RuntimeError as e:
+        if "scripts are no longer supported" in str(e):
+            raise DataError(f"{name} is a script-based dataset repository, which datasets >= 4 cannot load ({e}); "
+                            "point data.hub_name at a copy in parquet or JSON, or use a data.source that reads its "
+                            "files (alpaca_farm does)") from None
+        raise
+
+
+def repository_files(name: str, patterns: list[str]) -> Path:
+    """The folder holding a dataset repository's files: `name` itself when it is a local folder, else the snapshot of
+    the hub repository (only the files matching `patterns`) in the hub cache, downloaded once."""
+    if Path(name).exists():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", allow_patterns=patterns))
+    except Exception as e:  # offline without a cached copy, no such repository, no network: all one message
+        raise DataError(f"cannot fetch dataset repository {name!r} ({type(e).__name__}: {e}); "
+                        "run `python -m rlhf download --config ...` where the hub is reachable") from None
 
 
 def tldr_rows(name: str, split: str) -> list[dict]:
@@ -41,16 +65,35 @@ def tldr_rows(name: str, split: str) -> list[dict]:
                     f"{sorted(TLDR_COLUMNS[1])}, found {sorted(columns)}")
 
 
+ALPACA_CONFIG = "alpaca_instructions"
+
+
+def alpaca_splits(name: str, config: str | None) -> dict[str, list[dict]]:
+    """The JSON files of one AlpacaFarm config (`<config>/<split>.json`: sft, preference, unlabeled, val), by split."""
+    config = config or ALPACA_CONFIG
+    folder = repository_files(name, [f"{config}/*.json"]) / config
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not files:
+        raise DataError(f"{name}: no {config}/<split>.json files (the layout of tatsu-lab/alpaca_farm: "
+                        f"{config}/sft.json, preference.json, unlabeled.json, val.json)")
+    out = {}
+    for path in files:
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a JSON list of rows ({e})") from None
+    return out
+
+
 def alpaca_rows(name: str, config: str | None, tokenizer, max_tokens: int, seed: int, num_test: int):
     """`tatsu-lab/alpaca_farm` `alpaca_instructions`: all splits merged, prompt + response <= max_tokens tokens
     of the policy's tokenizer, then a seeded split into train and the last `num_test` rows as test."""
-    splits = load(name, config)
     rows = []
-    for split_name, ds in splits.items():
-        missing = ALPACA_COLUMNS - set(ds.column_names)
+    for split_name, split in alpaca_splits(name, config).items():
+        missing = ALPACA_COLUMNS - set(split[0] if split and isinstance(split[0], dict) else {})
         if missing:
             raise DataError(f"{name} split {split_name!r}: missing column(s) {', '.join(sorted(missing))}")
-        for r in ds:
+        for r in split:
             prompt = r["instruction"] if not r["input"] else f"{r['instruction']}\n\n{r['input']}"
             rows.append({"prompt": prompt, "reference": r["output"].strip()})
     kept = [r for r in rows if len(tokenizer(r["prompt"])["input_ids"]) + len(tokenizer(r["reference"])["input_ids"]) <= max_tokens]
