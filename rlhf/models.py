@@ -21,10 +21,40 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 _VERBATIM_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
+def granted_gpus() -> str | None:
+    """What says this process was given GPUs (Slurm's or the container's variables, NVIDIA device files), or None."""
+    import glob
+    import os
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible.strip() and visible.strip() not in ("-1", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        if os.environ.get(name, "").strip() not in ("", "0"):
+            return f"{name}={os.environ[name]}"
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    return f"{devices[0]} exists" if devices else None
+
+
+def _cuda_unusable() -> str:
+    return (f"torch {torch.__version__} (built for CUDA {torch.version.cuda or 'none: a CPU build'}) cannot use CUDA "
+            "here (torch.cuda.is_available() is False; a wheel built for a newer CUDA than the driver supports warns "
+            "and falls back like this)")
+
+
 def device_from_config(cfg: dict) -> torch.device:
+    """resources.device: cuda, cuda:N, cpu, or auto (CUDA when usable). auto never falls back to the CPU in a job
+    that was given GPUs: an 8-rank GRPO job would otherwise train for days on gloo with one warning in its log."""
     name = cfg["resources"]["device"]
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        granted = granted_gpus()
+        if granted:
+            raise ConfigError(f"resources.device auto: this job has GPUs ({granted}) but {_cuda_unusable()}: install "
+                              "a torch build the driver supports, or set resources.device: cpu to run on the CPU")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"resources.device {name}: {_cuda_unusable()}; set resources.device: cpu to run on the CPU")
     return torch.device(name)
 
 

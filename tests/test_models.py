@@ -109,3 +109,28 @@ def test_scorer_rejects_nan_rewards(tiny_lm, tmp_path):
         rm.score.weight.fill_(float("nan"))
     with pytest.raises(RewardError, match="non-finite"):
         RewardScorer(rm, tok)(["post : a tldr :"], ["a"])
+
+
+def test_device_auto_never_falls_back_to_the_cpu_in_a_job_with_gpus(monkeypatch):
+    """No usable CUDA (this machine, or torch built for a newer CUDA than the driver): auto is the CPU only where no
+    GPU was given; in a job with GPUs it is a one-line error, and device cuda is one too."""
+    from rlhf.models import device_from_config
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("glob.glob", lambda pattern: [])
+    cfg = lambda device: {"resources": {"device": device}}  # noqa: E731
+    assert device_from_config(cfg("auto")) == torch.device("cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert device_from_config(cfg("auto")) == torch.device("cpu")
+    for name, value in (("CUDA_VISIBLE_DEVICES", "0,1"), ("SLURM_GPUS_ON_NODE", "8")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=f"resources.device auto: this job has GPUs \\({name}={value}\\)"):
+            device_from_config(cfg("auto"))
+        monkeypatch.delenv(name)
+    monkeypatch.setattr("glob.glob", lambda pattern: ["/dev/nvidia0"])
+    with pytest.raises(ConfigError, match="this job has GPUs \\(/dev/nvidia0 exists\\)"):
+        device_from_config(cfg("auto"))
+    with pytest.raises(ConfigError, match="resources.device cuda: torch .* cannot use CUDA here"):
+        device_from_config(cfg("cuda"))
+    assert device_from_config(cfg("cpu")) == torch.device("cpu")
