@@ -20,6 +20,8 @@ from rlhf.registry import (SFT_BASELINE, STAGES, advpo_used, bspo_used, canonica
 
 # This file's folder, also when it runs as a module of workflow/tables.smk (whose folder is workflow.basedir then).
 ROOT = str(workflow.current_basedir)
+# envs/*.post-deploy.sh installs the project from here into each conda environment (--sdm conda)
+os.environ["RLHF_WORKFLOW_ROOT"] = ROOT
 DEFAULT_CONFIG = os.path.join(ROOT, "config", "miniature.yaml")
 
 # Snakemake's `config`: the merge of --configfile and --config (empty: the miniature). Validated by the same code as

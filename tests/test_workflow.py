@@ -209,5 +209,43 @@ def test_conda_environments_agree_with_pyproject():
     for name, torch_pin in (("cpu", "torch==2.13.0"), ("gpu", "torch==2.14.0")):
         env = yaml.safe_load((REPO / "envs" / f"{name}.yaml").read_text())
         pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-        assert torch_pin in pip and transformers in pip and "-e .." in pip, name
+        assert torch_pin in pip and transformers in pip, name
     assert "vllm==0.33.*" in pip
+
+
+def test_conda_environments_deploy_the_way_snakemake_creates_them(tmp_path):
+    """`--sdm conda` (snakemake/deployment/conda.py, 9.x) copies an env file to .snakemake/conda/<hash>.yaml and creates
+    the environment from that copy, then copies <env>.post-deploy.sh beside it and runs it with the environment active
+    from the working directory. So no requirement may be a path (`-e ..` resolved from the copy's folder names
+    .snakemake/, not the workflow), and the post-deploy script must install the workflow from where the Snakefile says
+    it is, whatever the working directory."""
+    import shlex
+
+    import yaml
+    conda = tmp_path / "work" / ".snakemake" / "conda"
+    conda.mkdir(parents=True)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f"#!/bin/sh\necho \"$@\" >> {shlex.quote(str(tmp_path / 'calls'))}\n")
+    (shim / "python").chmod(0o755)
+    for name in ("cpu", "gpu"):
+        env_file = REPO / "envs" / f"{name}.yaml"
+        copy = conda / f"{name}hash.yaml"
+        copy.write_text(env_file.read_text())
+        pip = next(d["pip"] for d in yaml.safe_load(copy.read_text())["dependencies"] if isinstance(d, dict))
+        for requirement in pip:
+            target = requirement.removeprefix("-e").strip()
+            assert not target.startswith((".", "/", "file:")), f"{name}.yaml: {requirement!r} is a path"
+        deploy = env_file.with_suffix("").with_name(f"{name}.post-deploy.sh")  # Snakemake's replace_suffix
+        assert deploy.is_file(), f"no {deploy.name}: the environment would lack the project"
+        copied = conda / f"{name}hash.post-deploy.sh"
+        copied.write_text(deploy.read_text())
+        env = {"PATH": f"{shim}:/usr/bin:/bin", "RLHF_WORKFLOW_ROOT": str(REPO)}
+        done = subprocess.run(["bash", str(copied)], cwd=tmp_path / "work", env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        calls = (tmp_path / "calls").read_text().splitlines()
+        assert calls[-2:] == [f"-m pip install --quiet -e {REPO}", "-c import rlhf.cli"], calls
+        unset = subprocess.run(["bash", str(copied)], cwd=tmp_path / "work", env={"PATH": env["PATH"]},
+                               capture_output=True, text=True)
+        assert unset.returncode != 0 and "RLHF_WORKFLOW_ROOT: is set by the Snakefile" in unset.stderr
+    assert 'os.environ["RLHF_WORKFLOW_ROOT"] = ROOT' in (REPO / "Snakefile").read_text()
