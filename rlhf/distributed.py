@@ -206,6 +206,8 @@ class TorchUpdate(LocalGradients):
 
     bf16 weights get fp32 master copies, which AdamW steps and the model receives rounded: stepping bf16 weights
     directly loses every update below bf16's resolution (2^-8 of the weight; at lr 3e-6 almost all of them).
+    A gradient written whole (GR's g1 + gamma * correction) goes to the master copies' fp32 `.grad`: stored in the
+    bf16 `.grad` it would lose every part of the correction below half a bf16 step of g1 (at gamma 1e-3, most of it).
     fp16 would also need loss scaling: it is refused here and runs under DeepSpeed.
     """
 
@@ -217,6 +219,7 @@ class TorchUpdate(LocalGradients):
             raise ConfigError("model.dtype float16 needs loss scaling: set grpo.backend: deepspeed (or use bfloat16)")
         low = any(p.dtype == torch.bfloat16 for p in self.params)
         self.master = [p.detach().float().clone() for p in self.params] if low else None
+        self.written = False  # the gradient was written to the master copies (not accumulated in the model's .grad)
         self.optimizer = torch.optim.AdamW(self.master or self.params, lr=s.lr, weight_decay=s.weight_decay)
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
@@ -224,13 +227,38 @@ class TorchUpdate(LocalGradients):
         if boundary:
             self._average_over_ranks()
 
+    def _holders(self) -> list[torch.Tensor]:
+        return self.master if self.written else self.params
+
     def _average_over_ranks(self) -> None:
         if self.dist.enabled:
             # One all-reduce per tensor: simple and exact; DeepSpeedUpdate is the bucketed, sharded path.
-            for p in self.model.parameters():
+            for p in self._holders():
                 if p.grad is not None:
                     td.all_reduce(p.grad)
                     p.grad.div_(self.dist.world_size)
+
+    def zero(self) -> None:
+        super().zero()
+        if self.master is not None:
+            for m in self.master:
+                m.grad = None
+        self.written = False
+
+    def read(self, params):
+        if not self.written:
+            return super().read(params)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return [self.master[index[id(p)]].grad.detach().clone() for p in params]
+
+    def write(self, params, grads):
+        if self.master is None:
+            return super().write(params, grads)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for p, g in zip(params, grads):
+            self.master[index[id(p)]].grad = g.detach().float().clone()
+            p.grad = None
+        self.written = True
 
     def mean_over_ranks(self, tensors):
         return self.dist.mean_tensors(tensors)
@@ -244,11 +272,13 @@ class TorchUpdate(LocalGradients):
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).item()
             self.optimizer.step()
             return norm
-        for m, p in zip(self.master, self.params):
-            m.grad = None if p.grad is None else p.grad.float()
+        if not self.written:
+            for m, p in zip(self.master, self.params):
+                m.grad = None if p.grad is None else p.grad.float()
         norm = torch.nn.utils.clip_grad_norm_(self.master, self.max_grad_norm).item()
         self.optimizer.step()
         self._master_to_model()
+        self.written = False
         return norm
 
     @torch.no_grad()
@@ -304,6 +334,10 @@ class DeepSpeedUpdate:
             "gradient_clipping": s.max_grad_norm,
             "zero_optimization": {"stage": s.zero_stage},
             "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
+            # Gradients accumulate and are kept in fp32 beside bf16 weights (DeepSpeed keeps them in the weights'
+            # dtype by default): GR writes g1 + gamma * correction whole, and in bf16 every part of the correction
+            # below half a bf16 step of g1 would round away (at gamma 1e-3, most of it).
+            **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == torch.bfloat16 else {}),
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
         }
         optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -321,12 +355,18 @@ class DeepSpeedUpdate:
         return self.dist.mean_tensors(tensors)
 
     def write_rank_average(self, params, grads):
-        """The engine's own reduction of a backward pass whose gradient is this rank's `grads`: the gradient of
-        sum_p <p, g_p> is g_p, so the engine's partitioned buffers get the rank average, as after any backward."""
+        """The rank average of each rank's `grads`, averaged in fp32 tensor by tensor in place (no further full copy),
+        then written like any full gradient. (Handing them to the engine as the backward of sum <p, g> would take g
+        in the weights' dtype: in bf16 that rounds GR's correction away, as a bf16 gradient buffer does.)"""
+        if self.dist.enabled:
+            for g in grads:
+                td.all_reduce(g)
+                g.div_(self.dist.world_size)
+        # The engine keeps its gradient partitions only between a backward and its step: the backward of a zero
+        # surrogate makes them (zeros, no rounding), then the fp32 values are written into them.
         self.engine.zero_grad()
-        # in the parameters' dtype: autograd keeps g (not an fp32 copy of every weight) until the backward
-        surrogate = sum(torch.sum(p * g.detach().to(p.dtype), dtype=torch.float32) for p, g in zip(params, grads))
-        self.backward(surrogate, boundary=True)
+        self.backward(sum(torch.sum(p * 0.0, dtype=torch.float32) for p in params), boundary=True)
+        self.write(params, grads)
 
     def refresh_master_weights(self) -> None:
         """Copy the bf16/fp16 module weights into the optimizer's fp32 master weights (DeepSpeed's
