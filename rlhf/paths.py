@@ -35,7 +35,7 @@ class Paths:
     @property
     def report(self) -> Path: return self.root / "report"
     @property
-    def judge_cache(self) -> Path: return self.root / "judge_cache.sqlite"  # every paid API answer, shared by stages
+    def judge_cache(self) -> Path: return self.root / "judge_cache"  # every paid API answer: one shard per process
     @property
     def wandb(self) -> Path: return self.root / "wandb"  # offline runs, synced later with `wandb sync`
 

@@ -26,7 +26,8 @@ SFT_BASELINE = "sft"  # the `evaluate` method name of the SFT policy itself: a b
 # (its answers are cached by request content). Passed to every stage, excluded from every rerun trigger.
 SIDE_SETTINGS = ("experiment", "wandb", "resources.threads", *(f"gold.judge.{k}" for k in (
     "cache", "api_key_env", "concurrency", "requests_per_minute", "timeout", "max_attempts", "max_backoff",
-    "budget_usd", "prices", "batch_api", "batch_discount", "batch_max_requests", "batch_poll_seconds")))
+    "budget_usd", "prices", "batch_api", "batch_discount", "batch_max_requests", "batch_max_tokens",
+    "batch_poll_seconds")))
 
 MODEL = ("model.dtype", "model.pad_token", "resources.device")   # how a stage loads the project's models
 GOLD = ("gold", "data.source", "data.miniature", "seed")   # the gold (scores, labels, judge requests)

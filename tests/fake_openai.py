@@ -38,11 +38,13 @@ def longer_wins(instruction: str, a: str, b: str) -> str:
 
 class FakeOpenAI:
     def __init__(self, decide=longer_wins, fault=lambda key, attempt: None, respond=None, retry_after: float = 0.2,
-                 slow_seconds: float = 0.3, timeout_sleep: float = 2.0, delay: float = 0.0, polls_to_complete: int = 2):
+                 slow_seconds: float = 0.3, timeout_sleep: float = 2.0, delay: float = 0.0, polls_to_complete: int = 2,
+                 batch_token_limit: int | None = None):
         self.decide, self.fault, self.retry_after = decide, fault, retry_after
         self.respond = respond  # respond(body) -> content: any other prompt than the pairwise one
         self.slow_seconds, self.timeout_sleep, self.delay = slow_seconds, timeout_sleep, delay
         self.polls_to_complete = polls_to_complete
+        self.batch_token_limit = batch_token_limit  # a batch whose prompts' bytes exceed it fails as a whole
         self.lock = threading.Lock()
         self.attempts: dict[str, list[tuple[float, str | None]]] = defaultdict(list)  # key -> (time, fault)
         self.answered: Counter = Counter()  # key -> 200 answers delivered
@@ -165,8 +167,12 @@ class FakeOpenAI:
             "id": batch_id, "object": "batch", "endpoint": req["endpoint"], "input_file_id": req["input_file_id"],
             "completion_window": req["completion_window"], "status": "validating", "created_at": int(time.time()),
             "metadata": req.get("metadata"), "output_file_id": None, "error_file_id": None,
-            "request_counts": {"total": len(lines), "completed": 0, "failed": 0}, "_polls": 0}
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0}, "_polls": 0,
+            "_tokens": sum(len(m["content"].encode()) for row in lines for m in row["body"]["messages"])}
         self.batches_created += 1
+        if self.batch_token_limit is not None and self.batches[batch_id]["_tokens"] > self.batch_token_limit:
+            self.batches[batch_id].update(status="failed", errors={"object": "list", "data": [
+                {"code": "token_limit_exceeded", "message": "Enqueued token limit reached for gpt-4.1-nano"}]})
         return self._public(batch_id)
 
     def _public(self, batch_id: str) -> dict:
@@ -175,7 +181,7 @@ class FakeOpenAI:
     def _poll_batch(self, batch_id: str) -> dict:
         b = self.batches[batch_id]
         b["_polls"] += 1
-        if b["status"] != "completed" and b["_polls"] >= self.polls_to_complete:
+        if b["status"] not in ("completed", "failed") and b["_polls"] >= self.polls_to_complete:
             out = []
             for line in self.files[b["input_file_id"]].decode().splitlines():
                 row = json.loads(line)

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from rlhf.registry import stage_config
 from rlhf.errors import ConfigError, RewardError
 from rlhf.io import read_json, read_jsonl
 from rlhf.judge import prompt as jp
+from rlhf.judge.cache import Answer, AnswerCache
 from rlhf.judge.client import BudgetExhausted, ChatClient
 from rlhf.rewards.gold import JudgeGold, make_gold
 from tests.conftest import REPO, write_config
@@ -116,8 +116,8 @@ def test_budget_stops_cleanly_before_exceeding_and_resumes(tmp_path):
         cfg["gold"]["judge"]["budget_usd"] = 5.5 * per_request
         with pytest.raises(BudgetExhausted, match="raise the budget and rerun"):
             make_gold(cfg).prefer(prompts, a, b, None)
-        cache = sqlite3.connect(tmp_path / "results" / "micro" / "judge_cache.sqlite")
-        n, spent = cache.execute("SELECT COUNT(*), SUM(cost_usd) FROM answers").fetchone()
+        rows = AnswerCache(tmp_path / "results" / "micro" / "judge_cache").answers()
+        n, spent = len(rows), sum(r["cost_usd"] for r in rows)
         assert 5 <= n < 40 and spent <= cfg["gold"]["judge"]["budget_usd"]
         cfg["gold"]["judge"]["budget_usd"] = 1.0
         prefer = make_gold(cfg).prefer(prompts, a, b, None)
@@ -208,9 +208,8 @@ def test_batch_api_submits_polls_and_resumes_by_id(tmp_path, monkeypatch):
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
         prefer = make_gold(cfg).prefer(prompts, a, b, None)
         assert server.batches_created == 3 and server.duplicates() == {}
-        cache = sqlite3.connect(tmp_path / "results" / "micro" / "judge_cache.sqlite")
-        vias = {v for (v,) in cache.execute("SELECT via FROM answers")}
-        costs = cache.execute("SELECT SUM(cost_usd) FROM answers").fetchone()[0]
+        rows = AnswerCache(tmp_path / "results" / "micro" / "judge_cache").answers()
+        vias, costs = {r["via"] for r in rows}, sum(r["cost_usd"] for r in rows)
     np.testing.assert_array_equal(prefer, expected_prefer(a, b))
     assert len(vias) == 3 and all(v.startswith("batch:") for v in vias)
     client = make_gold(cfg).client
@@ -220,7 +219,6 @@ def test_batch_api_submits_polls_and_resumes_by_id(tmp_path, monkeypatch):
 
 
 def test_batch_whose_id_was_never_recorded_is_found_by_metadata(tmp_path, monkeypatch):
-    from rlhf.judge.cache import AnswerCache
     prompts, a, b = pairs(8)
     with FakeOpenAI(polls_to_complete=1) as server:
         cfg = judge_cfg(tmp_path, server.url, batch_api=True, batch_poll_seconds=0.01)
@@ -236,6 +234,26 @@ def test_batch_whose_id_was_never_recorded_is_found_by_metadata(tmp_path, monkey
         monkeypatch.setattr(AnswerCache, "set_batch", real)
         prefer = make_gold(cfg).prefer(prompts, a, b, None)
         assert server.batches_created == 1 and server.duplicates() == {}
+    np.testing.assert_array_equal(prefer, expected_prefer(a, b))
+
+
+def test_batches_fit_the_token_limit_and_a_failed_batch_is_not_resubmitted_unchanged(tmp_path):
+    """Batches are cut by prompt tokens (batch_max_tokens) as well as by requests; a batch the API fails as a whole
+    (here: over the enqueued-token limit) is not sent again as it was: the rerun says why and what to change."""
+    prompts, a, b = pairs(12)
+    with FakeOpenAI(polls_to_complete=1, batch_token_limit=2000) as server:
+        cfg = judge_cfg(tmp_path, server.url, batch_api=True, batch_poll_seconds=0.01)
+        with pytest.raises(RewardError, match="12 of 12 requests have no answer"):
+            make_gold(cfg).prefer(prompts, a, b, None)
+        assert server.batches_created == 1
+        with pytest.raises(RewardError, match=r"failed \(Enqueued token limit reached for gpt-4.1-nano\); "
+                                              "resubmitted unchanged it would fail again: lower gold.judge.batch_max_"):
+            make_gold(cfg).prefer(prompts, a, b, None)
+        assert server.batches_created == 1
+        cfg["gold"]["judge"]["batch_max_tokens"] = 2000
+        prefer = make_gold(cfg).prefer(prompts, a, b, None)
+        sizes = [v["_tokens"] for v in server.batches.values() if v["status"] == "completed"]
+        assert len(sizes) == server.batches_created - 1 > 1 and max(sizes) <= 2000
     np.testing.assert_array_equal(prefer, expected_prefer(a, b))
 
 
@@ -268,23 +286,20 @@ def run_stage(stage, config, *extra, **popen):
 def test_label_stage_killed_and_resumed_labels_every_pair_once(tmp_path, micro_run):
     with FakeOpenAI(decide=true_reward_judge(), delay=0.05, fault=bucket_fault, timeout_sleep=2.5) as server:
         config = openai_micro(tmp_path, micro_run, server.url)
-        cache = tmp_path / "results" / "micro" / "judge_cache.sqlite"
+        cache = tmp_path / "results" / "micro" / "judge_cache"
         samples = read_jsonl(tmp_path / "results" / "micro" / "pairs" / "samples.jsonl")
         proc = run_stage("label", config)
         deadline = time.monotonic() + 60
         answered_before_kill = 0
         while time.monotonic() < deadline:  # SIGKILL once about a third of the pairs are answered
             if cache.exists():
-                try:
-                    answered_before_kill = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-                except sqlite3.OperationalError:
-                    pass
+                answered_before_kill = len(AnswerCache(cache).answers())
             if answered_before_kill >= len(samples) // 3:
                 break
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        persisted = {k for (k,) in sqlite3.connect(cache).execute("SELECT key FROM answers")}
+        persisted = {r["answer"] for r in AnswerCache(cache).answers()}
         assert 0 < len(persisted) < len(samples)
         assert not (tmp_path / "results" / "micro" / "pairs" / "labels.jsonl").exists()  # nothing half-written
         out, _ = run_stage("label", config).communicate(timeout=120)
@@ -315,6 +330,19 @@ def test_evaluate_stage_with_openai_judge(tmp_path, micro_run):
     rows = read_jsonl(tmp_path / "results" / "micro" / "eval" / "sft" / "seed0" / "completions.jsonl")
     assert all(r["outcome"] in (0.0, 0.5, 1.0) for r in rows)
     assert not any(KEY in json.dumps(r) for r in rows)
+
+
+@pytest.mark.slow
+def test_grpo_asks_the_judge_online_even_with_the_batch_api_on(tmp_path, micro_run):
+    """GRPO's periodic evaluations run on rank 0 while the other ranks wait: never a Batch API wait of hours."""
+    with FakeOpenAI(decide=true_reward_judge()) as server:
+        config = openai_micro(tmp_path, micro_run, server.url, batch_api=True, batch_poll_seconds=0.01)
+        out, _ = run_stage("grpo", config, "--method", "noreg", "--seed", "0", "grpo.steps=2",
+                           "grpo.eval_every=2").communicate(timeout=300)
+        assert "this stage asks the judge online" in out and "grpo: noreg seed 0: 2 steps" in out, out
+        assert server.batches_created == 0 and sum(server.answered.values()) > 0
+    curve = read_jsonl(tmp_path / "results" / "micro" / "grpo" / "noreg" / "seed0" / "metrics.jsonl")
+    assert [r["step"] for r in curve if "eval/win_rate" in r] == [0, 2]
 
 
 def test_judge_cost_counts_requests_from_the_config(tmp_path, capsys):
@@ -354,24 +382,66 @@ def test_judge_cost_takes_each_methods_own_eval_settings(tmp_path):
     assert per_request(bigger) > per_request(same)             # kl's completions are longer
 
 
-def test_opening_the_cache_waits_out_another_jobs_lock(tmp_path, monkeypatch):
-    """Two GRPO jobs opened one judge cache at the same moment and one failed with "database is locked" (met while
-    opening, where SQLite's busy timeout does not apply): opening retries that error, and still refuses a file that
-    is not sqlite."""
+def test_an_earlier_releases_sqlite_cache_is_read_and_a_bad_one_refused(tmp_path):
+    """Answers paid for under the previous cache format (one sqlite file) are found, counted and never asked again."""
     import sqlite3
 
-    import rlhf.judge.cache as cache
-    real, calls = sqlite3.connect, []
-
-    def locked_twice(*args, **kwargs):
-        calls.append(1)
-        if len(calls) <= 2:
-            raise sqlite3.OperationalError("database is locked")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(cache.sqlite3, "connect", locked_twice)
-    answers = cache.AnswerCache(tmp_path / "judge_cache.sqlite")
-    assert len(calls) == 3 and answers.get_many(["k"]) == {}
-    monkeypatch.setattr(cache.sqlite3, "connect", real)
+    db = sqlite3.connect(tmp_path / "judge_cache.sqlite")
+    db.execute("CREATE TABLE answers (key TEXT PRIMARY KEY, model TEXT, request TEXT, content TEXT, prompt_tokens "
+               "INTEGER, completion_tokens INTEGER, cost_usd REAL, via TEXT, created REAL)")
+    db.execute("INSERT INTO answers VALUES ('k', 'm', '{}', 'Output (a)', 10, 2, 0.25, 'online', 0)")
+    db.commit()
+    db.close()
+    cache = AnswerCache(tmp_path / "judge_cache")
+    assert cache.get_many(["k", "other"]) == {"k": Answer("Output (a)", 10, 2, 0.25)} and cache.spent() == 0.25
+    assert not list((tmp_path / "judge_cache").iterdir())  # nothing written by reading
     (tmp_path / "bad.sqlite").write_text("not a database, just text " * 100)
     with pytest.raises(ConfigError, match="not a usable sqlite file"):
-        cache.AnswerCache(tmp_path / "bad.sqlite")
+        AnswerCache(tmp_path / "bad")
+
+
+WRITER = """
+import json, sys
+from rlhf.judge.client import ChatClient
+cfg = json.loads(sys.argv[1])
+client = ChatClient(cfg, sys.argv[2])
+out = client.answers([client.request([{"role": "user", "content": f"question {i}"}]) for i in range(40)])
+print(json.dumps(out))
+"""
+
+
+def test_two_jobs_on_one_cache_folder_share_no_file_and_lose_no_answer(tmp_path):
+    """Two processes (two jobs of one experiment, on one network filesystem) ask the same 40 questions at once through
+    one cache folder: each appends only to its own shard, no SQLite file is written, and every answer either paid for
+    is kept and counted; a third process gets all 40 from the cache without a request."""
+    with FakeOpenAI(respond=lambda body: "Output (a)", delay=0.01) as server:
+        jcfg = judge_cfg(tmp_path, server.url, concurrency=4)["gold"]["judge"]
+        folder = tmp_path / "shared" / "judge_cache"
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+        jobs = [subprocess.Popen([sys.executable, "-c", WRITER, json.dumps(jcfg), str(folder)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [job.communicate(timeout=120) for job in jobs]
+        assert all(job.returncode == 0 for job in jobs), [err[-2000:] for _, err in outs]
+        assert all(json.loads(out) == ["Output (a)"] * 40 for out, _ in outs)
+        shards = sorted(folder.iterdir())
+        assert [p.suffix for p in shards] == [".jsonl", ".jsonl"] and not list(tmp_path.rglob("*.sqlite*"))
+        assert {p.name.split("-")[1] for p in shards} == {str(job.pid) for job in jobs}  # one writer per file
+        rows = AnswerCache(folder).answers()
+        sent = sum(server.answered.values())
+        assert len(rows) == sent >= 40 and {r["answer"] for r in rows} == set(server.answered)  # all paid, all kept
+        assert AnswerCache(folder).spent() == pytest.approx(sum(r["cost_usd"] for r in rows))
+        client = ChatClient(jcfg, folder)
+        assert client.answers([client.request([{"role": "user", "content": f"question {i}"}]) for i in range(40)]) \
+            == ["Output (a)"] * 40
+        assert sum(server.answered.values()) == sent  # the third process sent nothing
+
+
+def test_a_line_cut_by_a_kill_is_ignored_and_asked_again(tmp_path):
+    cache = AnswerCache(tmp_path / "c")
+    cache.put("k1", {"model": "m"}, Answer("x", 1, 1, 0.5))
+    cache.close()
+    shard = next((tmp_path / "c").iterdir())
+    with open(shard, "ab") as f:
+        f.write(b'{"answer": "k2", "model": "m", "content": "y", "cost')  # the process died mid-write
+    fresh = AnswerCache(tmp_path / "c")
+    assert set(fresh.get_many(["k1", "k2"])) == {"k1"} and fresh.spent() == 0.5

@@ -275,12 +275,17 @@ class ChatClient:
         done = self.cache.get_many(todo)
         todo = {k: r for k, r in todo.items() if k not in done}
         budget = Budget(self.cfg["budget_usd"], self.cache.spent())
-        items, size = list(todo.items()), self.cfg["batch_max_requests"]
-        for start in range(0, len(items), size):
-            chunk = items[start:start + size]
+        failed, submitted = self.cache.failed_batches(), 0
+        for chunk in self._batch_chunks(list(todo.items())):
+            if frozenset(k for k, _ in chunk) in failed:  # the same batch again would fail the same way
+                batch_id, reason = failed[frozenset(k for k, _ in chunk)]
+                raise RewardError(f"judge: batch {batch_id} of these {len(chunk)} requests failed ({reason}); "
+                                  "resubmitted unchanged it would fail again: lower gold.judge.batch_max_tokens or "
+                                  "batch_max_requests (or set batch_api: false), then rerun")
             reserved = sum(self.worst_case_cost(r, batch=True) for _, r in chunk)
             if not budget.reserve(reserved):
-                raise self._budget_stop(budget, start, len(items))
+                raise self._budget_stop(budget, submitted, len(todo))
+            submitted += len(chunk)
             submission = uuid.uuid4().hex
             self.cache.add_submission(submission, [k for k, _ in chunk], reserved)
             lines = "\n".join(json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions", "body": r})
@@ -294,6 +299,20 @@ class ChatClient:
             self.echo(f"judge: submitted batch {batch.id} ({len(chunk)} requests); a rerun resumes it by id")
         for submission, batch_id, _ in self.cache.open_batches():
             self._collect(submission, batch_id, desc)
+
+    def _batch_chunks(self, items: list[tuple[str, dict]]):
+        """Consecutive batches of at most batch_max_requests requests and batch_max_tokens prompt tokens (bounded by
+        the prompts' UTF-8 bytes): the API refuses a batch above the organization's enqueued-token limit."""
+        chunk, tokens = [], 0
+        for key, request in items:
+            size = sum(len(m["content"].encode()) + MESSAGE_OVERHEAD_TOKENS for m in request["messages"])
+            if chunk and (len(chunk) == self.cfg["batch_max_requests"] or tokens + size > self.cfg["batch_max_tokens"]):
+                yield chunk
+                chunk, tokens = [], 0
+            chunk.append((key, request))
+            tokens += size
+        if chunk:
+            yield chunk
 
     def _find_batch(self, submission: str) -> str | None:
         for batch in self._call(self.client.batches.list, limit=100):
@@ -336,8 +355,11 @@ class ChatClient:
                     except MalformedResponse:
                         continue
                     self.cache.put(key, requests[key], answer, via=f"batch:{batch_id}")
-        self.cache.set_batch(submission, batch_id, "collected" if batch.status == "completed" else "failed")
-        self.echo(f"judge: batch {batch_id} {batch.status}")
+        errors = getattr(getattr(batch, "errors", None), "data", None) or []
+        reason = "; ".join(str(getattr(e, "message", e)) for e in errors) or (
+            batch.status if batch.status != "completed" and not batch.output_file_id else None)
+        self.cache.set_batch(submission, batch_id, "collected" if batch.status == "completed" else "failed", reason)
+        self.echo(f"judge: batch {batch_id} {batch.status}" + (f": {reason}" if reason else ""))
 
     def _batch_requests(self, input_file_id: str) -> list[dict]:
         text = self._call(self.client.files.content, input_file_id).text

@@ -32,6 +32,11 @@ from rlhf.trainer import (close_sampler, fingerprint, load_checkpoint, load_run,
 
 def run(cfg, files, args):
     method, seed = args.method, args.seed
+    if cfg.get("gold", {}).get("judge", {}).get("batch_api"):
+        # Rank 0 asks the judge while every other rank waits at a barrier: a batch taking hours would outlive the
+        # process group's timeout. The label and evaluate stages keep the Batch API.
+        print("grpo: gold.judge.batch_api applies to label and evaluate; this stage asks the judge online")
+        cfg = {**cfg, "gold": {**cfg["gold"], "judge": {**cfg["gold"]["judge"], "batch_api": False}}}
     settings = GRPOSettings.of(cfg)  # the view holds the method's resolved settings (rlhf/registry.py)
     inputs, outputs, work = files.inputs, files.outputs, files.work["work"]
     dist = Dist.from_env(setup(cfg, args, seed=seed))
