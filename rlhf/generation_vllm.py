@@ -55,6 +55,10 @@ class VLLMSampler:
         self.llm = LLM(
             model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
             enable_sleep_mode=self.sleep_between_steps, enforce_eager=enforce_eager, **memory,
+            # vLLM's defaults, not the model's generation_config.json: an instruct model's lists further end tokens
+            # (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>) and vLLM would stop on those and drop them, leaving a
+            # completion without its end; HF generate (the other path) stops on the tokenizer's EOS only
+            generation_config="vllm",
             # Under torchrun each rank runs its own engine inside its process, on its own GPU.
             distributed_executor_backend="external_launcher" if distributed else None,
         )
@@ -106,7 +110,11 @@ class VLLMSampler:
                 ids = list(c.token_ids)
                 lps = [step[t].logprob for t, step in zip(ids, c.logprobs or [])]
                 lps += [float("nan")] * (len(ids) - len(lps))
-                if c.finish_reason == "stop" and c.stop_reason is None and (not ids or ids[-1] != eos):
+                if c.finish_reason == "stop" and c.stop_reason not in (None, eos):
+                    raise RuntimeError(f"vLLM stopped on {c.stop_reason!r}, not the tokenizer's EOS {eos}: a stop "
+                                       "criterion this sampler never set (it would leave the completion without "
+                                       "its end)")
+                if c.finish_reason == "stop" and (not ids or ids[-1] != eos):
                     ids.append(eos)  # stopped by EOS: keep the EOS decision in the completion, as generate() does
                     lps.append(float("nan"))  # vLLM did not report it
                 ids, lps = ids[:max_new_tokens], lps[:max_new_tokens]

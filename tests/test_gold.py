@@ -6,7 +6,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf.config import load_config
 from rlhf.errors import RewardError
-from rlhf.rewards.gold import ProgrammaticGold, RewardModelGold, make_gold
+from rlhf.rewards.gold import ProgrammaticGold, RewardModelGold, make_gold, reward_model_text
 from tests.conftest import write_config
 
 PROMPT = "post : grace stole the chair . oscar sold the lamp . tldr :"
@@ -87,10 +87,29 @@ def test_reward_model_gold_chat_template_bf16_and_device_map(tmp_path, tiny_gold
     tok.save_pretrained(tiny_gold_rm)
     cfg = _cfg(tmp_path, type="reward_model", name=str(tiny_gold_rm), device_map="auto")
     fp32 = make_gold(cfg)
-    assert fp32._format(PROMPT, "oscar") == f"user : {PROMPT} assistant : oscar "
+    assert reward_model_text(fp32.tokenizer, PROMPT, "oscar") == f"user : {PROMPT} assistant : oscar "
     with_template = fp32.score([PROMPT] * 4, completions)
     assert not np.allclose(with_template, without)  # the template changed the model's input
     cfg["model"]["dtype"] = "bfloat16"
     bf16 = make_gold(cfg)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     np.testing.assert_allclose(bf16.score([PROMPT] * 4, completions), with_template, atol=0.1)
+
+
+def test_device_map_auto_spreads_the_gold_only_in_a_one_process_job(tmp_path, tiny_gold_rm, monkeypatch):
+    """device_map auto shards the gold over the visible GPUs in label/evaluate (one process); in a data-parallel job
+    (rank 0's evaluations inside GRPO, WORLD_SIZE > 1) every GPU belongs to a rank, so the gold loads on the rank's
+    own device instead."""
+    import rlhf.models
+    seen, real = [], rlhf.models.load_reward_model
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["device_map"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rlhf.models, "load_reward_model", spy)
+    cfg = _cfg(tmp_path, type="reward_model", name=str(tiny_gold_rm), device_map="auto")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    make_gold(cfg, torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    gold = make_gold(cfg, torch.device("cpu"))
+    assert seen == ["auto", None] and gold.device == torch.device("cpu")

@@ -247,14 +247,19 @@ def test_eos_left_out_by_vllm_is_kept_and_the_engine_sleeps_through_the_update_o
     assert llm.kwargs["gpu_memory_utilization"] == 0.3 and llm.kwargs["enable_sleep_mode"]
     assert not llm.kwargs["enforce_eager"]  # compiled with CUDA graphs on a GPU (eager by default on CPU)
     eos, word = tok.eos_token_id, tok.convert_tokens_to_ids("the")
+    assert llm.kwargs["generation_config"] == "vllm"  # not the model's extra end tokens: stops on EOS only
     llm.script = [[([word, eos], "stop"), ([word, word, word], "length")],
-                  [([word], "stop"), ([word, word, eos], "stop")]]  # vLLM may or may not report the EOS token
+                  [([word], "stop", eos), ([word, word, eos], "stop")]]  # vLLM may or may not report the EOS token
     sampler.load_weights(model)
     rollout = sampler(PROMPTS, 2, 3, 0.7)
     sampler.load_weights(model)
     assert rollout.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]]
     assert rollout.completion_ids[2].tolist()[:2] == [word, eos]  # EOS appended where vLLM left it out
     assert rollout.texts == ["the", "the the the", "the", "the the"]
+    llm.script = [[([word], "stop", tok.convert_tokens_to_ids("the"))]] * 2  # a stop token it never asked for
+    with pytest.raises(RuntimeError, match="not the tokenizer's EOS"):
+        sampler(PROMPTS, 1, 3, 0.7)
+    llm.calls = llm.calls[:-2]  # the failed call: generate, sleep
     assert [c[0] for c in llm.calls] == ["collective_rpc", "reset_prefix_cache", "generate", "sleep", "wake_up",
                                          "collective_rpc", "reset_prefix_cache"]
     pushed = llm.calls[0][2]

@@ -10,6 +10,7 @@ Pairwise outcomes may be NaN: the judge's answer could not be parsed. Callers co
 """
 from __future__ import annotations
 
+import os
 import warnings
 from abc import ABC, abstractmethod
 
@@ -92,6 +93,15 @@ class ProgrammaticGold(ScoreGold):
         return [self._true_reward(p, c, self.spec) for p, c in zip(prompts, completions)]
 
 
+def reward_model_text(tokenizer, prompt: str, completion: str) -> str:
+    """What a gold RM scores: the conversation through its chat template when it has one (special tokens in the
+    text: it is encoded with add_special_tokens=False), else prompt, completion and EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False)
+    return f"{prompt} {completion.strip()}{tokenizer.eos_token}"
+
+
 class RewardModelGold(ScoreGold):
     """A large sequence-classification RM; conversations through its chat template when it has one."""
 
@@ -100,21 +110,18 @@ class RewardModelGold(ScoreGold):
         from rlhf.models import load_reward_model, load_tokenizer
         g = cfg["gold"]
         self.tokenizer = load_tokenizer(g["name"], pad_token=cfg["model"]["pad_token"])
-        # An 8B RM in bf16 is 16 GB: device_map 'auto' spreads its layers over every visible GPU.
+        # An 8B RM in bf16 is 16 GB: device_map 'auto' spreads its layers over every visible GPU, which is right for
+        # a one-process job (label, evaluate) and wrong inside a data-parallel job (rank 0's periodic evaluations in
+        # GRPO): there every GPU of the node is another rank's, so the gold stays on this rank's own device.
+        device_map = g["device_map"] if int(os.environ.get("WORLD_SIZE", "1")) == 1 else None
         self.model = load_reward_model(g["name"], self.tokenizer, dtype=cfg["model"]["dtype"], device=device,
-                                       device_map=g["device_map"]).eval()
-        self.device = self.model.device if g["device_map"] else device
+                                       device_map=device_map).eval()
+        self.device = self.model.device if device_map else device
         self.batch_size, self.max_length = g["batch_size"], g["max_length"]
-
-    def _format(self, prompt: str, completion: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False)
-        return f"{prompt} {completion.strip()}{self.tokenizer.eos_token}"
 
     @torch.no_grad()
     def _score(self, prompts, completions):
-        texts = [self._format(p, c) for p, c in zip(prompts, completions)]
+        texts = [reward_model_text(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         # Sorting by length keeps padding (wasted compute) small in each batch.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores = np.empty(len(texts))
