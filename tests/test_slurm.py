@@ -1,4 +1,4 @@
-"""The pipeline on a real two-node Slurm 22.05 cluster started by the tests (tests/slurm_cluster.py: two network
+"""The pipeline on a real two-node Slurm 22.05 cluster started by the tests (rlhf/rehearsal/cluster.py: two network
 namespaces joined by a veth pair, a private config and munge; nothing written outside the test's folder).
 
 The micro DAG runs through `snakemake --profile profiles/slurm` with sft, rm and grpo on 2 nodes x 1 rank
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, jobs, snakemake, write_config
-from tests.slurm_cluster import SlurmCluster, why_unavailable
+from rlhf.rehearsal.cluster import SlurmCluster, why_unavailable
 from tests.test_distributed import deepspeed_available
 from tests.test_robustness import _assert_same_run, _finished_run
 

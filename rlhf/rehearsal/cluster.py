@@ -1,4 +1,4 @@
-"""A private Slurm 22.05 cluster of one or more "nodes" on this machine, for the tests.
+"""A private Slurm 22.05 cluster of one or more "nodes" on this machine, for the tests and the paper rehearsal.
 
 Each node is a holder process in its own network, UTS and mount namespaces (`unshare`): its own hostname, its own
 /etc/hosts and /etc/slurm (bind mounts of the cluster folder's `hosts` and `etc/`, private to the node's mount
