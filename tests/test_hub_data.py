@@ -138,3 +138,16 @@ def test_alpaca_farm_needs_the_policy_tokenizer(tmp_path, capsys):
     cfg = write_config(tmp_path, data={"source": "alpaca_farm", "hub_name": "x"}, model={"build": {}})
     assert main(["data", "--config", str(cfg)]) == 2
     assert "needs model.name" in capsys.readouterr().err
+
+
+def test_a_local_folder_edited_in_place_is_read_afresh(tmp_path):
+    """datasets caches a local folder by its name, not its contents: rewritten in place (or another folder of the same
+    name), the loader must still see what is there now."""
+    import shutil
+
+    from rlhf.data.hub import tldr_rows
+    from rlhf.rehearsal.hub_fixtures import write_hub_dataset
+    for rows in (5, 9):
+        shutil.rmtree(tmp_path / "tldr", ignore_errors=True)
+        write_hub_dataset("tldr", tmp_path / "tldr", rows)
+        assert len(tldr_rows(str(tmp_path / "tldr"), "train")) == rows

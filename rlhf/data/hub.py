@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from pathlib import Path
 
 from rlhf.errors import DataError
@@ -21,8 +22,15 @@ ALPACA_COLUMNS = {"instruction", "input", "output"}
 
 
 def load(name: str, config: str | None = None, split: str | None = None):
+    """datasets.load_dataset of a hub id or a local folder. A local folder is read afresh every time: datasets 5.2
+    keys its cache of a local folder by the folder's name and data-file patterns, not by the files' contents, so an
+    edited (or another) folder of the same name came back as the rows cached from the first one."""
     import datasets
+    local = Path(name).exists()
     try:
+        if local:
+            with tempfile.TemporaryDirectory(prefix="rlhf-datasets-") as cache:
+                return datasets.load_dataset(name, config, split=split, cache_dir=cache, keep_in_memory=True)
         return datasets.load_dataset(name, config, split=split)
     except ValueError as e:
         if "Unknown split" in str(e):
