@@ -88,7 +88,7 @@ def test_judge_reward_through_the_client_caches_and_counts_unparseable(tmp_path,
     with FakeOpenAI(respond=respond) as server:
         cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
             "base_url": server.url, "timeout": 5.0, "requests_per_minute": 6000}}))
-        reward = JudgeReward(ChatClient(cfg["gold"]["judge"], tmp_path / "rlvr_judge.sqlite", echo=lambda *a: None),
+        reward = JudgeReward(ChatClient(cfg["gold"]["judge"], tmp_path / "rlvr_judge", echo=lambda *a: None),
                              JudgeRewardSettings())
         terms, unparseable = reward(["What is 2+2?"] * 4, completions, ["#### 4"] * 4)
         sent = sum(len(v) for v in server.attempts.values())

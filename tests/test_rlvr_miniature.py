@@ -63,7 +63,7 @@ def test_standin_judge_over_http_rewards_right_answers_and_is_fooled_by_a_confid
         cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
             "base_url": server.url, "model": "standin-judge", "timeout": 5.0, "requests_per_minute": 6000,
             "prices": {"standin-judge": {"input": 0, "output": 0}}}}))
-        client = ChatClient(cfg["gold"]["judge"], tmp_path / "judge.sqlite", echo=lambda *a: None)
+        client = ChatClient(cfg["gold"]["judge"], tmp_path / "judge_cache", echo=lambda *a: None)
         for fmt in ("xml", "lines"):
             terms, unparseable = JudgeReward(client, JudgeRewardSettings(reply_format=fmt))(
                 [question] * 4, answers, [solution] * 4)
@@ -117,7 +117,7 @@ def test_verifiable_reward_sums_named_terms_by_rule_or_judge_and_evaluation_chec
         cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
             "base_url": server.url, "model": "standin-judge", "timeout": 5.0,
             "prices": {"standin-judge": {"input": 0, "output": 0}}}}))
-        client = ChatClient(cfg["gold"]["judge"], tmp_path / "judge.sqlite", echo=lambda *a: None)
+        client = ChatClient(cfg["gold"]["judge"], tmp_path / "judge_cache", echo=lambda *a: None)
         judged = VerifiableReward.from_rows("gsm8k", rows, judge=JudgeReward(client, JudgeRewardSettings()))(
             ["P1"] * 4, texts + ["no format"])
     assert judged.rewards.tolist() == [5.0, 3.0, 4.5, 0.0] and judged.unparseable == 1  # the hedge: judge 2.0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -368,8 +367,8 @@ def test_judge_client_against_vllm_serve_parses_caches_and_resumes(vllm_server, 
     assert set(prefer.tolist()) <= {0.0, 1.0}  # every real reply parsed to (a) or (b)
     np.testing.assert_array_equal(make_gold(cfg).prefer(prompts, a, b, None), prefer)
     assert _requests_served(vllm_server) - before == 12  # a rerun: all from the cache
-    cache = sqlite3.connect(tmp_path / "results" / "micro" / "judge_cache.sqlite")
-    replies = [content for (content,) in cache.execute("SELECT content FROM answers")]
+    from rlhf.judge.cache import AnswerCache
+    replies = [r["content"] for r in AnswerCache(tmp_path / "results" / "micro" / "judge_cache").answers()]
     assert len(replies) == 12 and all(jp.parse(r) in ("a", "b") for r in replies), replies
 
 
@@ -403,7 +402,7 @@ def test_rlvr_judge_reward_against_vllm_serve_counts_real_unparseable_replies(vl
     from rlhf.rewards.rules import gsm8k_reward_terms
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     client_cfg = load_config(_judge_config(tmp_path, vllm_server))["gold"]["judge"] | {"max_tokens": 4}
-    reward = JudgeReward(ChatClient(client_cfg, tmp_path / "rlvr_judge.sqlite", echo=lambda *a: None),
+    reward = JudgeReward(ChatClient(client_cfg, tmp_path / "rlvr_judge", echo=lambda *a: None),
                          JudgeRewardSettings(unparseable_reward=0.25))
     completions = [f"<reasoning>\n{i} + 1 = {i + 1}\n</reasoning>\n<answer>\n{i + 1}\n</answer>" for i in range(5)]
     problems, solutions = [f"Ann has {i} pens and gets 1 more ." for i in range(5)], [f"#### {i + 1}" for i in range(5)]
