@@ -33,6 +33,8 @@ class TrainerSettings(Section):
     batch_size: int                   # global batch: each rank takes its share
     warmup_ratio: float
     lr_scheduler: str
+    weight_decay: float
+    adam_epsilon: float
     max_length: int
     gradient_checkpointing: bool
     backend: str                      # auto | torch | deepspeed
@@ -47,7 +49,6 @@ class SFTSettings(TrainerSettings):
 @dataclass(frozen=True)
 class RMSettings(TrainerSettings):
     SECTION: ClassVar[str] = "rm"
-    weight_decay: float
     eval_fraction: float              # share of the prompts held out for the accuracy against the gold
     batch_size_scoring: int           # also the batch of every later stage that scores with the proxy
 
@@ -175,6 +176,7 @@ class GRPOSettings(Section):
     kl_metric_every: int
     eval_every: int
     eval_prompts: int
+    eval_train_prompts: int
     checkpoint_every: int
     # sampling engine
     generation: str                   # hf | vllm

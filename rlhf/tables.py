@@ -5,14 +5,19 @@ row's entry and its column's entry (later wins), so either axis can carry the ex
 (GR Table 1: columns are models = experiments, rows are methods; SignCert Tables 8-11: rows are RM epochs =
 experiments, columns are quantiles = methods). Cell keys:
 
-  experiment   an experiment config (path from the repository root); its results are read where it puts them
+  experiment   an experiment config (path from the repository root); its results are read where it puts them. A
+               list: replicas of one experiment (the whole pipeline rerun with another seed, as the papers' spreads
+               are), whose runs are pooled as the cell's seeds
   method       a method of that experiment (`sft`: the SFT policy itself, a DPO-family name: the dpo stage's policy),
                or a pattern (`kl-*`) / list of them: the matching method with the best mean, as the papers report a
                tuned sweep (named in the table's notes; the whole sweep is run)
   source       evaluation (default): the evaluate stage's JSON per seed | training: a GRPO metrics curve per seed |
                bench: make bench's seconds per step | difficulty: the report's accuracy per difficulty bin and step
   metric       the value read (win_rate, accuracy, onpolicy/rm_accuracy, step, ...)
-  selection    final (default) | early_stopping: the step with the best training-time held-out win rate (GR Table 2)
+  selection    final (default) | early_stopping: the step with the best training-time `select_on` (GR Table 2)
+  select_on    early stopping's selection metric, an eval/ key of the GRPO metrics (default train_win_rate: the
+               win rate on training prompts, GR Sec. 5.1's "training winrate", so the reported held-out value at
+               that step is not the one that chose it)
   reduce       training source: mean (over the evaluation steps, SignCert Tables 8-9) | final
   bin, step    difficulty source: the initial-accuracy bin and evaluation step (GR Table 4)
   scale        multiplies the value (100: percent)
@@ -20,8 +25,10 @@ experiments, columns are quantiles = methods). Cell keys:
 Each cell is the mean +- standard deviation over the experiment's seeds (as the papers report) with n; a cell with no
 results says `missing` and the table lists what is missing (experiment, method, seeds, the file), never a zero.
 Early stopping reports the held-out evaluation logged during training at the selected step (the only evaluation of a
-checkpoint that is not the last), which selects and reports on the same held-out prompts; the selected steps are
-listed with the table.
+checkpoint that is not the last); the selected steps are listed with the table.
+Besides rows and columns a spec may give `cells` ("row | column" -> cell keys: one cell's own, e.g. a paper row that
+is one named run in one column), `paper` (the published numbers, a list per row) and `paper_spread` (their +- where
+the paper gives one).
 
 `python -m rlhf.tables [SPEC ...]` renders what exists; `snakemake -s workflow/tables.smk` runs whatever the specs
 need first (the experiments' own DAGs as modules, so `--profile profiles/slurm` applies) and then renders.
@@ -44,7 +51,8 @@ from rlhf.errors import ConfigError, RLHFError
 from rlhf.io import atomic_file
 
 REPO = Path(__file__).resolve().parents[1]
-CELL_KEYS = {"experiment", "method", "source", "metric", "selection", "reduce", "bin", "step", "scale", "decimals"}
+CELL_KEYS = {"experiment", "method", "source", "metric", "selection", "select_on", "reduce", "bin", "step", "scale",
+             "decimals"}
 SOURCES = ("evaluation", "training", "bench", "difficulty")
 
 
@@ -57,14 +65,17 @@ class Spec:
     defaults: dict
     paper: dict[str, list]
     notes: str = ""
+    overrides: dict[tuple[str, str], dict] = field(default_factory=dict)  # one cell's own keys
+    paper_spread: dict[str, list] = field(default_factory=dict)          # the paper's +- per row, where it has one
 
     @property
     def name(self) -> str:
         return self.path.stem
 
     def cell(self, row: str, column: str) -> dict:
-        cell = {"source": "evaluation", "selection": "final", "reduce": "mean", "scale": 1, "decimals": 1,
-                **self.defaults, **self.rows[row], **self.columns[column]}
+        cell = {"source": "evaluation", "selection": "final", "select_on": "train_win_rate", "reduce": "mean",
+                "scale": 1, "decimals": 1, **self.defaults, **self.rows[row], **self.columns[column],
+                **self.overrides.get((row, column), {})}
         needed = ("experiment", "method") + (("bin", "step") if cell["source"] == "difficulty" else ("metric",))
         for key in needed:
             if key not in cell:
@@ -76,7 +87,13 @@ class Spec:
         return [(r, c, self.cell(r, c)) for r in self.rows for c in self.columns]
 
     def experiments(self) -> list[Path]:
-        return list(dict.fromkeys(Path(cell["experiment"]) for _, _, cell in self.cells()))
+        return list(dict.fromkeys(path for _, _, cell in self.cells() for path in experiments_of(cell)))
+
+
+def experiments_of(cell: dict) -> list[Path]:
+    """A cell's experiment config, or its replicas' (a list), as paths."""
+    names = cell["experiment"] if isinstance(cell["experiment"], list) else [cell["experiment"]]
+    return [Path(n) for n in names]
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -88,10 +105,10 @@ def load_spec(path: str | Path) -> Spec:
         raise ConfigError(f"{path}: cannot read the table spec ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a table spec is a mapping (title, rows, columns, ...)")
-    unknown = set(raw) - {"title", "rows", "columns", "paper", "notes"} - CELL_KEYS
+    unknown = set(raw) - {"title", "rows", "columns", "cells", "paper", "paper_spread", "notes"} - CELL_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown field {sorted(unknown)[0]!r} (allowed: title, rows, columns, paper, notes, "
-                          f"and the cell keys {', '.join(sorted(CELL_KEYS))})")
+        raise ConfigError(f"{path}: unknown field {sorted(unknown)[0]!r} (allowed: title, rows, columns, cells, paper, "
+                          f"paper_spread, notes, and the cell keys {', '.join(sorted(CELL_KEYS))})")
     axes = {}
     for axis in ("rows", "columns"):
         entries = raw.get(axis)
@@ -102,15 +119,26 @@ def load_spec(path: str | Path) -> Spec:
                 bad = sorted(set(entry) - CELL_KEYS)[0] if isinstance(entry, dict) else type(entry).__name__
                 raise ConfigError(f"{path}: {axis}.{label}: {bad!r} is not a cell key ({', '.join(sorted(CELL_KEYS))})")
         axes[axis] = {str(k): v for k, v in entries.items()}
-    paper = {str(k): v for k, v in (raw.get("paper") or {}).items()}
-    for label, values in paper.items():
-        if label not in axes["rows"]:
-            raise ConfigError(f"{path}: paper.{label}: not a row label ({', '.join(axes['rows'])})")
-        if not isinstance(values, list) or len(values) != len(axes["columns"]):
-            raise ConfigError(f"{path}: paper.{label}: give one value per column ({len(axes['columns'])}; null where "
-                              "the paper has none)")
+    published = {}
+    for field_name in ("paper", "paper_spread"):
+        published[field_name] = {str(k): v for k, v in (raw.get(field_name) or {}).items()}
+        for label, values in published[field_name].items():
+            if label not in axes["rows"]:
+                raise ConfigError(f"{path}: {field_name}.{label}: not a row label ({', '.join(axes['rows'])})")
+            if not isinstance(values, list) or len(values) != len(axes["columns"]):
+                raise ConfigError(f"{path}: {field_name}.{label}: give one value per column "
+                                  f"({len(axes['columns'])}; null where the paper has none)")
+    overrides = {}
+    for key, entry in (raw.get("cells") or {}).items():
+        row, _, column = str(key).partition(" | ")
+        if row not in axes["rows"] or column not in axes["columns"]:
+            raise ConfigError(f"{path}: cells.{key}: not 'row | column' of this table's labels")
+        if not isinstance(entry, dict) or set(entry) - CELL_KEYS:
+            raise ConfigError(f"{path}: cells.{key}: a mapping of cell keys ({', '.join(sorted(CELL_KEYS))})")
+        overrides[row, column] = entry
     spec = Spec(path, str(raw.get("title", path.stem)), axes["rows"], axes["columns"],
-                {k: raw[k] for k in CELL_KEYS if k in raw}, paper, str(raw.get("notes", "")))
+                {k: raw[k] for k in CELL_KEYS if k in raw}, published["paper"], str(raw.get("notes", "")),
+                overrides, published["paper_spread"])
     for _, _, cell in spec.cells():
         if cell["source"] not in SOURCES:
             raise ConfigError(f"{path}: source {cell['source']!r}: one of {', '.join(SOURCES)}")
@@ -207,17 +235,31 @@ def _curve(path: Path, key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def read_cell(cell: dict, cfg: dict) -> CellResult:
-    """A cell's values; for several matching methods, the one with the best mean (complete ones first)."""
+def read_cell(cell: dict, cfgs: list[dict]) -> CellResult:
+    """A cell's values over its experiment's replicas (`cfgs`, pooled as seeds); for several matching methods, the
+    one with the best mean (complete ones first)."""
     if cell["source"] in ("bench", "difficulty"):
-        return read_method(cell, cfg)
-    results = [read_method({**cell, "method": m}, cfg) for m in methods_of(cell, cfg)]
+        return pooled([read_method(cell, cfg) for cfg in cfgs])
+    results = [pooled([read_method({**cell, "method": m}, cfg) for cfg in cfgs]) for m in methods_of(cell, cfgs[0])]
     if len(results) == 1:
         return results[0]
     best = max(results, key=lambda r: (not r.missing, r.mean if r.mean is not None else -math.inf))
     if best.values:
         best.chosen_of = len(results)
     return best
+
+
+def pooled(results: list[CellResult]) -> CellResult:
+    """One experiment's replicas as one cell: their seeds' values together."""
+    if len(results) == 1:
+        return results[0]
+    out = CellResult(method=results[0].method, n=None if any(r.n is None for r in results) else
+                     sum(r.n for r in results), empty=all(r.empty for r in results))
+    for r in results:
+        out.values += r.values
+        out.steps += r.steps
+        out.missing += r.missing
+    return out
 
 
 def read_method(cell: dict, cfg: dict) -> CellResult:
@@ -251,8 +293,8 @@ def read_method(cell: dict, cfg: dict) -> CellResult:
         elif source == "training":
             steps, values = _curve(path, metric)
             value = sum(values) / len(values) if cell["reduce"] == "mean" else values[-1]
-        else:  # early stopping on the training-time held-out win rate; report the metric at that step
-            steps, wins = _curve(path, "eval/win_rate")
+        else:  # early stopping on the training-time select_on metric; report the held-out metric at that step
+            steps, wins = _curve(path, f"eval/{cell['select_on']}")
             step = select_checkpoint(steps, wins)
             value = dict(zip(*_curve(path, f"eval/{metric}")))[step]
             out.steps.append(step)
@@ -280,10 +322,11 @@ def build(spec: Spec) -> Table:
             unreadable[str(path)] = str(e)
     cells, formats = {}, {}
     for row, column, cell in spec.cells():
-        path = Path(cell["experiment"])
+        paths = experiments_of(cell)
         formats[row, column] = cell["decimals"]
-        cells[row, column] = read_cell(cell, configs[path]) if path in configs else CellResult(
-            missing=[f"{path} (unreadable config)"])
+        unread = [p for p in paths if p not in configs]
+        cells[row, column] = read_cell(cell, [configs[p] for p in paths]) if not unread else CellResult(
+            missing=[f"{p} (unreadable config)" for p in unread])
     return Table(spec, cells, formats, unreadable)
 
 
@@ -307,6 +350,17 @@ def paper_value(table: Table, row: str, column: str):
     return None if values is None else values[list(table.spec.columns).index(column)]
 
 
+def paper_spread(table: Table, row: str, column: str):
+    values = table.spec.paper_spread.get(row)
+    return None if values is None else values[list(table.spec.columns).index(column)]
+
+
+def paper_text(table: Table, row: str, column: str, decimals: int) -> str:
+    spread = paper_spread(table, row, column)
+    return _number(paper_value(table, row, column), decimals) + (
+        f" ± {_number(spread, decimals)}" if spread is not None else "")
+
+
 def notes_lines(table: Table) -> list[str]:
     lines = []
     chosen = {k: c for k, c in table.cells.items() if c.chosen_of > 1}
@@ -323,7 +377,7 @@ def notes_lines(table: Table) -> list[str]:
     if missing:
         by_experiment: dict[str, list[str]] = {}
         for (r, c), files in missing.items():
-            experiment = table.spec.cell(r, c)["experiment"]
+            experiment = " ".join(map(str, experiments_of(table.spec.cell(r, c))))
             by_experiment.setdefault(experiment, []).extend(files)
         for experiment, files in by_experiment.items():
             lines.append(f"Missing from experiment {experiment}: {len(files)} file(s), e.g. {files[0]} (run "
@@ -337,7 +391,7 @@ def markdown(table: Table) -> str:
     lines = [f"**{spec.title}**", "", head, "|---|" + "---|---|" * len(columns)]
     for row in spec.rows:
         cells = [f"{ours_text(table.cells[row, c], table.formats[row, c])} | "
-                 f"{_number(paper_value(table, row, c), table.formats[row, c])}" for c in columns]
+                 f"{paper_text(table, row, c, table.formats[row, c])}" for c in columns]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     extra = ([spec.notes.strip()] if spec.notes.strip() else []) + notes_lines(table)
     return "\n".join(lines + ([""] + extra if extra else [])) + "\n"
@@ -346,13 +400,14 @@ def markdown(table: Table) -> str:
 def csv_text(table: Table) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["row", "column", "experiment", "method", "mean", "std", "n", "values", "paper", "selected_steps",
-                "missing"])
+    w.writerow(["row", "column", "experiment", "method", "mean", "std", "n", "values", "paper", "paper_spread",
+                "selected_steps", "missing"])
     for (row, column), c in table.cells.items():
         cell = table.spec.cell(row, column)
-        w.writerow([row, column, cell["experiment"], c.method, c.mean, c.std if c.n is None else "",
+        w.writerow([row, column, " ".join(map(str, experiments_of(cell))), c.method, c.mean, c.std if c.n is None else "",
                     c.n if c.n is not None else len(c.values), " ".join(f"{v:g}" for v in c.values),
-                    paper_value(table, row, column), " ".join(map(str, c.steps)), " ".join(c.missing)])
+                    paper_value(table, row, column), paper_spread(table, row, column), " ".join(map(str, c.steps)),
+                    " ".join(c.missing)])
     return buf.getvalue()
 
 
@@ -378,7 +433,7 @@ def latex(table: Table) -> str:
                 _number(result.mean, decimals) + (r" $\pm$ " + _number(result.std, decimals)
                                                   if result.n is None and len(result.values) > 1 else ""))
             paper = paper_value(table, row, c)
-            cells += [ours, "--" if paper is None else _number(paper, decimals)]
+            cells += [ours, "--" if paper is None else paper_text(table, row, c, decimals).replace("±", r"$\pm$")]
         lines.append(latex_escape(row) + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -392,7 +447,7 @@ def html(table: Table) -> str:
     rows = "".join(
         f"<tr><th>{escape(r)}</th>" + "".join(
             f"<td>{escape(ours_text(table.cells[r, c], table.formats[r, c]))}</td>"
-            f"<td>{escape(_number(paper_value(table, r, c), table.formats[r, c]))}</td>" for c in columns) + "</tr>"
+            f"<td>{escape(paper_text(table, r, c, table.formats[r, c]))}</td>" for c in columns) + "</tr>"
         for r in spec.rows)
     notes = "".join(f"<p>{escape(line)}</p>" for line in ([spec.notes.strip()] if spec.notes.strip() else [])
                     + notes_lines(table))

@@ -54,7 +54,8 @@ def grpo_step(backend, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float
     # Group means and SignCert's quantile are over the global batch: every rank's rewards and features.
     rewards = dist.gather(scores.rewards)
     advantages = dr_grpo_advantages(rewards, G)
-    stats = {}
+    # 0 when every group's rewards tie (the policy gets no gradient from the reward): the rehearsal's hollow-path check
+    stats = {"advantage/nonzero_fraction": (advantages != 0).float().mean().item()}
     if settings.signcert_quantile is not None:
         # SignCert-PO: each advantage replaced by its worst case under a head change of size eps.
         cert = signcert(advantages, dist.gather(scores.features), G, settings.signcert_quantile,
@@ -290,8 +291,9 @@ def rounding_warning(stats: dict, dtype: str) -> str:
 # (diagnostics run on their own random streams). A rerun that changes only these resumes its checkpoint, so a
 # preempted run can be extended; any other change starts afresh. (GRPO's learning rate is constant: the number of
 # steps does not shape the trajectory.)
-TRAJECTORY_NEUTRAL = frozenset({"steps", "eval_every", "eval_prompts", "checkpoint_every", "kl_metric_every",
-                           "sharpness_every", "sharpness_perturbations", "sharpness_radius", "sharpness_prompts"})
+TRAJECTORY_NEUTRAL = frozenset({"steps", "eval_every", "eval_prompts", "eval_train_prompts", "checkpoint_every",
+                                "kl_metric_every", "sharpness_every", "sharpness_perturbations", "sharpness_radius",
+                                "sharpness_prompts"})
 SMALL_FILE = 10 * 2 ** 20
 
 

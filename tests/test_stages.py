@@ -297,9 +297,14 @@ def test_kl_metric_every_k_steps(micro_run, tmp_path):
 def test_training_trajectory_does_not_depend_on_evaluation_frequency(micro_run, tmp_path):
     """Diagnostics use their own RNG streams: evaluating more often must not change what is trained."""
     _copy_upstream(micro_run, tmp_path)
-    cfg = write_config(tmp_path, methods={"a": {"eval_every": 1, "sharpness_every": 0}, "b": {"eval_every": 4}})
+    cfg = write_config(tmp_path, methods={"a": {"eval_every": 1, "sharpness_every": 0, "eval_train_prompts": 8},
+                                          "b": {"eval_every": 4}})
     for m in ("a", "b"):
         assert main(["grpo", "--config", str(cfg), "--method", m, "--seed", "0"]) == 0
     root = tmp_path / "results" / "micro"
     a, b = (_metrics(root, m).dropna(subset=["proxy_reward"]) for m in ("a", "b"))
     assert a["proxy_reward"].tolist() == pytest.approx(b["proxy_reward"].tolist(), rel=1e-6)
+    # the early-stopping signal (GR Sec. 5.1): the win rate on the first 8 training prompts, at every evaluation
+    evals = _metrics(root, "a").dropna(subset=["eval/win_rate"])
+    assert evals["step"].tolist() == [0, 1, 2, 3, 4] and (evals["eval/train_n"] == 8).all()
+    assert evals["eval/train_win_rate"].between(0, 1).all() and "eval/train_win_rate" not in _metrics(root, "b")

@@ -74,25 +74,56 @@ def test_the_best_of_a_sweep_is_the_highest_mean_and_is_named(tmp_path):
                               rows={"R": {"method": "resets-*"}})))
 
 
-def test_early_stopping_selects_the_best_held_out_step_earliest_among_ties(tmp_path):
+def test_early_stopping_selects_on_training_prompts_and_reports_held_out(tmp_path):
+    """GR Sec. 5.1 early-stops "based on the training winrate" and reports the test set: the step is chosen by the win
+    rate on training prompts (eval/train_win_rate), the earliest among ties, and the held-out value at that step is
+    reported, so the number reported is not the one that chose it."""
     assert select_checkpoint([0, 10, 20, 30, 40], [0.3, 0.6, 0.5, 0.6, 0.2]) == 10
     assert select_checkpoint([5], [0.1]) == 5
     cfg = write_config(tmp_path, seeds=[0, 1])
-    curves = {0: [(0, 0.30, 0.1), (10, 0.55, 0.4), (20, 0.55, 0.9), (30, 0.20, 2.0)],
-              1: [(0, 0.30, 0.1), (10, 0.40, 0.3), (20, 0.45, 0.5), (30, 0.62, 1.1)]}
+    # (step, train win rate, held-out win rate, KL): the held-out curve alone would pick steps 20 and 30
+    curves = {0: [(0, 0.30, 0.30, 0.1), (10, 0.55, 0.50, 0.4), (20, 0.55, 0.58, 0.9), (30, 0.20, 0.20, 2.0)],
+              1: [(0, 0.30, 0.30, 0.1), (10, 0.40, 0.40, 0.3), (20, 0.60, 0.45, 0.5), (30, 0.50, 0.62, 1.1)]}
     for seed, curve in curves.items():
         run = tmp_path / "results" / "micro" / "grpo" / "noreg" / f"seed{seed}"
         run.mkdir(parents=True)
-        lines = [{"step": s, "eval/win_rate": w, "eval/kl": k} for s, w, k in curve]
+        lines = [{"step": s, "eval/train_win_rate": t, "eval/win_rate": w, "eval/kl": k} for s, t, w, k in curve]
         lines.insert(1, {"step": 1, "proxy_reward": 0.3, "kl": 0.05})  # a training line: no eval/ keys
         (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
     common = dict(title="T", experiment=str(cfg), selection="early_stopping", columns={"m": {}})
     wins = build(load_spec(_spec(tmp_path, metric="win_rate", rows={"No Reg": {"method": "noreg"}}, **common)))
     cell = wins.cells["No Reg", "m"]
-    assert cell.steps == [10, 30] and cell.values == [0.55, 0.62]
-    assert "Early stopping, selected steps per seed: No Reg / m: 10, 30" in markdown(wins)
+    assert cell.steps == [10, 20] and cell.values == [0.50, 0.45]
+    assert "Early stopping, selected steps per seed: No Reg / m: 10, 20" in markdown(wins)
     kl = build(load_spec(_spec(tmp_path, metric="kl", rows={"No Reg": {"method": "noreg"}}, **common)))
-    assert kl.cells["No Reg", "m"].values == [0.4, 1.1]  # another metric, read at the steps the win rate selected
+    assert kl.cells["No Reg", "m"].values == [0.4, 0.5]  # another metric, read at the steps the selection chose
+    held_out = build(load_spec(_spec(tmp_path, metric="win_rate", select_on="win_rate",
+                                     rows={"No Reg": {"method": "noreg"}}, **common)))
+    assert held_out.cells["No Reg", "m"].steps == [20, 30]  # selecting on the reported prompts: optimistic
+
+
+def test_replicas_pool_as_seeds_one_cell_can_differ_and_the_papers_spread_is_shown(tmp_path):
+    """A cell over an experiment's replicas (the whole pipeline rerun: the papers' +- values) pools their seeds; a
+    cell of its own (GR Table 2's 1.5B GR row is one named run); the paper's +- printed beside its mean."""
+    methods = {"gr": {"gr_gamma": 0.03}, "gr-0.1": {"gr_gamma": 0.1}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_config(tmp_path / "a", seeds=[0], methods=methods)
+    second = write_config(tmp_path / "b", experiment="micro-pipeline1", seed=1, seeds=[1], methods=methods)
+    _eval(tmp_path / "a" / "results" / "micro", "gr-0.1", 0, win_rate=0.5)
+    _eval(tmp_path / "b" / "results" / "micro-pipeline1", "gr-0.1", 1, win_rate=0.7)
+    _eval(tmp_path / "a" / "results" / "micro", "gr", 0, win_rate=0.2)
+    _eval(tmp_path / "b" / "results" / "micro-pipeline1", "gr", 1, win_rate=0.4)
+    spec = load_spec(_spec(tmp_path, title="T", metric="win_rate", experiment=[str(first), str(second)],
+                           columns={"pooled": {}, "other": {}}, rows={"GR": {"method": "gr-*"}},
+                           cells={"GR | other": {"method": "gr"}}, paper={"GR": [20.96, None]},
+                           paper_spread={"GR": [4.38, None]}))
+    table = build(spec)
+    assert table.cells["GR", "pooled"].values == [0.5, 0.7] and table.cells["GR", "other"].values == [0.2, 0.4]
+    assert "| GR | 0.6 ± 0.1 (n=2) | 21.0 ± 4.4 | 0.3 ± 0.1 (n=2) | – |" in markdown(table)
+    with pytest.raises(ConfigError, match="cells.GR | nope: not 'row | column'"):
+        load_spec(_spec(tmp_path, title="T", metric="win_rate", experiment=str(first), columns={"c": {}},
+                        rows={"GR": {"method": "gr"}}, cells={"GR | nope": {"method": "gr"}}))
 
 
 def test_latex_is_escaped_and_balanced(tmp_path):

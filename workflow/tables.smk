@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlhf.config import load_config
 from rlhf.figures import is_figure, load_figure
-from rlhf.tables import cell_files, load_spec, resolve, spec_paths
+from rlhf.tables import cell_files, experiments_of, load_spec, resolve, spec_paths
 
 SNAKEFILE = os.path.join(workflow.basedir, "..", "Snakefile")
 _selection = config.get("tables", "config/tables/miniature")
@@ -42,7 +42,8 @@ def table_inputs(spec):
     beside other jobs would measure them too): an input only where one exists, so a new bench.json re-renders the
     table on the next run and its absence leaves the cell `missing`."""
     cells = [cell for _, _, cell in spec.cells()] if hasattr(spec, "rows") else [spec.cell(p) for p in spec.panels]
-    files = {(cell["source"], f) for cell in cells for _, f in cell_files(cell, EXPERIMENTS[Path(cell["experiment"])])}
+    files = {(cell["source"], f) for cell in cells for path in experiments_of(cell)
+             for _, f in cell_files(cell, EXPERIMENTS[path])}
     return sorted(str(f) for source, f in files if source != "bench" or f.exists())
 
 

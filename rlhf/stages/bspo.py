@@ -73,6 +73,8 @@ def run(cfg, files, args):
     tokenizer = tokenizer_of(sft, cfg)
     model = load_reward_model(sft, tokenizer, TRAINER_WEIGHTS, dist.device)
     attach_behavior_head(model, sft)
+    if not alpha and model.behavior_head_name is not None:
+        getattr(model, model.behavior_head_name).requires_grad_(False)  # no behavior loss: nothing trains the head
 
     def row(x):
         start = 0 if whole_sequence else len(encode_prompt(tokenizer, x["prompt"]))
@@ -83,7 +85,12 @@ def run(cfg, files, args):
         trainer = ScoreLMTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(
                                      [row(x) for x in train]),
                                  data_collator=CompletionCollator(pad_token_id=tokenizer.pad_token_id),
-                                 args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r.weight_decay,
+                                 args=RewardConfig(output_dir=str(out / "trainer"),
+                                                   # the untied LM head is used outside the model's forward (on its
+                                                   # last states): DDP's unused-parameter search would mark it ready
+                                                   # in the forward and fail when its gradient arrives; every
+                                                   # trainable parameter gets one each step, so no search is needed
+                                                   ddp_find_unused_parameters=False,
                                                    **hf_trainer_kwargs(cfg, r, dist)), alpha=alpha)
         trainer.train()
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 scores and writes

@@ -66,7 +66,8 @@ def hf_trainer_kwargs(cfg: dict, section: TrainerSettings, dist: Dist) -> dict:
     torchrun it is data parallel, and batch_size stays the global batch (each rank takes its share).
     """
     dtype = cfg["model"]["dtype"]
-    return dict(learning_rate=section.lr, num_train_epochs=section.epochs,
+    return dict(learning_rate=section.lr, num_train_epochs=section.epochs, weight_decay=section.weight_decay,
+                adam_epsilon=section.adam_epsilon,
                 per_device_train_batch_size=dist.per_rank(section.batch_size, "batch_size"),
                 lr_scheduler_type=section.lr_scheduler, warmup_steps=section.warmup_ratio, logging_steps=10,
                 save_strategy="no", report_to=[], seed=cfg["seed"], use_cpu=dist.device.type == "cpu",

@@ -45,6 +45,7 @@ def run(cfg, files, args):
     main = dist.is_main
     ckpt_dir, live_metrics = work / "checkpoint", work / "metrics.jsonl"
     heldout = read_jsonl(inputs["test"], required=("prompt", "reference"))[: settings.eval_prompts]
+    train_judged = read_jsonl(inputs["train"], required=("prompt", "reference"))[: settings.eval_train_prompts]
     task = rlvr_task(cfg)
 
     trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs.get("rm"), dist.device, dist, seed=seed,
@@ -85,6 +86,11 @@ def run(cfg, files, args):
                 torch.manual_seed(seed * 1_000_003 + step)
                 metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, reward, initial, **eval_kwargs)
             out = {f"eval/{k}": v for k, v in metrics.items()}
+            if train_judged:  # GR Sec. 5.1's "training winrate", the early-stopping signal (rlhf/tables.py)
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed * 1_000_003 + step + 500_009)
+                    train_metrics, _ = evaluate_policy(policy, tokenizer, train_judged, gold, **eval_kwargs)
+                out.update({"eval/train_win_rate": train_metrics["win_rate"], "eval/train_n": train_metrics["n"]})
             out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, reward, seed=seed + step,
                                             **eval_kwargs))
             if settings.sharpness_every and step % settings.sharpness_every == 0:

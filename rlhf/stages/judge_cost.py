@@ -2,7 +2,8 @@
 
 Requests come from the config: pairs to label (sample.num_prompts x pairs_per_prompt), final win rates
 ((methods x seeds + the SFT baseline) x test prompts, x2 with both_orders) and the GRPO stage's periodic
-evaluations (win rate and on-policy RM accuracy on eval_prompts every eval_every steps). Tokens per request:
+evaluations (win rate and on-policy RM accuracy on eval_prompts every eval_every steps, and the win rate on
+eval_train_prompts training prompts for early stopping). Tokens per request:
 the judging template plus a prompt plus two completions, at ~4 characters per token (OpenAI's rule of thumb),
 measured from this experiment's data and samples when they exist, else from --prompt-tokens and the
 max_new_tokens upper bound. Output tokens are the judge's max_tokens (an upper bound for 'Output (a)').
@@ -66,7 +67,7 @@ def estimate(cfg: dict, prompt_tokens: float | None = None, train_prompts: int |
     for method in cfg["methods"]:
         m = GRPOSettings.for_method(cfg, method)
         evals = (math.ceil(m.steps / m.eval_every) + 1) * len(cfg["seeds"])
-        grpo_evals.append((evals * m.eval_prompts * (orders + 1), m.max_new_tokens))
+        grpo_evals.append((evals * (m.eval_prompts * (orders + 1) + m.eval_train_prompts * orders), m.max_new_tokens))
     rows = [("label", [(pairs, sample_completion)]),
             ("evaluate", [((runs + 1) * test * orders, e.max_new_tokens)]),
             ("grpo evals", grpo_evals)]

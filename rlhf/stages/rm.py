@@ -30,7 +30,7 @@ def run(cfg, files, args):
                                   "rejected_ids": rm_input_ids(tokenizer, x["prompt"], x["rejected"])} for x in train])
     with shared_atomic_dir(dist, files.outputs["model"]) as out:
         trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
-                                args=RewardConfig(output_dir=str(out / "trainer"), weight_decay=r.weight_decay,
+                                args=RewardConfig(output_dir=str(out / "trainer"),
                                                   **{**hf_trainer_kwargs(cfg, r, dist), "seed": seed}))
         trainer.train()
         if dist.is_main:  # ZeRO-2 keeps the full weights on every rank; rank 0 scores and writes
