@@ -170,6 +170,8 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
     Stage("bench", "seconds per GRPO step: noreg, gr, signcert, Elastic Reset and TRL's GRPOTrainer as Dr.GRPO", tool=True),
     Stage("judge-cost", "expected requests, tokens and USD of an API judge (gold.type openai) for this experiment",
           tool=True),
+    Stage("download", "fetch the experiment's hub models and dataset into the hub cache, for jobs run offline",
+          tool=True),
 ]}
 
 

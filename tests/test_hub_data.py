@@ -151,3 +151,28 @@ def test_a_local_folder_edited_in_place_is_read_afresh(tmp_path):
         shutil.rmtree(tmp_path / "tldr", ignore_errors=True)
         write_hub_dataset("tldr", tmp_path / "tldr", rows)
         assert len(tldr_rows(str(tmp_path / "tldr"), "train")) == rows
+
+
+def test_download_fetches_the_models_and_runs_the_data_loaders_once(tmp_path, monkeypatch, capsys):
+    """`python -m rlhf download`: the experiment's hub models (policy, UWO members, gold RM) and its dataset, through
+    the data stage's own loaders, into the hub cache; jobs then run with HF_HUB_OFFLINE=1."""
+    import huggingface_hub
+
+    from rlhf.config import load_config
+    from rlhf.rehearsal.hub_fixtures import write_hub_dataset
+    from rlhf.rehearsal.standins import build_tokenizer
+    from rlhf.stages.download import hub_models
+    assert hub_models(load_config(REPO / "config" / "paper" / "signcert-tldr-pythia-1b.yaml")) == [
+        "EleutherAI/pythia-1b-deduped", "EleutherAI/pythia-410m-deduped", "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"]
+    folder = write_hub_dataset("alpaca_farm", tmp_path / "alpaca_farm", 8)
+    (tmp_path / "tok").mkdir()
+    build_tokenizer("qwen", ["words to merge"] * 10, tmp_path / "tok")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: asked.append((repo, kw)) or str(folder))
+    cfg = write_config(tmp_path, data={"source": "alpaca_farm", "hub_name": "tatsu-lab/alpaca_farm", "num_test": 4},
+                       model={"name": str(tmp_path / "tok")}, gold={"type": "openai"})
+    assert main(["download", "--config", str(cfg)]) == 0
+    assert asked == [("tatsu-lab/alpaca_farm", {"repo_type": "dataset", "allow_patterns": ["alpaca_instructions/*.json"]})]
+    out = capsys.readouterr().out
+    assert "download: dataset tatsu-lab/alpaca_farm: 28 train / 4 test rows cached" in out and "HF_HUB_OFFLINE=1" in out
