@@ -44,9 +44,16 @@ def start_wandb(cfg: dict, job: str, job_type: str, run_config: dict | None):
     os.environ.setdefault("WANDB_MODE", w["mode"])
     folder = Path(w["dir"])
     folder.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=w["project"], group=cfg["experiment"], job_type=job_type, name=job,
-                      id=wandb_id(cfg["experiment"], job), resume="allow", dir=str(folder),
-                      config=public(run_config or {}))
+    run = wandb.init(project=w["project"], group=cfg["experiment"], job_type=job_type, name=job,
+                     id=wandb_id(cfg["experiment"], job), resume="allow", dir=str(folder),
+                     config=public(run_config or {}))
+    # Our step is a metric and every chart's x axis, never wandb's own step: a job resumed from its step-k checkpoint
+    # logs steps k+1.. again, and wandb drops a row whose own step is not above the last one it has, so passing
+    # step= would lose the resumed trajectory's values there. With wandb's step left to count rows, nothing is dropped;
+    # the rows of the abandoned attempt stay, told apart by `resume/attempt`.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def _complete_lines(path: Path) -> list[tuple[str, dict]]:
@@ -76,15 +83,17 @@ class MetricsLog:
             kept = [line for line, row in _complete_lines(self.path) if row["step"] <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
-        self._wandb = None
+        self._wandb, self._attempt = None, {}
         if (cfg or {}).get("wandb", {}).get("enabled"):
             self._wandb = start_wandb(cfg, run_name, job_type, run_config)
+            if resume_step:
+                self._attempt = {"resume/from_step": resume_step}
 
     def write(self, step: int, metrics: dict) -> None:
         self._file.write(json.dumps(_finite({"step": step, **metrics})) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._wandb.log({"step": step, **metrics, **self._attempt})
 
     def summary(self, metrics: dict) -> None:
         """Final numbers of the job (wandb run summary; the stage writes its own metrics file)."""

@@ -48,3 +48,48 @@ def test_offline_runs_per_job_resume_and_hold_no_secret(micro_run, tmp_path, mon
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
     assert (dst / "grpo" / "noreg" / "seed0" / "metrics.jsonl").is_file()  # local metrics as always
+
+
+def test_a_resumed_run_logs_every_step_again_with_the_step_as_a_metric(micro_run, tmp_path, monkeypatch):
+    """wandb keeps a row only if its own step is above the last: a job resumed from its step-2 checkpoint after
+    logging step 4 would lose steps 3-4 of the resumed trajectory if it passed step=. Our step goes in as a metric
+    (every chart's x axis), so each resumed row is logged, marked with the step it resumed from."""
+    import sys
+    import types
+
+    from rlhf.cli import main
+    runs = []
+
+    class Run:
+        def __init__(self, **kwargs):
+            self.kwargs, self.logged, self.metrics, self.summary = kwargs, [], [], {}
+            runs.append(self)
+
+        def define_metric(self, name, **kw):
+            self.metrics.append((name, kw))
+
+        def log(self, data, **kw):
+            assert not kw, "wandb's own step must be left alone"
+            self.logged.append(data)
+
+        def finish(self, exit_code=0):
+            pass
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: Run(**kw)))
+    _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path, wandb={"enabled": True})
+    restore = _interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0"])
+    restore()
+    assert main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0"]) == 0
+    first, resumed = runs
+    assert first.kwargs["id"] == resumed.kwargs["id"] and ("*", {"step_metric": "step"}) in resumed.metrics
+    trained = lambda run: [r["step"] for r in run.logged if "proxy_reward" in r]  # noqa: E731
+    assert trained(first)[-1] == 3 and trained(resumed) == [3, 4]  # step 3 logged again, from the checkpoint
+    assert all(r["resume/from_step"] == 2 for r in resumed.logged)
+    import pandas as pd
+    local = pd.read_json(tmp_path / "results" / "micro" / "grpo" / "noreg" / "seed0" / "metrics.jsonl", lines=True)
+    trained_rows = local.dropna(subset=["proxy_reward"]).set_index("step")["proxy_reward"]
+    for row in resumed.logged:
+        if "proxy_reward" in row:
+            assert row["proxy_reward"] == pytest.approx(trained_rows.loc[row["step"]])
