@@ -1,0 +1,5 @@
+import sys
+
+from rlhf.rehearsal.run import main
+
+sys.exit(main())

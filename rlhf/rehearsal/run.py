@@ -1,0 +1,226 @@
+"""`python -m rlhf.rehearsal`: each paper config end to end on this machine, through the Slurm profile.
+
+For every selected config under config/paper/: the dataset folders and stand-in models it needs are built once (under
+<out>/hub and <out>/models), its overlay is written (<out>/runs/<config>/overlay.yaml, rlhf/rehearsal/overlay.py), and
+
+    snakemake --profile profiles/slurm --configfile config/paper/<config>.yaml <overlay>
+
+runs its whole DAG on a private two-node Slurm cluster (rlhf/rehearsal/cluster.py; every job through sbatch, the
+data-parallel stages on both nodes), with the hub unreachable by construction (HF_HUB_OFFLINE) and the configs' LLM
+judges answered by `vllm serve` of the stand-in judge on the first node. Then the checks (rlhf/rehearsal/checks.py)
+read what the run wrote and fail a config whose paths ran hollow; the paper tables are rendered from the rehearsed
+results. Writes <out>/report.{md,json}: per config pass/fail, jobs, seconds and the signals; exits 1 if any failed.
+
+`--local` runs the same DAGs with local Snakemake instead (no root needed; data-parallel stages as 2 CPU ranks under
+torchrun on this node).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from rlhf.config import _read_yaml, load_config
+from rlhf.io import atomic_dir, atomic_file
+from rlhf.rehearsal import checks
+from rlhf.rehearsal.hub_fixtures import HUB_LAYOUTS, recipe, write_hub_dataset
+from rlhf.rehearsal.overlay import changes, overlay, standins_needed, uses_judge
+from rlhf.rehearsal.standins import JUDGE, build_standin
+
+REPO = Path(__file__).resolve().parents[2]
+PAPER = REPO / "config" / "paper"
+# The subset CI runs (make test): TL;DR with SignCert-PO and every baseline of SignCert Table 1 (UWO members, AdvPO,
+# BSPO on Pythia's untied head), AlpacaFarm (the script repository's layout, GPT-4.1-nano as labeler and judge),
+# GSM8K with the LLM-judge reward, and MATH with math-verify.
+CI_SUBSET = ("signcert-tldr-pythia-1b", "gr-alpaca-qwen2.5-0.5b", "gr-gsm8k-judge-qwen2.5-0.5b", "gr-math-qwen2.5-1.5b")
+ROWS = {"tldr": {"train": 256, "validation": 64, "test": 64},
+        "alpaca_farm": {"sft": 96, "preference": 96, "unlabeled": 96, "val": 96},
+        "gsm8k": {"train": 256, "test": 48}, "math": {"train": 256, "test": 48}}
+JUDGE_PORT = 8000
+
+
+def paper_configs() -> list[Path]:
+    return sorted(p for p in PAPER.glob("*.yaml") if not p.name.endswith(".base.yaml"))
+
+
+def job_env() -> dict:
+    """What every rehearsal process runs with: no hub (a stage that reaches for it fails), no wandb, one thread."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def prepare(out: Path, keys: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The dataset folders (all four layouts) and the stand-ins `keys` (built once, reused while unchanged)."""
+    hub = {}
+    for kind in HUB_LAYOUTS:
+        folder, want = out / "hub" / kind, recipe(kind, ROWS[kind])
+        stamp = out / "hub" / f"{kind}.json"  # beside the folder: the folder holds only the repository's files
+        if not (stamp.is_file() and json.loads(stamp.read_text()) == want and folder.is_dir()):
+            with atomic_dir(folder) as tmp:
+                write_hub_dataset(kind, tmp, ROWS[kind])
+            stamp.write_text(json.dumps(want))
+        hub[kind] = str(folder)
+    models = {}
+    for key in sorted(keys):
+        t0 = time.monotonic()
+        models[key] = str(build_standin(key, out / "models", out / "hub"))
+        print(f"rehearsal: stand-in {key} ready ({time.monotonic() - t0:.0f} s)", flush=True)
+    return hub, models
+
+
+class JudgeServer:
+    """`vllm serve` of the stand-in judge under every judge model name the configs ask for (on `host`, or loopback)."""
+
+    def __init__(self, folder: str, names: list[str], log: Path, on: list[str] = (), host: str = "127.0.0.1"):
+        self.url = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{JUDGE_PORT}/v1"
+        self.log = open(log, "w")
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", host,
+                "--port", str(JUDGE_PORT), "--served-model-name", *names, "--max-model-len", "2048",
+                "--dtype", "float32", "--enforce-eager"]
+        self.proc = subprocess.Popen([*on, *argv], stdout=self.log, stderr=subprocess.STDOUT, env=job_env())
+        self.on, self.host = list(on), host
+
+    def wait(self, url: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            probe = subprocess.run([*self.on, sys.executable, "-c", f"import urllib.request; urllib.request.urlopen("
+                                    f"{url + '/models'!r}, timeout=2)"], capture_output=True)
+            if probe.returncode == 0:
+                return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve did not start: see {self.log.name}")
+            time.sleep(2)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def snakemake_args(paper: Path, overlay_file: Path, workdir: Path, local: bool) -> list[str]:
+    args = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(paper), str(overlay_file)]
+    if local:
+        return [*args, "--cores", "2"]
+    return [*args, "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4", "--retries", "0",
+            "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+            "--seconds-between-status-checks", "2", "--latency-wait", "5"]
+
+
+def count_jobs(dry_run: str) -> int:
+    table = dry_run.split("Job stats:")[1].split("\n\n")[0]
+    return sum(int(line.split()[-1]) for line in table.splitlines()[2:] if line.split() and line.split()[0] == "total")
+
+
+def rehearse(paper: Path, out: Path, hub: dict, models: dict, judge_url: str | None, on: list[str],
+             local: bool) -> dict:
+    """One config: overlay, dry run (the job count), the run, the checks. The run's folder is made afresh."""
+    name, raw, cfg = paper.stem, _read_yaml(paper), load_config(paper)
+    workdir = out / "runs" / name
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    layer = overlay(raw, cfg, models, hub, judge_url, local=local)
+    overlay_file = workdir / "overlay.yaml"
+    overlay_file.write_text(f"# rehearsal overlay of {paper.relative_to(REPO)}: sets {', '.join(changes(layer))}\n"
+                            + yaml.safe_dump(layer, sort_keys=False))
+    argv = snakemake_args(paper, overlay_file, workdir, local)
+    dry = subprocess.run([*on, *argv, "-n"], capture_output=True, text=True, env=job_env(), cwd=REPO)
+    result = {"config": name, "jobs": None, "seconds": None, "passed": False, "problems": [], "signals": {}}
+    if dry.returncode != 0:
+        result["problems"].append("dry run failed: " + (dry.stdout + dry.stderr)[-1500:])
+        return result
+    result["jobs"] = count_jobs(dry.stdout)
+    t0 = time.monotonic()
+    with open(workdir / "snakemake.log", "w") as log:
+        run = subprocess.run([*on, *argv], stdout=log, stderr=subprocess.STDOUT, env=job_env(), cwd=REPO)
+    result["seconds"] = round(time.monotonic() - t0)
+    if run.returncode != 0:
+        failed = checks.failed_jobs(workdir / "snakemake.log")
+        result["problems"].append(f"snakemake exited {run.returncode}; failed: {', '.join(failed) or 'see snakemake.log'}")
+        return result
+    problems, signals = checks.check_experiment(workdir / cfg["results_dir"] / cfg["experiment"], cfg)
+    result.update(problems=problems, signals=signals, passed=not problems)
+    return result
+
+
+def render_report(results: list[dict], tables: dict) -> str:
+    lines = ["| config | result | jobs | seconds | signals |", "|---|---|---|---|---|"]
+    for r in results:
+        signals = "; ".join(f"{k} {v}" for k, v in r["signals"].items())
+        verdict = "pass" if r["passed"] else "FAIL: " + " / ".join(p.splitlines()[0][:200] for p in r["problems"])
+        lines.append(f"| {r['config']} | {verdict} | {r['jobs']} | {r['seconds']} | {signals} |")
+    if tables:
+        lines += ["", "| paper table | rehearsed cells filled |", "|---|---|"]
+        lines += [f"| {t} | {v} |" for t, v in tables.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlhf.rehearsal", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="*", help="config names under config/paper/ (default: all)")
+    p.add_argument("--ci", action="store_true", help=f"the CI subset: {', '.join(CI_SUBSET)}")
+    p.add_argument("--local", action="store_true", help="local Snakemake instead of the private Slurm cluster")
+    p.add_argument("--out", default=str(REPO / "results" / "rehearsal"), help="where models, data and runs go")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the cluster and the judge (finally)
+    names = list(CI_SUBSET) if args.ci else args.configs or [q.stem for q in paper_configs()]
+    papers = [PAPER / f"{n}.yaml" for n in names]
+    for q in papers:
+        if not q.is_file():
+            p.error(f"no paper config {q.name} (have: {', '.join(x.stem for x in paper_configs())})")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = {q: load_config(q) for q in papers}
+    hub, models = prepare(out, set().union(*(standins_needed(c) for c in cfgs.values())))
+    judges = sorted({c["gold"]["judge"]["model"] for c in cfgs.values() if uses_judge(c)})
+
+    cluster, server, on = None, None, []
+    try:
+        if not args.local:
+            from rlhf.rehearsal.cluster import SlurmCluster, why_unavailable
+            reason = why_unavailable()
+            if reason:
+                print(f"rehearsal: no private Slurm cluster here ({reason}); rerun with --local", file=sys.stderr)
+                return 2
+            shutil.rmtree(out / "slurm", ignore_errors=True)
+            cluster = SlurmCluster(out / "slurm").__enter__()
+            on = cluster.login.command()
+            os.environ["SLURM_CONF"] = cluster.env["SLURM_CONF"]
+        judge_url = None
+        if judges:
+            host = "0.0.0.0" if cluster else "127.0.0.1"
+            server = JudgeServer(models[JUDGE], judges, out / "judge-server.log", on, host)
+            judge_url = f"http://{cluster.names[0] if cluster else '127.0.0.1'}:{JUDGE_PORT}/v1"
+            server.wait(judge_url)
+        results = []
+        for q in papers:
+            print(f"rehearsal: {q.stem} ...", flush=True)
+            results.append(rehearse(q, out, hub, models, judge_url, on, args.local))
+            r = results[-1]
+            print(f"rehearsal: {q.stem}: {'pass' if r['passed'] else 'FAIL'} ({r['jobs']} jobs, {r['seconds']} s) "
+                  f"{r['signals']} {r['problems']}", flush=True)
+    finally:
+        if server is not None:
+            server.close()
+        if cluster is not None:
+            cluster.__exit__(None, None, None)
+    tables = checks.paper_tables(out, [r["config"] for r in results if r["passed"]])
+    with atomic_file(out / "report.json") as f:
+        json.dump({"configs": results, "tables": tables}, f, indent=1)
+    with atomic_file(out / "report.md") as f:
+        f.write(render_report(results, tables))
+    print(render_report(results, tables))
+    return 0 if all(r["passed"] for r in results) and all(v.get("missing", 0) == 0 for v in tables.values()) else 1

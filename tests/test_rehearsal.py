@@ -1,0 +1,116 @@
+"""The paper rehearsal (rlhf/rehearsal): the overlay changes only what cannot exist here, and the CI subset of paper
+configs runs end to end through the Slurm profile with every path exercised (`make rehearse` runs them all)."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rlhf.config import _read_yaml, load_config, validate_config
+from rlhf.rehearsal.overlay import OVERLAID, UPDATE_COUNTS, changes, merged, overlay, standins_needed
+from rlhf.rehearsal.run import CI_SUBSET, paper_configs
+from rlhf.rehearsal.standins import HUB_MODELS, STANDINS
+from tests.conftest import REPO
+
+FOLDERS = {k: f"/standins/{k}" for k in STANDINS}
+HUB = {k: f"/hub/{k}" for k in ("tldr", "alpaca_farm", "gsm8k", "math")}
+URL = "http://nodea:8000/v1"
+
+
+def _matches(dotted: str, allowed: str) -> bool:
+    a, b = dotted.split("."), allowed.split(".")
+    return len(a) == len(b) and all(y == "<x>" or x == y for x, y in zip(a, b))
+
+
+def generic(dotted: str) -> str:
+    """A dotted field with rule, method, sweep and DPO-method names as <x> (as overlay.changes writes them)."""
+    parts = dotted.split(".")
+    return ".".join("<x>" if i and (parts[i - 1] in ("jobs", "methods", "sweeps") and parts[:i] != ["methods"] or
+                                    parts[:i] in (["methods"], ["sweeps"], ["dpo", "methods"])) else p
+                    for i, p in enumerate(parts))
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("path", paper_configs(), ids=lambda p: p.stem)
+def test_the_overlay_changes_only_what_cannot_exist_here(path):
+    """Every field the overlay sets is one of OVERLAID (models, dataset folder, judge URL, devices and ranks, the
+    batches they scale, the step counts); after merging, every other field of the validated config is the paper's."""
+    raw, cfg = _read_yaml(path), load_config(path)
+    layer = overlay(raw, cfg, FOLDERS, HUB, URL)
+    assert all(any(_matches(c, a) for a in OVERLAID) for c in changes(layer)), changes(layer)
+    rehearsed = validate_config(merged(raw, layer), source=str(path))
+    changed = set(changes(layer))
+    paper = dict(_leaves(cfg))
+    for dotted, value in _leaves(rehearsed):
+        if generic(dotted) in changed or dotted.startswith("methods.") and dotted.rsplit(".", 1)[1] in \
+                (*UPDATE_COUNTS, "prompts_per_step"):
+            continue  # an overlaid field, or a sweep's method resolved from an overlaid base
+        assert paper.get(dotted) == value, (dotted, paper.get(dotted), value)
+    # the batch arithmetic: per-rank batch and accumulation kept, ranks > 1 for the data-parallel stages
+    from rlhf.cluster import ranks
+    for stage in ("sft", "grpo") if "rlvr" in cfg else ("sft", "rm", "grpo"):  # an RLVR experiment has no RM
+        if cfg["resources"]["jobs"].get(stage, {}).get("gpus", 0) > 1:
+            assert ranks(rehearsed, stage) == 2
+            key = "prompts_per_step" if stage == "grpo" else "batch_size"
+            section = "grpo" if stage == "grpo" else stage
+            assert rehearsed[section][key] / 2 == cfg[section][key] / ranks(cfg, stage)
+
+
+def test_the_overlay_of_a_signcert_config_field_by_field():
+    path = REPO / "config" / "paper" / "signcert-tldr-pythia-1b.yaml"
+    layer = overlay(_read_yaml(path), load_config(path), FOLDERS, HUB, URL)
+    assert changes(layer) == [
+        "data.hub_name", "data.num_test", "ensemble.model", "gold.name", "grpo.checkpoint_every",
+        "grpo.prompts_per_step", "grpo.steps", "model.name", "resources.device", "resources.jobs.<x>.cpus",
+        "resources.jobs.<x>.gpus", "resources.jobs.<x>.mem_mb", "resources.jobs.<x>.nodes", "rm.batch_size",
+        "sft.batch_size"]
+    assert layer["model"]["name"] == FOLDERS["pythia"] and layer["ensemble"]["model"] == FOLDERS["pythia-small"]
+    assert layer["sft"]["batch_size"] == 128 * 2 // 8 and layer["grpo"]["prompts_per_step"] == 32 * 2 // 8
+    assert layer["resources"]["jobs"]["grpo"] == {"cpus": 1, "mem_mb": 3000, "gpus": 0, "nodes": 2}
+
+
+def test_every_hub_model_of_the_paper_configs_has_a_stand_in():
+    names = set()
+    for path in paper_configs():
+        cfg = load_config(path)
+        names |= {cfg["model"]["name"], cfg.get("ensemble", {}).get("model"),
+                  cfg["gold"].get("name") if cfg["gold"]["type"] == "reward_model" else None}
+        assert standins_needed(cfg)
+    assert names - {None} <= set(HUB_MODELS)
+
+
+def test_the_ci_subset_covers_each_kind_of_paper_config():
+    kinds = [load_config(REPO / "config" / "paper" / f"{name}.yaml") for name in CI_SUBSET]
+    sources = {c["data"]["source"] for c in kinds}
+    assert sources == {"tldr", "alpaca_farm", "gsm8k", "math"}
+    assert any(c.get("rlvr", {}).get("reward") == "judge" for c in kinds)
+    assert any("ensemble" in c and any(m.get("bspo_threshold") for m in c["methods"].values()) for c in kinds)
+
+
+@pytest.mark.slow
+def test_the_ci_subset_of_paper_configs_rehearses_end_to_end(tmp_path):
+    """`python -m rlhf.rehearsal --ci`: TL;DR with SignCert-PO and every SignCert baseline, AlpacaFarm (the script
+    repository, GPT-4.1-nano as labeler and judge), GSM8K with the LLM judge and MATH, each through the Slurm profile
+    on the private two-node cluster with its checks (non-zero advantages and gradients, parseable judge, labels not
+    constant, every policy moved, every report cell filled)."""
+    from rlhf.rehearsal.cluster import why_unavailable
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    done = subprocess.run([sys.executable, "-m", "rlhf.rehearsal", "--ci", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=3000, env={**os.environ, "PYTHONPATH": str(REPO)})
+    report = json.loads((tmp_path / "report.json").read_text()) if (tmp_path / "report.json").is_file() else {}
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:], report)
+    assert [r["config"] for r in report["configs"]] == list(CI_SUBSET)
+    assert all(r["passed"] and r["jobs"] > 5 for r in report["configs"])
+    by_config = {r["config"]: r["signals"] for r in report["configs"]}
+    assert by_config["gr-gsm8k-judge-qwen2.5-0.5b"]["judge parseable"] >= "0.5"
+    assert all(t["missing"] == 0 for t in report["tables"].values()), report["tables"]
