@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
             s.add_argument("--timed", type=int, default=20, help="timed steps (mean reported)")
             s.add_argument("--no-vllm", action="store_true", help="skip the HF vs vLLM sampling comparison")
+        if name == "plan":
+            s.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (GiB; H100: 80)")
         if name == "judge-cost":
             s.add_argument("--prompt-tokens", type=float, help="mean tokens of a prompt, when the data stage has not run")
             s.add_argument("--train-prompts", type=int, help="train prompts available, when the data stage has not run")

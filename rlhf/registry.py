@@ -172,6 +172,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           tool=True),
     Stage("download", "fetch the experiment's hub models and dataset into the hub cache, for jobs run offline",
           tool=True),
+    Stage("plan", "estimated GPU memory per rank of every GPU job, and the Slurm shape, before submitting", tool=True),
 ]}
 
 

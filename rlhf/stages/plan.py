@@ -1,0 +1,261 @@
+"""plan: what each GPU job of an experiment will ask of its GPU and of Slurm, before submitting it.
+
+    python -m rlhf plan --config config/paper/gr-alpaca-qwen2.5-3b.yaml --gpu-gib 80
+
+Per stage with GPUs, an estimate of the peak memory of one rank, by what holds it, from the model's shape (its
+config.json from the hub cache or a folder; the papers' models are known without it) and the config's batch, lengths,
+precision and method; a warning line for every job whose estimate exceeds --gpu-gib. Then the Slurm shape: GPUs per
+node and runtime against the partition (read with `sinfo` where it exists), and what a cluster needs that the config
+does not say (account, partition).
+
+The estimate (bytes, N parameters, R ranks, bf16 weights with fp32 master weights as the stages run them):
+  trainer stages (sft, rm, bspo, dpo; DeepSpeed ZeRO-2): 2N weights, (4 + 8)N/R master and Adam, 4N/R fp32 gradients,
+    activations of one per-rank batch; dpo adds its frozen reference (2N);
+  grpo: the same update state, pi_init (2N; pi_ref 2N more with Reference Resets), the proxy reward (2N_rm; UWO's
+    members, BSPO's ScoreLM), the gold on rank 0 while it evaluates (2N_gold), the KV cache of the rank's B*G/R
+    completions while sampling, one micro-batch's activations and fp32 logits, and GR's extras: the finite difference
+    holds g1, g2 and the final gradient as full fp32 copies (12N), hvp g1 and H.g1 (8N) with the double backward's
+    activations on SDPA's math kernel, which stores every layer's L x L attention;
+  activations per layer and token (Korthikanti et al. 2022, no recomputation): 34 h bytes, plus 5 a L bytes where the
+  attention matrix is kept (math kernel), a the heads, L the sequence length.
+Checked against the measured peak of a GRPO step on the CPU for a 17M-parameter shape (tests/test_plan.py: the
+measured peak was 1.1-1.4 times the estimate for noreg, GR and hvp; a warning keeps a 1.4 margin). On a GPU it is an
+estimate only, not measured here (no GPU was lent): CUDA's allocator and NCCL buffers come on top.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.cluster import job_spec, ranks
+from rlhf.registry import ensemble_members
+from rlhf.settings import GRPOSettings
+
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    arch: str = "llama"   # llama (Qwen2, Llama: gated MLP) or gpt_neox
+
+    @property
+    def params(self) -> int:
+        h, hd = self.hidden, self.hidden // self.heads
+        if self.arch == "gpt_neox":
+            layer = 4 * h * h + 4 * h + 2 * h * self.intermediate + self.intermediate + h + 4 * h
+        else:
+            layer = 2 * h * h + 2 * h * self.kv_heads * hd + 3 * h * self.intermediate + 2 * h
+        return self.layers * layer + self.vocab * h * (1 if self.tied else 2) + h
+
+    @classmethod
+    def of_config(cls, c: dict) -> "Shape":
+        arch = "gpt_neox" if c.get("model_type") == "gpt_neox" else "llama"
+        return cls(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                   c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"], c["vocab_size"],
+                   bool(c.get("tie_word_embeddings", arch != "gpt_neox")), arch)
+
+
+# The papers' models, read from their config.json files (so `plan` works before anything is downloaded).
+KNOWN = {
+    "EleutherAI/pythia-410m-deduped": Shape(1024, 24, 16, 16, 4096, 50304, False, "gpt_neox"),
+    "EleutherAI/pythia-1b-deduped": Shape(2048, 16, 8, 8, 8192, 50304, False, "gpt_neox"),
+    "EleutherAI/pythia-2.8b-deduped": Shape(2560, 32, 32, 32, 10240, 50304, False, "gpt_neox"),
+    "Qwen/Qwen2.5-0.5B": Shape(896, 24, 14, 2, 4864, 151936, True),
+    "Qwen/Qwen2.5-1.5B": Shape(1536, 28, 12, 2, 8960, 151936, True),
+    "Qwen/Qwen2.5-3B": Shape(2048, 36, 16, 2, 11008, 151936, True),
+    "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2": Shape(4096, 32, 32, 8, 14336, 128257, False),
+}
+KNOWN["Qwen/Qwen2.5-0.5B-Instruct"] = KNOWN["Qwen/Qwen2.5-0.5B"]
+KNOWN["Qwen/Qwen2.5-1.5B-Instruct"] = KNOWN["Qwen/Qwen2.5-1.5B"]
+
+
+def policy_shape(cfg: dict) -> Shape:
+    """The policy's shape: model.name's, or the miniature's model.build."""
+    if "build" in cfg["model"]:
+        b = cfg["model"]["build"]
+        from rlhf.data import miniature_tokenizer
+        vocab = max(len(miniature_tokenizer(cfg)), b.get("vocab_size") or 0)
+        return Shape(b["hidden_size"], b["num_layers"], b["num_heads"], b.get("num_key_value_heads") or b["num_heads"],
+                     b["intermediate_size"], vocab, True, "gpt_neox" if b["arch"] == "gpt_neox" else "llama")
+    return shape_of(cfg["model"]["name"])
+
+
+def shape_of(name: str) -> Shape:
+    """A model's shape: a folder's config.json, the papers' models from KNOWN, else the hub cache's config.json."""
+    folder = Path(name)
+    if (folder / "config.json").is_file():
+        return Shape.of_config(json.loads((folder / "config.json").read_text()))
+    if name in KNOWN:
+        return KNOWN[name]
+    from huggingface_hub import hf_hub_download
+    return Shape.of_config(json.loads(Path(hf_hub_download(name, "config.json")).read_text()))
+
+
+def activations(s: Shape, batch: int, length: int, attention_kept: bool, dtype_bytes: int = 2) -> float:
+    """One forward's stored activations (bytes): per layer and token 34 h (+ 5 a L with the attention kept), in
+    half precision; scaled for float32."""
+    per_token = 34 * s.hidden + (5 * s.heads * length if attention_kept else 0)
+    return s.layers * batch * length * per_token * dtype_bytes / 2
+
+
+def update_state(n: int, world: int, weight_bytes: int) -> dict:
+    """Weights and the optimizer's share on one rank (ZeRO-2 partitions master weights, Adam and gradients)."""
+    if weight_bytes == 4:  # float32 weights: no master copy
+        return {"weights": 4 * n, "adam states": 8 * n / world, "gradients": 4 * n / world}
+    return {"weights": weight_bytes * n, "fp32 master weights": 4 * n / world, "adam states": 8 * n / world,
+            "fp32 gradients": 4 * n / world}
+
+
+# hvp's double backward keeps the first backward's graph besides the forward's activations: measured on the CPU
+# (tests/test_plan.py, fp32, SDPA math kernel), about 6 times one forward's.
+HVP_GRAPH = 6
+# The measured peak of a GRPO step on the CPU was 1.1-1.4 times this estimate (allocator caching, temporaries):
+# the margin `plan` keeps below --gpu-gib.
+MARGIN = 1.4
+TYPICAL_PROMPT_TOKENS = 512  # when the data is not there to measure (TL;DR posts; RLVR chat prompts are shorter)
+
+
+def grpo_memory(cfg: dict, method: str, world: int, prompt_tokens: int = TYPICAL_PROMPT_TOKENS) -> dict:
+    """The components of one GRPO rank's peak (bytes)."""
+    s, g = policy_shape(cfg), GRPOSettings.for_method(cfg, method)
+    b = 2 if cfg["model"]["dtype"] in ("bfloat16", "float16") else 4
+    n = s.params
+    rows = g.prompts_per_step * g.group_size // world
+    micro = g.micro_batch_size or rows
+    length = prompt_tokens + g.max_new_tokens
+    out = update_state(n, world, b)
+    out["pi_init"] = b * n
+    if g.reset_every:
+        out["pi_ref"] = b * n
+    if "rlvr" not in cfg:
+        members = ensemble_members(cfg) if g.uwo_lambda is not None else []
+        rm = shape_of(cfg["ensemble"]["model"]).params if members and cfg["ensemble"]["model"] else n
+        out["reward models"] = b * rm * max(len(members), 1)
+        if cfg["gold"]["type"] == "reward_model":
+            out["gold (rank 0, evaluations)"] = b * shape_of(cfg["gold"]["name"]).params
+    hd = s.hidden // s.heads
+    out["KV cache (sampling)"] = rows * length * s.layers * 2 * s.kv_heads * hd * b
+    hvp = g.gr_gamma > 0 and g.gr_estimator == "hvp"
+    out["activations (one micro-batch)"] = activations(s, micro, length, attention_kept=hvp, dtype_bytes=b) * (
+        HVP_GRAPH if hvp else 1)
+    out["logits (fp32, one micro-batch)"] = micro * length * s.vocab * 4 * 2
+    if g.gr_gamma > 0:
+        out["GR extras"] = (8 if hvp else 12) * n
+    if g.generation == "vllm":
+        out["vLLM (utilization share)"] = g.vllm_gpu_memory_utilization * 80 * GIB
+    return out
+
+
+def trainer_memory(cfg: dict, stage: str, world: int) -> dict:
+    section = {"rm_member": "rm", "bspo": "rm"}.get(stage, stage)
+    s = policy_shape(cfg)
+    if stage == "rm_member" and cfg.get("ensemble", {}).get("model"):
+        s = shape_of(cfg["ensemble"]["model"])
+    n, b = s.params, 2 if cfg["model"]["dtype"] in ("bfloat16", "float16") else 4
+    out = update_state(n, world, b)
+    batch = max(cfg[section]["batch_size"] // world, 1) * (2 if section in ("rm", "dpo") else 1)  # pairs: 2 rows
+    out["activations"] = activations(s, batch, cfg[section]["max_length"], attention_kept=False, dtype_bytes=b)
+    out["logits (fp32)"] = batch * cfg[section]["max_length"] * s.vocab * 4 * 2 if stage in ("sft", "dpo", "bspo") else 0
+    if stage == "dpo":
+        out["reference model"] = b * n
+    return out
+
+
+def inference_memory(cfg: dict, stage: str) -> dict:
+    s = policy_shape(cfg)
+    b = 2 if cfg["model"]["dtype"] in ("bfloat16", "float16") else 4
+    out = {"policy": b * s.params}
+    if stage in ("evaluate", "certify") and "rlvr" not in cfg:
+        out["proxy RM"] = b * s.params
+    if stage != "sample" and cfg["gold"]["type"] == "reward_model" and stage in ("label", "evaluate", "certify"):
+        out["gold"] = b * shape_of(cfg["gold"]["name"]).params
+    return out
+
+
+def used_rules(cfg: dict) -> list[str]:
+    """The rules the experiment's DAG has (the Snakefile's conditions)."""
+    from rlhf.registry import advpo_used, bspo_used, dpo_methods
+    rlvr = "rlvr" in cfg
+    uwo = any(GRPOSettings.for_method(cfg, m).uwo_lambda is not None for m in cfg["methods"])
+    wanted = {"data": True, "base": "build" in cfg["model"], "sft": True, "sample": not rlvr, "label": not rlvr,
+              "rm": not rlvr, "rm_member": uwo, "advpo": advpo_used(cfg), "bspo": bspo_used(cfg),
+              "dpo": bool(dpo_methods(cfg)), "grpo": True, "evaluate": True, "certify": not rlvr, "report": True}
+    return [rule for rule, used in wanted.items() if used]
+
+
+def plan(cfg: dict, gpu_gib: float) -> tuple[list[dict], list[str]]:
+    """Per GPU job: {stage, method, ranks, gib, parts}; and the warning lines."""
+    rows, warnings = [], []
+    for stage in used_rules(cfg):
+        if not job_spec(cfg, stage)["gpus"] or stage in ("data", "base", "report", "advpo"):
+            continue
+        world = ranks(cfg, stage)
+        if stage == "grpo":
+            entries = [(m, grpo_memory(cfg, m, world)) for m in cfg["methods"]]
+        elif stage in ("sft", "rm", "rm_member", "bspo", "dpo"):
+            if stage == "sft" and not cfg["sft"]["epochs"]:
+                continue
+            entries = [("", trainer_memory(cfg, stage, world))]
+        else:
+            entries = [("", inference_memory(cfg, stage))]
+        for method, parts in entries:
+            total = sum(parts.values()) / GIB
+            rows.append({"stage": stage, "method": method, "ranks": world, "gib": total,
+                         "parts": {k: v / GIB for k, v in parts.items() if v}})
+            if total * MARGIN > gpu_gib:
+                top = max(parts, key=parts.get)
+                warnings.append(f"plan: {stage}{' ' + method if method else ''}: ~{total:.0f} GiB per rank (x{MARGIN} "
+                                f"margin: {total * MARGIN:.0f}) on {gpu_gib:.0f} GiB GPUs (largest: {top}, "
+                                f"{parts[top] / GIB:.0f} GiB): expect out-of-memory; lower micro_batch_size or "
+                                "lengths, or use larger GPUs")
+    warnings += slurm_shape(cfg)
+    return rows, warnings
+
+
+def slurm_shape(cfg: dict) -> list[str]:
+    """GPUs per node and runtime against the partitions `sinfo` reports (where it exists), and what the cluster
+    needs that the config cannot know."""
+    lines, partitions = [], {}
+    if shutil.which("sinfo"):
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %l %G"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            name, limit, gres = (line.split() + ["", "", ""])[:3]
+            gpus = max((int(x.rsplit(":", 1)[-1].split("(")[0]) for x in gres.split(",") if x.startswith("gpu")),
+                       default=0)
+            partitions[name.rstrip("*")] = (limit, gpus)
+    for rule in used_rules(cfg):
+        spec = job_spec(cfg, rule)
+        chosen = [partitions[spec["partition"]]] if spec.get("partition") in partitions else list(partitions.values())
+        if spec["gpus"] > 4 and not any(g >= spec["gpus"] for _, g in chosen):
+            lines.append(f"plan: resources.jobs.{rule}: {spec['gpus']} GPUs on one node" + (
+                f", and no partition here has more than {max((g for _, g in chosen), default=0)}" if chosen else
+                " cannot be placed on 4-GPU nodes (e.g. GH200)") +
+                f": set nodes: {-(-spec['gpus'] // 4)} with gpus: 4 (batch sizes stay global)")
+        if spec["runtime"] > 1440:
+            lines.append(f"plan: resources.jobs.{rule}: runtime {spec['runtime']} min exceeds many partitions' MaxTime "
+                         "(often 24 h): set your partition's limit; GRPO resumes from its last checkpoint when the "
+                         "profile's retries or slurm-requeue restart it")
+    lines.append("plan: Slurm needs an account and a partition the config cannot know: snakemake --profile profiles/slurm "
+                 "--default-resources slurm_account=<account> slurm_partition=<partition> (or resources.jobs.<rule>."
+                 "partition)")
+    return lines
+
+
+def run(cfg, args):
+    rows, warnings = plan(cfg, args.gpu_gib)
+    print(f"{'stage':<10} {'method':<16} {'ranks':>5} {'GiB/rank':>9}  largest parts")
+    for r in rows:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["parts"].items(), key=lambda kv: -kv[1])[:4])
+        print(f"{r['stage']:<10} {r['method'][:16]:<16} {r['ranks']:>5} {r['gib']:>9.1f}  {parts}")
+    for line in warnings:
+        print(line)
