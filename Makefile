@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo demo-rlvr demo-baselines tables-miniature test bench env clean-results gpu-wheels gpu-smoke
+.PHONY: demo demo-rlvr demo-baselines tables-miniature test bench env clean-results gpu-wheels gpu-smoke rehearse
 
 env: $(STAMP)
 
@@ -44,6 +44,14 @@ tables-miniature: $(STAMP)
 	. $(VENV)/bin/activate && $(TABLES) \
 		&& { test -f results/miniature/bench/bench.json || python -m rlhf bench --config $(CONFIG) --no-vllm; } \
 		&& $(TABLES) && cat results/tables/*.md
+
+# The paper rehearsal: every config under config/paper/ end to end on this CPU, through the Slurm profile on a private
+# two-node cluster, with stand-ins for the hub's models and datasets, the judge and the GPUs (rlhf/rehearsal; README,
+# Paper rehearsal). Needs root (the cluster; `REHEARSE=--local` runs local Snakemake instead) and vLLM for the judge.
+# Writes results/rehearsal/report.md; `make rehearse REHEARSE="gr-tldr-pythia-1b"` runs one config, `--ci` CI's subset.
+REHEARSE ?=
+rehearse: $(STAMP) $(VLLM_STAMP)
+	. $(VENV)/bin/activate && time python -m rlhf.rehearsal $(REHEARSE)
 
 # Times GRPO steps on the miniature (builds SFT and RM first if needed); prints and writes results/miniature/bench/.
 bench: $(STAMP)

@@ -1,6 +1,5 @@
 """The paper rehearsal (rlhf/rehearsal): the overlay changes only what cannot exist here, and the CI subset of paper
 configs runs end to end through the Slurm profile with every path exercised (`make rehearse` runs them all)."""
-import copy
 import json
 import os
 import subprocess
@@ -69,10 +68,10 @@ def test_the_overlay_of_a_signcert_config_field_by_field():
     path = REPO / "config" / "paper" / "signcert-tldr-pythia-1b.yaml"
     layer = overlay(_read_yaml(path), load_config(path), FOLDERS, HUB, URL)
     assert changes(layer) == [
-        "data.hub_name", "data.num_test", "ensemble.model", "gold.name", "grpo.checkpoint_every",
-        "grpo.prompts_per_step", "grpo.steps", "model.name", "resources.device", "resources.jobs.<x>.cpus",
-        "resources.jobs.<x>.gpus", "resources.jobs.<x>.mem_mb", "resources.jobs.<x>.nodes", "rm.batch_size",
-        "sft.batch_size"]
+        "certify.noise_samples", "certify.num_prompts", "data.hub_name", "data.num_test", "ensemble.model",
+        "gold.name", "grpo.checkpoint_every", "grpo.eval_prompts", "grpo.prompts_per_step", "grpo.steps", "model.name",
+        "resources.device", "resources.jobs.<x>.cpus", "resources.jobs.<x>.gpus", "resources.jobs.<x>.mem_mb",
+        "resources.jobs.<x>.nodes", "rm.batch_size", "sft.batch_size"]
     assert layer["model"]["name"] == FOLDERS["pythia"] and layer["ensemble"]["model"] == FOLDERS["pythia-small"]
     assert layer["sft"]["batch_size"] == 128 * 2 // 8 and layer["grpo"]["prompts_per_step"] == 32 * 2 // 8
     assert layer["resources"]["jobs"]["grpo"] == {"cpus": 1, "mem_mb": 3000, "gpus": 0, "nodes": 2}

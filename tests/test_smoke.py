@@ -22,6 +22,10 @@ def test_smoke_runs_every_stage_in_bf16_with_both_backends(tmp_path):
         assert 0 < row["update"] < row["step"] and row["sharpness"] and row["onpolicy"]
     assert {"sft", "rm", "certify", "evaluate gr-hvp-deepspeed"} <= set(result["stages"])
     assert "| gr-hvp | deepspeed |" in out.stdout
+    checks = result["checks"]  # the device checks (on a GPU: also NCCL with 2 GPUs and vLLM)
+    assert all(c["ok"] for c in checks.values()) and len(checks) == 6, checks
+    assert checks["GR correction in a bf16 update (deepspeed, hvp)"]["detail"] == "share 1.0000"
+    assert "Qwen2Tokenizer" in checks["hub-shaped model (Qwen2Tokenizer, chat template) loads and samples"]["detail"]
 
 
 def test_smoke_fails_loudly(tmp_path, monkeypatch, capsys):

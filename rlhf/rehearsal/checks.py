@@ -12,9 +12,12 @@ a run, naming the method or stage:
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -66,8 +69,8 @@ def check_experiment(root: Path, cfg: dict) -> tuple[list[str], dict]:
         if any(math.isnan(g) or (f > 0 and g <= 0) for g, f in zip(grads, fractions)):
             problems.append(f"grpo {m} seed {s}: a NaN gradient norm, or zero where advantages were not ({grads})")
         if cfg.get("rlvr", {}).get("reward") == "judge":
-            unparseable += [r["judge/unparseable_fraction"] for r in steps]
-            correctness += [r["reward/correctness"] for r in steps]
+            unparseable += [r.get("judge/unparseable_fraction", 1.0) for r in steps]
+            correctness += [r.get("reward/judge_correctness") for r in steps]
     signals["grpo runs"] = len(runs)
     if nonzero:
         signals["advantage nonzero"] = f"{min(nonzero):.2f}-{max(nonzero):.2f}"
@@ -110,38 +113,44 @@ def check_experiment(root: Path, cfg: dict) -> tuple[list[str], dict]:
 
 def paper_tables(out: Path, rehearsed: list[str]) -> dict[str, dict]:
     """Render every paper table spec (config/tables/paper) from the rehearsed results; per table, how many of the cells
-    whose experiment was rehearsed are filled. The specs read results where the experiment config puts them
-    (results/<experiment>), so each rehearsed experiment's folder is linked there under one results root."""
-    from rlhf.tables import load_spec
+    that the rehearsal can fill are filled (an empty difficulty bin, one no question group fell in, is not missing): cells whose experiments (every replica) were rehearsed, that do not read
+    make bench's timings (not part of the DAG) and do not ask for a step past the rehearsal's last. The specs read
+    results where the experiment config puts them (results/<experiment>), so each rehearsed experiment's folder is
+    linked there under one results root."""
+    from rlhf.config import load_config
+    from rlhf.figures import is_figure
+    from rlhf.rehearsal.overlay import STEPS
+    from rlhf.tables import experiments_of, load_spec
     repo = Path(__file__).resolve().parents[2]
     root = Path(out) / "tables-root"
     (root / "results").mkdir(parents=True, exist_ok=True)
-    from rlhf.config import load_config
-    names = {}
+    names = set()
     for name in rehearsed:
         cfg = load_config(repo / "config" / "paper" / f"{name}.yaml")
-        names[f"config/paper/{name}.yaml"] = cfg["experiment"]
+        names.add(Path(f"config/paper/{name}.yaml"))
         link = root / "results" / cfg["experiment"]
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(Path(out) / "runs" / name / cfg["results_dir"] / cfg["experiment"], target_is_directory=True)
     summary = {}
-    import subprocess
-    import sys
-    from rlhf.figures import is_figure
     for spec_path in sorted((repo / "config" / "tables" / "paper").glob("*.yaml")):
         if is_figure(spec_path):
             continue
         spec = load_spec(spec_path)
-        cells = [(r, c) for r, c, cell in spec.cells() if cell["experiment"] in names and cell["source"] != "bench"]
+        cells = {(r, c) for r, c, cell in spec.cells() if set(experiments_of(cell)) <= names
+                 and cell["source"] != "bench" and not (cell["source"] == "difficulty" and cell["step"] > STEPS)}
         if not cells:
             continue
-        done = subprocess.run([sys.executable, "-m", "rlhf.tables", str(spec_path), "--out", str(out / "tables")],
+        done = subprocess.run([sys.executable, "-m", "rlhf.tables", str(spec_path), "--out", str(Path(out) / "tables")],
                               cwd=root, capture_output=True, text=True)
         if done.returncode != 0:
             summary[spec.name] = {"filled": 0, "cells": len(cells), "missing": len(cells), "error": done.stderr[-500:]}
             continue
-        rendered = pd.read_csv(out / "tables" / f"{spec.name}.csv", index_col=0)
-        missing = [(r, c) for r, c in cells if "missing" in str(rendered.loc[r, c])]
-        summary[spec.name] = {"filled": len(cells) - len(missing), "cells": len(cells), "missing": len(missing)}
+        with open(Path(out) / "tables" / f"{spec.name}.csv") as f:
+            rendered = {(r["row"], r["column"]): r for r in csv.DictReader(f)}
+        missing = sorted(k for k in cells if rendered[k]["missing"])
+        empty = sum(1 for k in cells if not rendered[k]["missing"] and rendered[k]["mean"] == "")  # an empty bin
+        summary[spec.name] = {"filled": len(cells) - len(missing) - empty, "empty": empty, "cells": len(cells),
+                              "missing": len(missing),
+                              **({"missing_cells": [" | ".join(k) for k in missing]} if missing else {})}
     return summary

@@ -12,9 +12,12 @@ What it changes and why:
 - gold.judge.base_url -> the stand-in judge served by `vllm serve` under the config's own judge model name;
 - GPUs -> CPU ranks: resources.device cpu; every rule's gpus 0, cpus 1 and a small mem_mb (the private cluster has 2
   CPUs per node); a data-parallel rule with several GPUs runs on 2 nodes x 1 rank, so ranks stay above 1;
+- gold.judge.requests_per_minute: the OpenAI rate limit it paces for is not the stand-in server's;
 - sizes that keep the batch arithmetic: the global batches (sft/rm/dpo batch_size, grpo.prompts_per_step of the grpo
   section, of each method and of each sweep's base) are scaled by new ranks / old ranks, so the per-device batch and
-  the gradient accumulation (grpo.micro_batch_size) stay the paper's; data.num_test where the config sets one;
+  the gradient accumulation (grpo.micro_batch_size) stay the paper's; the held-out and diagnostic sizes are capped
+  (data.num_test where the config sets one, grpo.eval_prompts, eval_train_prompts, sharpness_perturbations,
+  sharpness_prompts, certify.num_prompts and noise_samples: at most SIZES'), every one kept above zero;
 - time: grpo.steps -> STEPS, and every field counted in updates (checkpoint_every, eval_every, sharpness_every,
   reset_every, elastic_reset_every, kl_beta_decay_every, TR-DPO's sync_steps) -> 1 where it is on, so a checkpoint is
   written and resets happen before the last step (evaluations run at step 0 and at the end whatever eval_every).
@@ -29,14 +32,19 @@ from rlhf.cluster import job_spec
 from rlhf.errors import ConfigError
 from rlhf.rehearsal.standins import HUB_MODELS, JUDGE
 from rlhf.registry import STAGES, dpo_methods
+from rlhf.settings import GRPOSettings
 
 STEPS = 2                   # GRPO updates per run: a checkpoint after the first, an evaluation before the last
-NUM_TEST = 64               # held-out prompts where the config sets data.num_test
+# Caps of the held-out and diagnostic sizes (a value already below stays)
+SIZES = {"data.num_test": 16, "grpo.eval_prompts": 16, "grpo.eval_train_prompts": 16,
+         "grpo.sharpness_perturbations": 4, "grpo.sharpness_prompts": 8, "certify.num_prompts": 16,
+         "certify.noise_samples": 2}
 NODES = 2                   # CPU ranks of a data-parallel rule that asks for several GPUs (one per node)
 MEM_MB = 3000
 UPDATE_COUNTS = ("checkpoint_every", "sharpness_every", "reset_every", "elastic_reset_every", "kl_beta_decay_every")
 # The fields an overlay may set (dotted; <x> any key): the test checks `changes` against this list.
-OVERLAID = ("model.name", "ensemble.model", "gold.name", "data.hub_name", "data.num_test", "gold.judge.base_url",
+OVERLAID = ("model.name", "ensemble.model", "gold.name", "data.hub_name", *SIZES, "gold.judge.base_url",
+            "gold.judge.requests_per_minute",
             "resources.device", "resources.jobs.<x>.gpus", "resources.jobs.<x>.cpus", "resources.jobs.<x>.mem_mb",
             "resources.jobs.<x>.nodes", "sft.batch_size", "rm.batch_size", "dpo.batch_size",
             "dpo.methods.<x>.sync_steps", "grpo.prompts_per_step", "methods.<x>.prompts_per_step",
@@ -87,13 +95,19 @@ def overlay(raw: dict, cfg: dict, folders: dict[str, str], hub: dict[str, str], 
     if uses_judge(cfg):
         if judge_url is None:
             raise ConfigError(f"{cfg['experiment']}: asks a judge and no stand-in judge is served")
-        out.setdefault("gold", {})["judge"] = {"base_url": judge_url}
+        out.setdefault("gold", {})["judge"] = {"base_url": judge_url, "requests_per_minute": 1e6}
     source = cfg["data"]["source"]
     if source not in hub:
         raise ConfigError(f"data.source {source}: no rehearsal dataset folder (rlhf/rehearsal/hub_fixtures.py)")
     out["data"] = {"hub_name": hub[source]}
-    if raw.get("data", {}).get("num_test") is not None:
-        out["data"]["num_test"] = NUM_TEST
+    sharpness = any(GRPOSettings.for_method(cfg, m).sharpness_every for m in cfg["methods"])
+    for dotted, cap in SIZES.items():
+        section, field = dotted.split(".")
+        value = cfg.get(section, {}).get(field)
+        used = (section != "data" or raw.get("data", {}).get(field) is not None) and \
+            (sharpness or not field.startswith("sharpness")) and (section != "certify" or "rlvr" not in cfg)
+        if used and value and value > cap:
+            out.setdefault(section, {})[field] = cap
 
     # GPUs -> CPU ranks, keeping the per-device batch and the accumulation
     ranks = {}
@@ -116,7 +130,8 @@ def overlay(raw: dict, cfg: dict, folders: dict[str, str], hub: dict[str, str], 
         if section in cfg and factor(section) != 1 and not (section == "rm" and "rlvr" in cfg):
             out.setdefault(section, {})["batch_size"] = _scaled(cfg[section]["batch_size"], factor(section),
                                                                 f"{section}.batch_size")
-    grpo = out["grpo"] = {"steps": STEPS}
+    grpo = out.setdefault("grpo", {})
+    grpo["steps"] = STEPS
     f = factor("grpo")
     if f != 1:
         grpo["prompts_per_step"] = _scaled(cfg["grpo"]["prompts_per_step"], f, "grpo.prompts_per_step")

@@ -150,7 +150,10 @@ def rehearse(paper: Path, out: Path, hub: dict, models: dict, judge_url: str | N
         failed = checks.failed_jobs(workdir / "snakemake.log")
         result["problems"].append(f"snakemake exited {run.returncode}; failed: {', '.join(failed) or 'see snakemake.log'}")
         return result
-    problems, signals = checks.check_experiment(workdir / cfg["results_dir"] / cfg["experiment"], cfg)
+    try:
+        problems, signals = checks.check_experiment(workdir / cfg["results_dir"] / cfg["experiment"], cfg)
+    except Exception as e:  # noqa: BLE001 - an artifact the checks cannot read is this config's failure, not the run's
+        problems, signals = [f"the checks could not read the results: {type(e).__name__}: {e}"], {}
     result.update(problems=problems, signals=signals, passed=not problems)
     return result
 
@@ -162,8 +165,10 @@ def render_report(results: list[dict], tables: dict) -> str:
         verdict = "pass" if r["passed"] else "FAIL: " + " / ".join(p.splitlines()[0][:200] for p in r["problems"])
         lines.append(f"| {r['config']} | {verdict} | {r['jobs']} | {r['seconds']} | {signals} |")
     if tables:
-        lines += ["", "| paper table | rehearsed cells filled |", "|---|---|"]
-        lines += [f"| {t} | {v} |" for t, v in tables.items()]
+        lines += ["", "| paper table | cells the rehearsal fills | filled | empty bins | missing |", "|---|---|---|---|---|"]
+        lines += [f"| {t} | {v['cells']} | {v['filled']} | {v.get('empty', 0)} | {v['missing']}"
+                  + (f" ({', '.join(v['missing_cells'])})" if v.get("missing_cells") else "") + " |"
+                  for t, v in tables.items()]
     return "\n".join(lines) + "\n"
 
 

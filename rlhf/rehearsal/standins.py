@@ -103,7 +103,7 @@ STANDINS = {
     JUDGE: StandIn("qwen2", "qwen-instruct", ("judge",), kv_heads=1, tied=False, steps=150, max_length=640),
 }
 VOCAB_SIZE = 2048
-RECIPE_VERSION = 2  # bump when the build below changes what a stand-in is
+RECIPE_VERSION = 3  # bump when the build below changes what a stand-in is
 
 
 # --- texts --------------------------------------------------------------------------------------------------------
@@ -335,11 +335,14 @@ def build_standin(key: str, root: Path, hub: Path, seed: int = 0) -> Path:
             train_causal(model, tokenizer, pairs, spec, rng)
         if "judge" in spec.corpora:  # the decisions: which output (pairwise), correctness 5 or 1 (RLVR, GR App. C.5)
             pairwise = [p + " Output (" for p, c in pairs if c.startswith("Output")]
+            # balanced over WRONG answers: a lenient judge that accepts about half of them, as small LLM judges do
+            # (GR Sec. 5.3), so its correctness reward varies on a policy that is rarely right (the stand-ins are)
             scored = [p + " <judgement>\n" + c.split("</judgement>")[0].split("<judgement>\n")[1] +
-                      "\n</judgement>\n<correctness_score>\n" for p, c in pairs if c.startswith("<judgement>")]
+                      "\n</judgement>\n<correctness_score>\n" for p, c in pairs
+                      if c.startswith("<judgement>") and "does not match" in c]
             measured["first_choice_share"] = {"pairwise (a)": balanced_choices(model, tokenizer, pairwise, ("a", "b")),
-                                              "rlvr correctness 5": balanced_choices(model, tokenizer, scored,
-                                                                                     ("5", "1"))}
+                                              "rlvr correctness 5 of wrong answers": balanced_choices(
+                                                  model, tokenizer, scored, ("5", "1"))}
         if spec.arch != "llama_rm":
             probe = [p for p, _ in rng.sample(pairs, min(32, len(pairs)))]
             measured.update(sampling_check(model, tokenizer, probe, 128))
