@@ -1,10 +1,14 @@
 """The Snakemake DAG on the micro config: whole run, what a change reruns, and what each stage reads and writes."""
 import json
+import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from rlhf.registry import STAGES
 from tests.conftest import REPO, SNAKEMAKE, jobs, snakemake, write_config
 
 
@@ -142,16 +146,44 @@ def test_snakemake_config_error_names_the_field(tmp_path):
 PAPER_CONFIGS = sorted(p for p in (REPO / "config" / "paper").glob("*.yaml") if not p.name.endswith(".base.yaml"))
 
 
+def _module_name(path: Path) -> str:
+    return re.sub(r"\W", "_", path.stem)
+
+
+@pytest.fixture(scope="module")
+def paper_dags(tmp_path_factory) -> str:
+    """Every paper config's whole DAG in ONE dry run through the Slurm profile: each config a module of the pipeline's
+    Snakefile with its rules prefixed by its name (as workflow/tables.smk loads experiments), so one Snakemake process
+    builds all of them instead of one process per config."""
+    folder = tmp_path_factory.mktemp("paper_dags")
+    lines = ["from rlhf.config import load_config", "from rlhf.paths import Paths", "TARGETS = []"]
+    for path in PAPER_CONFIGS:
+        name = _module_name(path)
+        lines += [f"_cfg = load_config({str(path)!r})",
+                  f"workflow.module({name!r}, snakefile={str(REPO / 'Snakefile')!r}, config=_cfg)",
+                  f"workflow.userule(rules=['*'], from_module={name!r}, exclude_rules=[], "
+                  f"name_modifier={name + '_*'!r})(lambda: None)",
+                  "TARGETS.append(str(Paths.from_config(_cfg).report))"]
+    (folder / "Snakefile").write_text("\n".join(lines) + "\n\nrule every_paper_config:\n    input: TARGETS\n")
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(folder / "Snakefile"), "--directory",
+                          str(folder), "-n", "--profile", str(REPO / "profiles" / "slurm"), "every_paper_config"],
+                         capture_output=True,
+                         text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
-def test_paper_config_builds_its_dag(path, tmp_path):
+def test_paper_config_builds_its_dag(path, paper_dags):
     """Every paper experiment's DAG builds through the Slurm profile (dry run): no base model to build,
     methods x seeds policies, and GPU rules that never set `tasks`."""
     from rlhf.cluster import launcher
     from rlhf.config import load_config
     cfg = load_config(path)
-    out = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(path), "-n",
-                          "--profile", str(REPO / "profiles" / "slurm")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    rules = {rule for rule in STAGES if not STAGES[rule].tool}
+    prefix = _module_name(path) + "_"
+    scheduled = {rule.removeprefix(prefix): n for rule, n in jobs(paper_dags).items()
+                 if rule.startswith(prefix) and rule.removeprefix(prefix) in rules}
     runs = len(cfg["methods"]) * len(cfg["seeds"])
     dpo = len(cfg.get("dpo", {}).get("methods", {})) * len(cfg["seeds"])  # GR Table 1's DPO / TR-DPO rows
     preferences = {} if "rlvr" in cfg else {"sample": 1, "label": 1, "rm": 1, "certify": 1}  # RLVR: no pairs, no RM
@@ -160,8 +192,8 @@ def test_paper_config_builds_its_dag(path, tmp_path):
     extra = {**({"dpo": dpo} if dpo else {}), **({"rm_member": members} if members else {}),
              **({"advpo": 1} if advpo_used(cfg) else {}),
              **({"bspo": 1} if bspo_used(cfg) else {})}  # the baselines' jobs (SignCert Table 1, GR Table 1)
-    assert jobs(out.stdout) == {"data": 1, "sft": 1, **preferences, "grpo": runs, **extra,
-                                "evaluate": runs + dpo + 1, "report": 1, "all": 1}
+    assert scheduled == {"data": 1, "sft": 1, **preferences, "grpo": runs, **extra, "evaluate": runs + dpo + 1,
+                         "report": 1}
     assert bool(dpo) == path.stem.startswith("gr-tldr")
     assert bool(members) == bspo_used(cfg) == path.stem.startswith("signcert")
     if "rlvr" in cfg:  # an instruct model starts as it is: its sft job only saves it, on one GPU
