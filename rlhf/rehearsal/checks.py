@@ -23,8 +23,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from rlhf.config import load_config
+from rlhf.figures import is_figure
 from rlhf.paths import Paths
 from rlhf.registry import SFT_BASELINE, dpo_methods
+from rlhf.rehearsal.overlay import STEPS
+from rlhf.tables import experiments_of, load_spec
 
 PARSEABLE_FLOOR = 0.5
 
@@ -117,10 +121,6 @@ def paper_tables(out: Path, rehearsed: list[str]) -> dict[str, dict]:
     make bench's timings (not part of the DAG) and do not ask for a step past the rehearsal's last. The specs read
     results where the experiment config puts them (results/<experiment>), so each rehearsed experiment's folder is
     linked there under one results root."""
-    from rlhf.config import load_config
-    from rlhf.figures import is_figure
-    from rlhf.rehearsal.overlay import STEPS
-    from rlhf.tables import experiments_of, load_spec
     repo = Path(__file__).resolve().parents[2]
     root = Path(out) / "tables-root"
     (root / "results").mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXConfig,
+                          LlamaConfig, PreTrainedTokenizerFast, Qwen2Config)
 
+from rlhf.data import rlvr as data_rlvr
+from rlhf.data.hub import TLDR_PROMPT, alpaca_splits
+from rlhf.data.rlvr import GSM8K_ONE_SHOT, GSM8K_SYSTEM, MATH_SUFFIX, chat_prompt
+from rlhf.generation import left_pad, sample
 from rlhf.io import atomic_dir
+from rlhf.judge import prompt as pairwise
+from rlhf.judge import rlvr as judge_rlvr
+from rlhf.models import encode_completion, encode_prompt
+from rlhf.rehearsal.hub_fixtures import HUB_LAYOUTS, corpus
+from rlhf.rewards.gold import reward_model_text
 
 # Every hub model a paper config names (model.name, ensemble.model, gold.name) -> its stand-in. A paper config that
 # names another model makes the overlay fail with one line saying to add it here.
@@ -110,9 +122,6 @@ RECIPE_VERSION = 3  # bump when the build below changes what a stand-in is
 
 def _pairs(kind: str, folder: Path, tokenizer) -> list[tuple[str, str]]:
     """(prompt, completion) of a dataset folder, as the pipeline's data stage forms them (rlhf/data)."""
-    from rlhf.data import rlvr
-    from rlhf.data.hub import TLDR_PROMPT, alpaca_splits
-    from rlhf.rehearsal.hub_fixtures import corpus
     if kind == "tldr":
         return [(TLDR_PROMPT.format(**{k: r[k] for k in ("subreddit", "title", "post")}), r["summary"].strip())
                 for r in corpus(kind, folder)]
@@ -121,19 +130,14 @@ def _pairs(kind: str, folder: Path, tokenizer) -> list[tuple[str, str]]:
         return [(r["instruction"] if not r["input"] else f"{r['instruction']}\n\n{r['input']}", r["output"])
                 for r in rows]
     task = "gsm8k" if kind == "gsm8k" else "math"
-    mapper = rlvr.gsm8k_row if task == "gsm8k" else rlvr.math_row
-    rows = rlvr.with_prompts([mapper(r) for r in corpus(kind, folder)], task, tokenizer)
+    mapper = data_rlvr.gsm8k_row if task == "gsm8k" else data_rlvr.math_row
+    rows = data_rlvr.with_prompts([mapper(r) for r in corpus(kind, folder)], task, tokenizer)
     return [(r["prompt"], r["reference"]) for r in rows]
 
 
 def _judge_pairs(hub: Path, tokenizer, rng: random.Random) -> list[tuple[str, str]]:
     """Judge prompts (the pipeline's own, rlhf/judge) with the replies a sensible judge would give: the pairwise prompt
     prefers the reference over another prompt's reference; the RLVR prompt scores a correct answer 5, a wrong one 1."""
-    from rlhf.data import rlvr as data_rlvr
-    from rlhf.data.rlvr import chat_prompt
-    from rlhf.judge import prompt as pairwise
-    from rlhf.judge import rlvr as judge_rlvr
-    from rlhf.rehearsal.hub_fixtures import corpus
     texts = []
     refs = _pairs("tldr", hub / "tldr", tokenizer)[:150] + _pairs("alpaca_farm", hub / "alpaca_farm", tokenizer)[:150]
     for i, (prompt, reference) in enumerate(refs):
@@ -155,10 +159,6 @@ def _judge_pairs(hub: Path, tokenizer, rng: random.Random) -> list[tuple[str, st
 
 def _corpus_texts(hub: Path) -> list[str]:
     """Everything any stand-in will read, for its BPE: the folders' texts and the judge prompts' fixed text."""
-    from rlhf.data.rlvr import GSM8K_ONE_SHOT, GSM8K_SYSTEM, MATH_SUFFIX
-    from rlhf.judge import prompt as pairwise
-    from rlhf.judge import rlvr as judge_rlvr
-    from rlhf.rehearsal.hub_fixtures import HUB_LAYOUTS, corpus
     texts = [json.dumps(r) for kind in HUB_LAYOUTS for r in corpus(kind, hub / kind)]
     texts += [GSM8K_SYSTEM, *GSM8K_ONE_SHOT, MATH_SUFFIX, QWEN_SYSTEM, pairwise.SYSTEM, pairwise.USER,
               judge_rlvr.INSTRUCTION, *judge_rlvr.TEMPLATES["xml"], json.dumps(judge_rlvr.ONE_SHOT),
@@ -172,8 +172,6 @@ def build_tokenizer(family: str, texts: list[str], folder: Path):
     """A byte-level BPE saved with the real model's tokenizer class and special tokens, then loaded back the way the
     pipeline loads a hub tokenizer (AutoTokenizer), so the class's own behaviour applies; trained with the
     pre-tokenizer and normalizer that class imposes (Qwen2Tokenizer replaces both), so its merges fit them."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     spec = TOKENIZERS[family]
 
     def train(pre_tokenizer=None, normalizer=None):
@@ -205,8 +203,6 @@ def build_tokenizer(family: str, texts: list[str], folder: Path):
 # --- models -------------------------------------------------------------------------------------------------------
 
 def build_model(spec: StandIn, tokenizer, seed: int):
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPTNeoXConfig, LlamaConfig,
-                              Qwen2Config)
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tokenizer), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
                   num_attention_heads=spec.heads, intermediate_size=4 * spec.hidden, max_position_embeddings=4096,
@@ -230,8 +226,6 @@ def _batches(items: list, batch: int, steps: int, rng: random.Random):
 
 def train_causal(model, tokenizer, pairs: list[tuple[str, str]], spec: StandIn, rng: random.Random) -> None:
     """AdamW on prompt + completion + EOS with the loss on the completion and EOS (the pipeline's encoding)."""
-    from rlhf.generation import left_pad
-    from rlhf.models import encode_completion, encode_prompt
     encoded = []
     for prompt, completion in pairs:
         p = encode_prompt(tokenizer, prompt)
@@ -253,7 +247,6 @@ def train_causal(model, tokenizer, pairs: list[tuple[str, str]], spec: StandIn, 
 
 def train_reward(model, tokenizer, pairs: list[tuple[str, str]], spec: StandIn, rng: random.Random) -> None:
     """Bradley-Terry: a prompt's reference over another prompt's, through the chat template as the gold formats it."""
-    from rlhf.rewards.gold import reward_model_text
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     tokenizer.padding_side = "right"
     model.train()
@@ -277,7 +270,6 @@ def balanced_choices(model, tokenizer, prompts: list[str], choices: tuple[str, s
     hundred steps learns the reply format but not yet a preference, and its greedy pick would be the same for every
     pair: a constant label, which carries nothing into the proxy RM. The shift is along the mean hidden state, so
     which pairs get which label still depends on the input."""
-    from rlhf.generation import left_pad
     a, b = (tokenizer.convert_tokens_to_ids(tokenizer.tokenize(c)[-1]) for c in choices)
     ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], tokenizer.pad_token_id)
     hidden = model.model(input_ids=ids, attention_mask=mask,
@@ -297,7 +289,6 @@ def sampling_check(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
     """Two completions per prompt at temperature 1: the share that end with EOS within max_new_tokens, and the share of
     pairs whose two completions differ (the sample stage drops identical pairs: a stand-in that always writes the same
     completion would leave nothing to label)."""
-    from rlhf.generation import sample
     rollout = sample(model, tokenizer, prompts, 2, max_new_tokens, 1.0, batch_size=len(prompts) * 2)
     ended = (rollout.completion_ids == tokenizer.eos_token_id) & rollout.completion_mask.bool()
     distinct = [a != b for a, b in zip(rollout.texts[0::2], rollout.texts[1::2])]

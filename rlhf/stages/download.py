@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhf.data import load_splits
 from rlhf.errors import DataError
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]  # not the .bin / .pth twins
@@ -27,9 +28,7 @@ def hub_models(cfg: dict) -> list[str]:
 
 
 def run(cfg, args):
-    from huggingface_hub import snapshot_download
-
-    from rlhf.data import load_splits
+    from huggingface_hub import snapshot_download  # this tool's own need: the stages read the cache offline
     for name in hub_models(cfg):
         try:
             folder = snapshot_download(name, allow_patterns=MODEL_FILES)

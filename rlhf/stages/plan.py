@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.cluster import job_spec, ranks
-from rlhf.registry import ensemble_members
+from rlhf.data import miniature_tokenizer
+from rlhf.registry import advpo_used, bspo_used, dpo_methods, ensemble_members
 from rlhf.settings import GRPOSettings
 
 GIB = 2 ** 30
@@ -83,7 +84,6 @@ def policy_shape(cfg: dict) -> Shape:
     """The policy's shape: model.name's, or the miniature's model.build."""
     if "build" in cfg["model"]:
         b = cfg["model"]["build"]
-        from rlhf.data import miniature_tokenizer
         vocab = max(len(miniature_tokenizer(cfg)), b.get("vocab_size") or 0)
         return Shape(b["hidden_size"], b["num_layers"], b["num_heads"], b.get("num_key_value_heads") or b["num_heads"],
                      b["intermediate_size"], vocab, True, "gpt_neox" if b["arch"] == "gpt_neox" else "llama")
@@ -97,7 +97,7 @@ def shape_of(name: str) -> Shape:
         return Shape.of_config(json.loads((folder / "config.json").read_text()))
     if name in KNOWN:
         return KNOWN[name]
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # only for a model neither local nor known: the hub cache
     return Shape.of_config(json.loads(Path(hf_hub_download(name, "config.json")).read_text()))
 
 
@@ -184,7 +184,6 @@ def inference_memory(cfg: dict, stage: str) -> dict:
 
 def used_rules(cfg: dict) -> list[str]:
     """The rules the experiment's DAG has (the Snakefile's conditions)."""
-    from rlhf.registry import advpo_used, bspo_used, dpo_methods
     rlvr = "rlvr" in cfg
     uwo = any(GRPOSettings.for_method(cfg, m).uwo_lambda is not None for m in cfg["methods"])
     wanted = {"data": True, "base": "build" in cfg["model"], "sft": True, "sample": not rlvr, "label": not rlvr,
