@@ -5,6 +5,8 @@ every advantage, gradient and policy update is zero and every method's row equal
 a run, naming the method or stage:
 - GRPO: each run has steps with a non-zero advantage (groups whose rewards differ), a non-zero gradient norm at each
   such step and no NaN; its final policy differs from the SFT policy (so do the DPO-family policies);
+- completions end: the SFT policy's evaluation completions average under 95% of the length cap; RLVR completions
+  carry their format (tags, steps) at some step;
 - labels: the gold preferred the first sample of a pair for some pairs and the second for others; an API judge
   answered a parseable label for at least PARSEABLE_FLOOR of the pairs;
 - RLVR judge reward: at least PARSEABLE_FLOOR of the judge's replies parsed, and its correctness term varied;
@@ -86,6 +88,21 @@ def check_experiment(root: Path, cfg: dict) -> tuple[list[str], dict]:
             problems.append(f"the RLVR judge's replies parsed for {parsed:.0%} (floor {PARSEABLE_FLOOR:.0%})")
         if len(set(correctness)) < 2:
             problems.append(f"the judge's correctness reward never varied ({sorted(set(correctness))})")
+
+    # completions that end: the SFT policy's evaluation completions shorter than the length cap on average; RLVR answers
+    # that carry their tags (a format term above zero at some step)
+    cap = cfg["evaluate"]["max_new_tokens"]
+    length = json.loads((P.evaluation(SFT_BASELINE, cfg["seed"]) / "metrics.json").read_text())["length"]
+    signals["SFT length / cap"] = f"{length / cap:.2f}"
+    if length >= 0.95 * cap:
+        problems.append(f"evaluate sft: completions average {length:.0f} of {cap} tokens: they do not end (no EOS)")
+    if "rlvr" in cfg:
+        formats = [r.get(k, 0) for m, s in runs for r in _jsonl(P.grpo_metrics(m, s))
+                   for k in ("reward/soft_format", "reward/format") if k in r]
+        signals["format reward max"] = f"{max(formats, default=0):.2f}"
+        if not formats or max(formats) <= 0:
+            problems.append("grpo: no completion ever carried the answer format (its tags / steps): the format "
+                            "reward was zero throughout")
 
     sft = weights(P.sft)
     policies = [(f"grpo {m} seed {s}", P.policy(m, s)) for m, s in runs]
