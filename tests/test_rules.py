@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+from tests.conftest import REPO
 from rlhf.rewards.rules import (GSM8K_TERMS, MATH_TERMS, MathVerifier, gsm8k_gold, gsm8k_reward_terms, last_boxed,
                                 math_reward_terms, reasoning_steps)
 
@@ -103,3 +104,55 @@ def test_a_math_verify_check_that_hangs_is_cut_off_in_any_thread_and_counted():
         assert v.correct([r"\boxed{4}"], [r"\boxed{2+2}"]) == [True]
     finally:
         v.close()
+
+
+SCRIPT = """
+from rlhf.rewards.rules import math_reward_terms
+print(math_reward_terms("First, 2 + 2 = 4. So \\\\boxed{4}", "The answer is \\\\boxed{4}")["correctness"])
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_math_reward_terms_from_a_plain_script_and_a_module_run_as_main(tmp_path, how):
+    """No `if __name__ == "__main__":` guard: multiprocessing would re-run the caller's main module (a script by its
+    path, `python -m x` or a notebook kernel by its name) in every math-verify worker, each of which called the reward
+    again and died ("All workers expired"). The workers never import __main__ now."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "caller.py").write_text(SCRIPT)
+    argv = [sys.executable, str(tmp_path / "caller.py")] if how == "script" else [sys.executable, "-m", "caller"]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-2000:]
+
+
+def die_first_time(gold_box: str, pred_box: str):
+    """A math-verify check whose worker dies the first time, then answers: the gold box names a marker file (a worker
+    comes from the forkserver, which does not see environment variables set after it started)."""
+    import os
+    if not os.path.exists(gold_box):
+        open(gold_box, "w").close()
+        os._exit(1)
+    return True, False
+
+
+def always_die(gold_box: str, pred_box: str):
+    import os
+    os._exit(1)
+
+
+def test_a_math_verify_worker_that_dies_is_replaced_once_then_reported(tmp_path):
+    from rlhf.errors import RewardError
+    verifier = MathVerifier(check=die_first_time)
+    try:
+        assert verifier.correct(["\\boxed{4}"], [f"\\boxed{{{tmp_path / 'died'}}}"]) == [False]
+        assert verifier.counts["worker_restarts"] == 1 and (tmp_path / "died").exists()
+    finally:
+        verifier.close()
+    verifier = MathVerifier(check=always_die)
+    try:
+        with pytest.raises(RewardError, match="worker process died twice checking '4' against '5'"):
+            verifier.correct(["\\boxed{4}"], ["\\boxed{5}"])
+    finally:
+        verifier.close()

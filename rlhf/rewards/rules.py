@@ -21,10 +21,17 @@ running it in a worker process that is killed when it overruns (pebble), so a pa
 from __future__ import annotations
 
 import atexit
+import io
+import os
 import re
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from multiprocessing import context, forkserver, popen_forkserver, reduction, spawn, util
+
+from pebble import ProcessExpired
+
+from rlhf.errors import RewardError
 
 GSM8K_TERMS = ("correctness", "int", "strict_format", "soft_format", "xml_count")
 MATH_TERMS = ("correctness", "format")
@@ -110,6 +117,46 @@ def _warm() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "Timeout is disabled": intended, we bound it outside
 
 
+class _NoMainPopen(popen_forkserver.Popen):
+    """A forkserver child that does not run the caller's __main__: multiprocessing re-imports the parent's main module
+    in every worker (to find functions defined there), so a plain script that calls math_reward_terms at top level
+    would run again inside each worker, start pools there and die ("All workers expired"). The worker only needs
+    this module's functions, found by import."""
+
+    def _launch(self, process_obj):
+        prep_data = {k: v for k, v in spawn.get_preparation_data(process_obj._name).items()
+                     if not k.startswith("init_main")}
+        buf = io.BytesIO()
+        context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            context.set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        _parent_w = os.dup(w)  # as multiprocessing's own: the parent's sentinel of the child
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _NoMainProcess(context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _NoMainPopen(process_obj)
+
+
+class _NoMainContext(context.ForkServerContext):
+    """forkserver (a worker never inherits the trainer's threads, CUDA context or open files) without __main__."""
+    Process = _NoMainProcess
+
+
+def _no_main_context() -> _NoMainContext:
+    forkserver._forkserver._preload_modules = []  # the server process itself would import __main__ too
+    return _NoMainContext()
+
+
 def _check(gold_box: str, pred_box: str) -> tuple[bool, bool]:
     """(gold parsed, prediction verified) by math-verify, its signal-based timeouts off (we bound time outside)."""
     from math_verify import LatexExtractionConfig, parse, verify
@@ -131,7 +178,9 @@ class MathVerifier:
     replaced when it overruns). Counts what it could not decide: timeouts, golds without a parseable last box."""
     workers: int = 1
     timeout: float = 10.0
-    counts: dict = field(default_factory=lambda: {"timeouts": 0, "gold_unparseable": 0, "no_box": 0})
+    check: object = None  # the worker's function, (gold box, prediction box) -> (gold parsed, verified); None: _check
+    counts: dict = field(default_factory=lambda: {"timeouts": 0, "gold_unparseable": 0, "no_box": 0,
+                                                  "worker_restarts": 0})
 
     def __post_init__(self):
         self._pool, self._lock = None, threading.Lock()
@@ -139,12 +188,8 @@ class MathVerifier:
     def _ensure_pool(self):
         with self._lock:
             if self._pool is None:
-                import multiprocessing
-
                 from pebble import ProcessPool
-                # forkserver: a worker never inherits the trainer's threads, CUDA context or open files
-                self._pool = ProcessPool(max_workers=self.workers, initializer=_warm,
-                                         context=multiprocessing.get_context("forkserver"))
+                self._pool = ProcessPool(max_workers=self.workers, initializer=_warm, context=_no_main_context())
             return self._pool
 
     def correct(self, completions: list[str], gold_solutions: list[str]) -> list[bool]:
@@ -157,13 +202,24 @@ class MathVerifier:
             elif pred_box is None:
                 self.counts["no_box"] += 1
             else:
-                jobs[i] = pool.schedule(_check, args=(gold_box, pred_box), timeout=self.timeout)
+                jobs[i] = pool.schedule(self.check or _check, args=(gold_box, pred_box), timeout=self.timeout)
         for i, future in jobs.items():
-            try:
-                gold_ok, out[i] = future.result()
-                self.counts["gold_unparseable"] += not gold_ok
-            except FutureTimeout:
-                self.counts["timeouts"] += 1
+            for attempt in (1, 2):
+                try:
+                    gold_ok, out[i] = future.result()
+                    self.counts["gold_unparseable"] += not gold_ok
+                except FutureTimeout:
+                    self.counts["timeouts"] += 1
+                except ProcessExpired as e:  # the worker died (killed, out of memory): once more, then say so
+                    pred_box, gold_box = last_boxed(completions[i]), last_boxed(gold_solutions[i])
+                    if attempt == 2:
+                        raise RewardError(f"math-verify: its worker process died twice checking {pred_box!r} against "
+                                          f"{gold_box!r} ({e}): a memory limit, or an input that crashes it") from None
+                    self.counts["worker_restarts"] += 1
+                    future = self._ensure_pool().schedule(self.check or _check, args=(gold_box, pred_box),
+                                                          timeout=self.timeout)
+                    continue
+                break
         return out
 
     def close(self) -> None:
