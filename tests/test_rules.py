@@ -1,5 +1,6 @@
 """The RLVR rule rewards (rlhf/rewards/rules.py) on crafted completions; expected values worked out by hand from
 REFERENCES §1 (and ReDit's scripts where they differ from a naive reading: MULTILINE `$`, `isdigit`)."""
+import os
 import threading
 
 import pytest
@@ -156,3 +157,23 @@ def test_a_math_verify_worker_that_dies_is_replaced_once_then_reported(tmp_path)
             verifier.correct(["\\boxed{4}"], ["\\boxed{5}"])
     finally:
         verifier.close()
+
+
+def parent_command(gold_box: str, pred_box: str):
+    import os
+    return True, open(f"/proc/{os.getppid()}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="reads the worker's parent from /proc (Linux)")
+def test_math_verify_workers_fork_from_a_private_server_that_imported_math_verify_once():
+    """Each worker is a fork of a forkserver that preloaded math-verify (no import per worker, nor per replacement of
+    a worker killed on a timeout), and multiprocessing's global forkserver keeps its own preload (__main__)."""
+    from multiprocessing import forkserver
+    verifier = MathVerifier(workers=2, check=parent_command)
+    try:
+        verifier.correct(["\\boxed{1}"], ["\\boxed{1}"])
+        parent = verifier._pool.schedule(parent_command, args=("", "")).result()[1]
+    finally:
+        verifier.close()
+    assert "multiprocessing.forkserver import main" in parent and "'math_verify', 'rlhf.rewards.rules'" in parent, parent
+    assert forkserver._forkserver._preload_modules == ["__main__"]
