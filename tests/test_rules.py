@@ -175,5 +175,6 @@ def test_math_verify_workers_fork_from_a_private_server_that_imported_math_verif
         parent = verifier._pool.schedule(parent_command, args=("", "")).result()[1]
     finally:
         verifier.close()
-    assert "multiprocessing.forkserver import main" in parent and "'math_verify', 'rlhf.rewards.rules'" in parent, parent
+    assert "multiprocessing.forkserver import main" in parent, parent
+    assert "'math_verify', 'rlhf.rewards.rules'" in parent, parent
     assert forkserver._forkserver._preload_modules == ["__main__"]
