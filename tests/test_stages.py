@@ -308,3 +308,18 @@ def test_training_trajectory_does_not_depend_on_evaluation_frequency(micro_run, 
     evals = _metrics(root, "a").dropna(subset=["eval/win_rate"])
     assert evals["step"].tolist() == [0, 1, 2, 3, 4] and (evals["eval/train_n"] == 8).all()
     assert evals["eval/train_win_rate"].between(0, 1).all() and "eval/train_win_rate" not in _metrics(root, "b")
+
+
+def test_certify_markdown_says_undefined_for_a_correlation_of_a_constant(tmp_path):
+    """certify writes None where a Spearman correlation is undefined; the report stage crashed formatting it."""
+    import json
+
+    import pandas as pd
+
+    from rlhf.stages.report import certify_markdown
+    pd.DataFrame({"bin": [0], "radius_mean": [0.1], "n": [4], "gold_agreement": [1.0]}).to_csv(
+        tmp_path / "deciles.csv", index=False)
+    (tmp_path / "summary.json").write_text(json.dumps({"spearman_radius_gold_agreement": None,
+                                                       "spearman_radius_model_noise": 0.5}))
+    text = certify_markdown(tmp_path)
+    assert "gold_agreement undefined" in text and "model_noise 0.50" in text

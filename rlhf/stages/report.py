@@ -74,8 +74,10 @@ def certify_markdown(folder) -> str:
     for _, r in deciles.iterrows():
         lines.append(f"| {int(r['bin']) + 1} | {r['radius_mean']:.4f} | {int(r['n'])} | " +
                      " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    # None where a correlation is undefined (a constant rate or radius: the paper rehearsal's gr-tldr-qwen2.5-0.5b)
     lines += ["", "Spearman correlation with the radius: " +
-              ", ".join(f"{k.removeprefix('spearman_radius_')} {v:.2f}" for k, v in summary.items() if k.startswith("spearman"))]
+              ", ".join(f"{k.removeprefix('spearman_radius_')} {'undefined' if v is None else f'{v:.2f}'}"
+                        for k, v in summary.items() if k.startswith("spearman"))]
     return "\n".join(lines) + "\n"
 
 
