@@ -58,8 +58,8 @@ def job_env() -> dict:
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def prepare(out: Path, keys: set[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """The dataset folders (all four layouts) and the stand-ins `keys` (built once, reused while unchanged)."""
+def hub_folders(out: Path) -> dict[str, str]:
+    """The dataset folders, all four layouts (written once, reused while unchanged)."""
     hub = {}
     for kind in HUB_LAYOUTS:
         folder, want = out / "hub" / kind, recipe(kind, ROWS[kind])
@@ -69,12 +69,17 @@ def prepare(out: Path, keys: set[str]) -> tuple[dict[str, str], dict[str, str]]:
                 write_hub_dataset(kind, tmp, ROWS[kind])
             stamp.write_text(json.dumps(want))
         hub[kind] = str(folder)
+    return hub
+
+
+def standins(out: Path, keys: set[str]) -> dict[str, str]:
+    """The stand-ins `keys`, trained on the dataset folders (built once, reused while unchanged)."""
     models = {}
     for key in sorted(keys):
         t0 = time.monotonic()
         models[key] = str(build_standin(key, out / "models", out / "hub"))
         print(f"rehearsal: stand-in {key} ready ({time.monotonic() - t0:.0f} s)", flush=True)
-    return hub, models
+    return models
 
 
 class JudgeServer:
@@ -207,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
             cluster = SlurmCluster(out / "slurm").__enter__()
             on = cluster.login.command()
             os.environ["SLURM_CONF"] = cluster.env["SLURM_CONF"]
-        hub, models = prepare(out, {JUDGE} if judges else set())
+        hub, models = hub_folders(out), standins(out, {JUDGE} if judges else set())
         if judges:  # on the cluster's first node (its own network), or on a free loopback port here
             from rlhf.distributed import free_port
             host, port = ("0.0.0.0", JUDGE_PORT) if cluster else ("127.0.0.1", free_port())
             server = JudgeServer(models[JUDGE], judges, out / "judge-server.log", on, host, port)
             judge_url = f"http://{cluster.names[0] if cluster else '127.0.0.1'}:{port}/v1"
-        models.update(prepare(out, set().union(*(standins_needed(c) for c in cfgs.values())) - {JUDGE})[1])
+        models.update(standins(out, set().union(*(standins_needed(c) for c in cfgs.values())) - {JUDGE}))
         results = []
         for q in papers:
             if uses_judge(cfgs[q]):

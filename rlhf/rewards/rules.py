@@ -161,10 +161,6 @@ class _NoMainContext(context.ForkServerContext):
     Process = _NoMainProcess
 
 
-def _no_main_context() -> _NoMainContext:
-    return _NoMainContext()
-
-
 def _check(gold_box: str, pred_box: str) -> tuple[bool, bool]:
     """(gold parsed, prediction verified) by math-verify, its signal-based timeouts off (we bound time outside)."""
     from math_verify import LatexExtractionConfig, parse, verify
@@ -197,12 +193,12 @@ class MathVerifier:
         with self._lock:
             if self._pool is None:
                 from pebble import ProcessPool
-                self._pool = ProcessPool(max_workers=self.workers, initializer=_warm, context=_no_main_context())
+                self._pool = ProcessPool(max_workers=self.workers, initializer=_warm, context=_NoMainContext())
             return self._pool
 
     def correct(self, completions: list[str], gold_solutions: list[str]) -> list[bool]:
         """Whether each completion's last box equals its gold's last box (False where undecidable, and counted)."""
-        pool, out, jobs = self._ensure_pool(), [False] * len(completions), {}
+        pool, out, jobs, check = self._ensure_pool(), [False] * len(completions), {}, self.check or _check
         for i, (text, gold) in enumerate(zip(completions, gold_solutions, strict=True)):
             pred_box, gold_box = last_boxed(text), last_boxed(gold)
             if gold_box is None:
@@ -210,7 +206,7 @@ class MathVerifier:
             elif pred_box is None:
                 self.counts["no_box"] += 1
             else:
-                jobs[i] = pool.schedule(self.check or _check, args=(gold_box, pred_box), timeout=self.timeout)
+                jobs[i] = pool.schedule(check, args=(gold_box, pred_box), timeout=self.timeout)
         for i, future in jobs.items():
             for attempt in (1, 2):
                 try:
@@ -224,8 +220,7 @@ class MathVerifier:
                         raise RewardError(f"math-verify: its worker process died twice checking {pred_box!r} against "
                                           f"{gold_box!r} ({e}): a memory limit, or an input that crashes it") from None
                     self.counts["worker_restarts"] += 1
-                    future = self._ensure_pool().schedule(self.check or _check, args=(gold_box, pred_box),
-                                                          timeout=self.timeout)
+                    future = self._ensure_pool().schedule(check, args=(gold_box, pred_box), timeout=self.timeout)
                     continue
                 break
         return out
