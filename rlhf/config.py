@@ -313,13 +313,21 @@ def config_from_mapping(raw: dict, source: str = "snakemake config") -> dict:
     return validate_config(cfg, source=source)
 
 
-def expand_sweeps(cfg: dict, source: str = "config") -> dict:
-    """Each sweep point becomes a method <sweep>-<v1>[-<v2>...]; the DAG then runs it like any other."""
-    for name, sweep in cfg["sweeps"].items():
+def sweep_points(cfg: dict) -> dict[str, dict[str, dict]]:
+    """sweep name -> {method <sweep>-<v1>[-<v2>...]: its fields}, in grid order."""
+    out = {}
+    for name, sweep in cfg.get("sweeps", {}).items():
         fields = list(sweep["grid"])
-        for point in itertools.product(*(sweep["grid"][f] for f in fields)):
-            method = "-".join([name, *(f"{v:g}" if isinstance(v, float) else str(v) for v in point)])
-            overrides = {**sweep.get("base", {}), **dict(zip(fields, point))}
+        out[name] = {"-".join([name, *(f"{v:g}" if isinstance(v, float) else str(v) for v in point)]):
+                     {**sweep.get("base", {}), **dict(zip(fields, point))}
+                     for point in itertools.product(*(sweep["grid"][f] for f in fields))}
+    return out
+
+
+def expand_sweeps(cfg: dict, source: str = "config") -> dict:
+    """Each sweep point becomes a method; the DAG then runs it like any other."""
+    for name, points in sweep_points(cfg).items():
+        for method, overrides in points.items():
             if cfg["methods"].get(method, overrides) != overrides:
                 raise ConfigError(f"{source}: sweeps.{name} makes method {method!r}, which methods already names")
             cfg["methods"][method] = overrides

@@ -9,9 +9,9 @@ import pytest
 
 from rlhf.config import _read_yaml, load_config, validate_config
 from rlhf.rehearsal.overlay import OVERLAID, UPDATE_COUNTS, changes, merged, overlay, standins_needed
-from rlhf.rehearsal.run import CI_SUBSET, paper_configs
+from rlhf.rehearsal.run import CI_SUBSET, ci_slice, paper_configs, slice_targets
 from rlhf.rehearsal.standins import HUB_MODELS, STANDINS
-from tests.conftest import REPO
+from tests.conftest import REPO, jobs
 
 FOLDERS = {k: f"/standins/{k}" for k in STANDINS}
 HUB = {k: f"/hub/{k}" for k in ("tldr", "alpaca_farm", "gsm8k", "math")}
@@ -96,10 +96,31 @@ def test_the_ci_subset_has_a_config_of_each_kind():
                and any(m.startswith("advpo") for m in c["methods"]) for c in kinds)
 
 
+def test_the_ci_slice_keeps_every_stage_and_method_kind_and_one_point_of_each_sweep(tmp_path):
+    """CI rehearses a config with sweeps through every stage its whole DAG has but the report, with every method that
+    is not a sweep point and the first point of each sweep; a config without sweeps whole."""
+    path = REPO / "config" / "paper" / "signcert-tldr-pythia-1b.yaml"
+    cfg = load_config(path)
+    kept = ci_slice(cfg)
+    assert kept == ["drgrpo", "uwo", "bspo", "signcert-0.1", "advpo-1"]  # SignCert's q sweep, AdvPO's budget sweep
+    assert ci_slice(load_config(REPO / "config" / "paper" / "gr-math-qwen2.5-1.5b.yaml")) is None
+
+    def dry(*targets):
+        done = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                               str(tmp_path), "--configfile", str(path), "--cores", "1", "-n", *targets],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return jobs(done.stdout)
+    whole, sliced = dry(), dry(*slice_targets(cfg, kept))
+    assert set(sliced) == set(whole) - {"report", "all"}
+    assert sliced["grpo"] == len(kept) < whole["grpo"] and sliced["evaluate"] == 2  # SFT's and the first method's
+
+
 @pytest.mark.slow
 def test_the_ci_subset_of_paper_configs_rehearses_end_to_end(tmp_path):
-    """`python -m rlhf.rehearsal --ci --local`: a config of each kind (CI_SUBSET), each one's whole DAG through the
-    Snakefile (local executor: the Slurm profile costs about twice as long; make rehearse goes through it, and
+    """`python -m rlhf.rehearsal --ci --local`: a config of each kind (CI_SUBSET) through the Snakefile, every stage
+    and method, one point of each sweep (ci_slice: the two configs with sweeps run without their report; the two
+    without, whole; local executor: the Slurm profile costs about twice as long; make rehearse goes through it, and
     tests/test_slurm.py runs the micro DAG on two Slurm nodes) with its checks (non-zero advantages and gradients,
     parseable judge, completions that end and carry their format, every policy moved, every report and paper-table
     cell filled). One test on one pytest-xdist worker: split over both workers (two files, two configs each) the
@@ -111,6 +132,7 @@ def test_the_ci_subset_of_paper_configs_rehearses_end_to_end(tmp_path):
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:], report)
     assert [r["config"] for r in report["configs"]] == list(CI_SUBSET)  # in its order: those asking a judge last
     assert all(r["passed"] and r["jobs"] > 5 for r in report["configs"])
+    assert {r["config"] for r in report["configs"] if r["whole"]} == {"gr-math-qwen2.5-1.5b", "gr-gsm8k-judge-qwen2.5-0.5b"}
     by_config = {r["config"]: r["signals"] for r in report["configs"]}
     assert float(by_config["gr-gsm8k-judge-qwen2.5-0.5b"]["judge parseable"]) >= 0.5
     assert report["tables"] and all(t["missing"] == 0 for t in report["tables"].values()), report["tables"]

@@ -281,3 +281,74 @@ def test_conda_environments_deploy_the_way_snakemake_creates_them(tmp_path):
                                capture_output=True, text=True)
         assert unset.returncode != 0 and "RLHF_WORKFLOW_ROOT: is set by the Snakefile" in unset.stderr
     assert 'os.environ["RLHF_WORKFLOW_ROOT"] = ROOT' in (REPO / "Snakefile").read_text()
+
+
+# Here, not in tests/test_tables.py, because it reads micro_snakemake: a session fixture is built once per pytest-xdist
+# worker, and `make test` gives each worker whole files (--dist loadfile), so a second file using it on the other
+# worker would build the micro DAG again (~105 s of CPU).
+def test_the_tables_workflow_reuses_an_experiments_results_and_its_report_shows_every_table_and_figure(
+        micro_snakemake, tmp_path):
+    """On the micro DAG already run by the pipeline's own Snakefile, the tables workflow schedules only the table and
+    the figure: the experiment's module sees its finished jobs (same commands, params and inputs), and the table holds
+    the evaluations' own numbers. Then `snakemake --report` embeds both with their captions, and a real headless
+    browser renders the report (a screenshot with content)."""
+    import base64
+    import csv
+    import shutil
+
+    from tests.test_tables import _spec
+
+    import numpy as np
+    from matplotlib.image import imread
+    cfg, _, run = micro_snakemake
+    assert run.returncode == 0, run.stderr[-3000:]
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    _spec(specs, "micro-table", title="Micro table", metric="win_rate", experiment=str(cfg), columns={"micro": {}},
+          rows={"SFT": {"method": "sft"}, "GR": {"method": "gr"}})
+    _spec(specs, "micro-figure", figure="curve", title="Micro figure", x="eval/kl", y="eval/win_rate",
+          methods=["noreg", "gr"], panels={"micro": {"experiment": str(cfg)}})
+    _spec(specs, "micro-bench", title="Micro bench", source="bench", metric="step", experiment=str(cfg),
+          columns={"cpu": {}}, rows={"Dr.GRPO": {"method": "noreg"}})
+    out = tmp_path / "tables"
+    command = [*SNAKEMAKE, "-s", str(REPO / "workflow" / "tables.smk"), "--directory", str(cfg.parent),
+               "--config", f"tables={specs}", f"tables_dir={out}"]
+    dry = subprocess.run([*command, "-n", "--cores", "1"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert jobs(dry.stdout) == {"table_micro_table": 1, "figure_micro_figure": 1, "table_micro_bench": 1, "tables": 1}
+    done = subprocess.run([*command, "--cores", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["row"]: r for r in csv.DictReader((out / "micro-table.csv").open())}
+    expected = json.loads((cfg.parent / "results" / "micro" / "eval" / "gr" / "seed0" / "metrics.json").read_text())
+    assert float(rows["GR"]["mean"]) == pytest.approx(expected["win_rate"]) and rows["GR"]["n"] == "1"
+    assert all((out / f"micro-table.{suffix}").is_file() for suffix in ("md", "tex", "html"))
+    bench_row = lambda: next(csv.DictReader((out / "micro-bench.csv").open()))
+    assert bench_row()["mean"] == "" and bench_row()["missing"].endswith("bench/bench.json")  # make bench not run
+    bench = cfg.parent / "results" / "micro" / "bench" / "bench.json"
+    bench.parent.mkdir(exist_ok=True)
+    bench.write_text(json.dumps({"results": {"noreg": {"step": 0.4}}}))
+    try:  # a bench.json made after the table re-renders it, and only it
+        dry = subprocess.run([*command, "-n", "--cores", "1"], capture_output=True, text=True, timeout=300)
+        assert jobs(dry.stdout) == {"table_micro_bench": 1, "tables": 1}, dry.stdout[-3000:]
+        done = subprocess.run([*command, "--cores", "1"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and float(bench_row()["mean"]) == 0.4, done.stderr[-3000:]
+    finally:
+        bench.unlink()
+
+    report = tmp_path / "report.html"
+    made = subprocess.run([*command, "--report", str(report)], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    page = report.read_text()
+    for item in ("micro-table.html", "micro-figure.png"):  # each embedded whole, with its caption's title
+        assert base64.b64encode((out / item).read_bytes()).decode() in page, item
+    assert "Micro table" in page and "Micro figure" in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (make test installs Debian's where apt can)")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=1280,900", "--virtual-time-budget=8000", f"--screenshot={shot}",
+                    report.as_uri()], capture_output=True, text=True, timeout=120)
+    image = imread(shot)[..., :3]
+    assert image.shape[:2] == (900, 1280) and np.std(image) > 0.05  # the rendered app, not a blank page
+    assert (np.abs(image - image.mean(axis=(0, 1))).sum(axis=2) > 0.3).mean() > 0.02  # with text and graphics
