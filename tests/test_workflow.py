@@ -296,10 +296,10 @@ def test_the_tables_workflow_reuses_an_experiments_results_and_its_report_shows_
     import csv
     import shutil
 
-    from tests.test_tables import _spec
-
     import numpy as np
     from matplotlib.image import imread
+
+    from tests.test_tables import _spec
     cfg, _, run = micro_snakemake
     assert run.returncode == 0, run.stderr[-3000:]
     specs = tmp_path / "specs"

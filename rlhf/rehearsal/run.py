@@ -196,7 +196,8 @@ def render_report(results: list[dict], tables: dict) -> str:
     lines = ["| config | result | jobs | seconds | signals |", "|---|---|---|---|---|"]
     for r in results:
         signals = "; ".join(f"{k} {v}" for k, v in r["signals"].items())
-        verdict = ("pass" if r.get("whole", True) else "pass (CI slice)") if r["passed"] else "FAIL: " + " / ".join(p.splitlines()[0][:200] for p in r["problems"])
+        verdict = "FAIL: " + " / ".join(p.splitlines()[0][:200] for p in r["problems"]) if not r["passed"] else \
+            "pass" if r["whole"] else "pass (CI slice)"
         lines.append(f"| {r['config']} | {verdict} | {r['jobs']} | {r['seconds']} | {signals} |")
     if tables:
         lines += ["", "| paper table | cells the rehearsal fills | filled | empty bins | missing |", "|---|---|---|---|---|"]
