@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import re
 import subprocess
@@ -12,6 +13,56 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
+
+
+# Processes the tests start only to kill, time or isolate them (not to test process start-up) fork from one server per
+# pytest worker that imported the stages once (multiprocessing's forkserver: single-threaded, unlike the xdist worker):
+# started with `python -m`, each imported torch, transformers and the stage again, ~5 s of CPU here.
+multiprocessing.set_forkserver_preload(["rlhf.cli", "rlhf.stages.grpo", "rlhf.stages.label", "rlhf.stages.evaluate",
+                                         "tests.test_distributed"])
+
+
+def _stage_main(argv: list[str], log: str, env: dict) -> None:
+    os.environ.update(env)
+    os.chdir(REPO)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from rlhf.cli import main
+    sys.exit(main(argv))
+
+
+class StageProcess:
+    """`python -m rlhf <argv>` in a child forked from the preloaded forkserver, with the environment `env` on top of
+    this one, stdout and stderr to `log`; poll / send_signal / wait / communicate as subprocess.Popen's."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict | None = None):
+        self.argv, self.log = list(argv), Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = multiprocessing.get_context("forkserver").Process(
+            target=_stage_main, args=(self.argv, str(self.log), dict(env or {})))
+        self.proc.start()
+        self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired(["rlhf", *self.argv], timeout)
+        return self.proc.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        self.wait(timeout)
+        return (self.log.read_text() if self.log.is_file() else ""), None
 
 
 def write_config(tmp_path: Path, base: str = "micro.yaml", **sections) -> Path:

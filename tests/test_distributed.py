@@ -76,12 +76,8 @@ def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> 
     dist.close()
 
 
-# The ranks fork from one forkserver that imported this module (torch, the trainer, DeepSpeed) once: spawned, each
-# rank imported them itself, ~5 s of CPU per rank and ~70 s over this file's cases. A forkserver, not fork: the
-# pytest-xdist worker has threads, the server has none.
-mp.set_forkserver_preload([__name__])
-
-
+# The ranks fork from the forkserver that imported this module (torch, the trainer, DeepSpeed) once (tests/conftest.py):
+# spawned, each rank imported them itself, ~5 s of CPU per rank and ~70 s over this file's cases.
 def run_ranks(world_size: int, settings: dict, tmp_path):
     out = str(tmp_path / f"rank0-{world_size}-{settings['backend']}.pt")
     mp.start_processes(_worker, args=(world_size, free_port(), settings, out), nprocs=world_size, join=True,

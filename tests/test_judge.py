@@ -5,6 +5,7 @@ malformed bodies, the durable cache (resume without re-sending), the budget cap,
 (submit, poll, resume by id, find a batch whose id was never recorded), the key never leaking, and the label
 and evaluate stages running with `gold: openai` on the miniature.
 """
+import itertools
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from rlhf.judge import prompt as jp
 from rlhf.judge.cache import Answer, AnswerCache
 from rlhf.judge.client import BudgetExhausted, ChatClient
 from rlhf.rewards.gold import JudgeGold, make_gold
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, StageProcess, write_config
 from tests.fake_openai import FakeOpenAI
 
 KEY = "sk-test-DO-NOT-LEAK-0123456789"
@@ -276,10 +277,13 @@ def openai_micro(tmp_path, micro_run, url, **judge):
     return write_config(tmp_path, gold={"type": "openai", "judge": judge})
 
 
-def run_stage(stage, config, *extra, **popen):
-    env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "rlhf", stage, "--config", str(config), *extra], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+def run_stage(stage, config, *extra):
+    """The stage in its own process (killed, resumed), its output in a log of its own beside the config."""
+    log = config.parent / f"{stage}-{next(_LAUNCHES)}.log"
+    return StageProcess([stage, "--config", str(config), *extra], log, env={"OPENAI_API_KEY": KEY})
+
+
+_LAUNCHES = itertools.count()
 
 
 @pytest.mark.slow

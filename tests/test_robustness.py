@@ -5,13 +5,11 @@ noise created on the device of the tensor it perturbs."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 
 from rlhf.config import load_config
 from rlhf.distributed import Dist, make_update
-from tests.conftest import REPO, micro_grpo, write_config
+from tests.conftest import REPO, StageProcess, micro_grpo, write_config
 
 TIMES = ("time/generate", "time/score", "time/update", "time/step")
 # One method that exercises every piece of resumable state: GR, SignCert, a KL reference that is reset.
@@ -35,11 +33,14 @@ def _upstream(micro_run, tmp_path, **sections):
     return write_config(tmp_path, **sections)
 
 
-def _grpo(config, method="mix", env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlhf", "grpo", "--config", str(config), "--method", method,
-                             "--seed", "0", "--threads", "1"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})})
+def _grpo(config, method="mix", env=None) -> StageProcess:
+    """The GRPO stage in its own process (killed, resumed), its output in a log of its own beside the config."""
+    log = config.parent / f"grpo-{next(_LAUNCHES)}.log"
+    return StageProcess(["grpo", "--config", str(config), "--method", method, "--seed", "0", "--threads", "1"], log,
+                        env=env)
+
+
+_LAUNCHES = itertools.count()
 
 
 def _finished_run(run_dir):
@@ -60,7 +61,7 @@ def _assert_same_run(got, expected):
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_always_resumes_to_the_uninterrupted_result(micro_run, tmp_path):
-    """12 SIGKILLs at random moments of one run, each followed by a rerun: while loading, and at a random point
+    """Up to 12 SIGKILLs at random moments of one run, each followed by a rerun: while loading, and at a random point
     after a random number of metrics lines (inside sampling, the GR update, a gold evaluation, sharpness, writing a
     checkpoint, a metrics line or the final policy). The run ends with the weights and metrics (timings aside) of
     an uninterrupted run, bit for bit."""
@@ -77,12 +78,13 @@ def test_sigkill_at_random_points_always_resumes_to_the_uninterrupted_result(mic
     metrics = run_dir / "work" / "metrics.jsonl"  # the live log of the run in progress
     rng = random.Random(0)
     progress = []  # metrics lines of this process when it was killed (-1: still loading)
-    thresholds = sorted(rng.randrange(len(expected[1]) + 1) for _ in range(10))
+    thresholds = sorted(rng.randrange(len(expected[1])) for _ in range(10))  # before its last line: a kill after it
+    # finds the run finished (the policy is written ~1 ms later)
     for threshold in [None, None] + thresholds:  # two kills while loading, ten during the run
         started = time.time()
         proc = _grpo(config)
         if threshold is None:
-            time.sleep(rng.uniform(0.5, 2.5))
+            time.sleep(rng.uniform(0.05, 0.3))  # loading the config, models and checkpoint takes ~0.5-1 s here
         else:
             while proc.poll() is None:  # this process's metrics file (rewritten when it starts training) ...
                 if metrics.is_file() and metrics.stat().st_mtime >= started and \
@@ -98,7 +100,8 @@ def test_sigkill_at_random_points_always_resumes_to_the_uninterrupted_result(mic
         assert not (run_dir / "policy").exists() or (run_dir / "policy" / "model.safetensors").is_file()
     out, _ = _grpo(config).communicate(timeout=600)
     assert "8 steps" in out, out[-2000:]
-    assert len(progress) >= 10 and -1 in progress and len(set(progress)) >= 5, progress
+    # a kill planned late can find the resumed run already finished (then the launches left have nothing to do)
+    assert len(progress) >= 8 and -1 in progress and len(set(progress)) >= 5, progress
     _assert_same_run(_finished_run(run_dir), expected)
 
 

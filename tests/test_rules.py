@@ -167,8 +167,10 @@ def parent_command(gold_box: str, pred_box: str):
 @pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="reads the worker's parent from /proc (Linux)")
 def test_math_verify_workers_fork_from_a_private_server_that_imported_math_verify_once():
     """Each worker is a fork of a forkserver that preloaded math-verify (no import per worker, nor per replacement of
-    a worker killed on a timeout), and multiprocessing's global forkserver keeps its own preload (__main__)."""
+    a worker killed on a timeout), and multiprocessing's global forkserver keeps its own preload (tests/conftest.py
+    sets one)."""
     from multiprocessing import forkserver
+    global_preload = list(forkserver._forkserver._preload_modules)
     verifier = MathVerifier(workers=2, check=parent_command)
     try:
         verifier.correct(["\\boxed{1}"], ["\\boxed{1}"])
@@ -177,4 +179,4 @@ def test_math_verify_workers_fork_from_a_private_server_that_imported_math_verif
         verifier.close()
     assert "multiprocessing.forkserver import main" in parent, parent
     assert "'math_verify', 'rlhf.rewards.rules'" in parent, parent
-    assert forkserver._forkserver._preload_modules == ["__main__"]
+    assert forkserver._forkserver._preload_modules == global_preload
