@@ -121,7 +121,7 @@ def test_the_ci_subset_of_paper_configs_rehearses_end_to_end(tmp_path):
     """`python -m rlhf.rehearsal --ci --local`: a config of each kind (CI_SUBSET) through the Snakefile, every stage
     and method, one point of each sweep (ci_slice: the two configs with sweeps run without their report; the two
     without, whole; local executor: the Slurm profile costs about twice as long; make rehearse goes through it, and
-    tests/test_slurm.py runs the micro DAG on two Slurm nodes) with its checks (non-zero advantages and gradients,
+    tests/test_slurm.py runs micro DAG jobs on two Slurm nodes) with its checks (non-zero advantages and gradients,
     parseable judge, completions that end and carry their format, every policy moved, every report and paper-table
     cell filled). One test on one pytest-xdist worker: split over both workers (two files, two configs each) the
     suite took 31 min instead of 21 here, both halves' processes crowding the two cores from the start."""
