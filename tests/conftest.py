@@ -1,3 +1,4 @@
+import itertools
 import multiprocessing
 import os
 import re
@@ -28,16 +29,19 @@ def _stage_main(argv: list[str], log: str, env: dict) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    os.close(fd)
     from rlhf.cli import main
     sys.exit(main(argv))
 
 
 class StageProcess:
     """`python -m rlhf <argv>` in a child forked from the preloaded forkserver, with the environment `env` on top of
-    this one, stdout and stderr to `log`; poll / send_signal / wait / communicate as subprocess.Popen's."""
+    this one, stdout and stderr to a log of its own in `folder` (<stage>-<n>.log); poll / send_signal / wait /
+    communicate as subprocess.Popen's."""
+    _started = itertools.count()
 
-    def __init__(self, argv: list[str], log: Path, env: dict | None = None):
-        self.argv, self.log = list(argv), Path(log)
+    def __init__(self, argv: list[str], folder: Path, env: dict | None = None):
+        self.argv, self.log = list(argv), Path(folder) / f"{argv[0]}-{next(self._started)}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = multiprocessing.get_context("forkserver").Process(
             target=_stage_main, args=(self.argv, str(self.log), dict(env or {})))

@@ -5,7 +5,6 @@ malformed bodies, the durable cache (resume without re-sending), the budget cap,
 (submit, poll, resume by id, find a batch whose id was never recorded), the key never leaking, and the label
 and evaluate stages running with `gold: openai` on the miniature.
 """
-import itertools
 import json
 import os
 import shutil
@@ -278,12 +277,8 @@ def openai_micro(tmp_path, micro_run, url, **judge):
 
 
 def run_stage(stage, config, *extra):
-    """The stage in its own process (killed, resumed), its output in a log of its own beside the config."""
-    log = config.parent / f"{stage}-{next(_LAUNCHES)}.log"
-    return StageProcess([stage, "--config", str(config), *extra], log, env={"OPENAI_API_KEY": KEY})
-
-
-_LAUNCHES = itertools.count()
+    """The stage in its own process (killed, resumed), its log beside the config."""
+    return StageProcess([stage, "--config", str(config), *extra], config.parent, env={"OPENAI_API_KEY": KEY})
 
 
 @pytest.mark.slow

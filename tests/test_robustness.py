@@ -5,7 +5,6 @@ noise created on the device of the tensor it perturbs."""
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import random
 import shutil
@@ -34,13 +33,9 @@ def _upstream(micro_run, tmp_path, **sections):
 
 
 def _grpo(config, method="mix", env=None) -> StageProcess:
-    """The GRPO stage in its own process (killed, resumed), its output in a log of its own beside the config."""
-    log = config.parent / f"grpo-{next(_LAUNCHES)}.log"
-    return StageProcess(["grpo", "--config", str(config), "--method", method, "--seed", "0", "--threads", "1"], log,
-                        env=env)
-
-
-_LAUNCHES = itertools.count()
+    """The GRPO stage in its own process (killed, resumed), its log beside the config."""
+    return StageProcess(["grpo", "--config", str(config), "--method", method, "--seed", "0", "--threads", "1"],
+                        config.parent, env=env)
 
 
 def _finished_run(run_dir):
