@@ -7,6 +7,8 @@ RLHF_SIDE_SETTINGS) and the files its rule declares (`--input NAME PATH...`, `--
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib
 import json
 import os
@@ -157,6 +159,16 @@ def trace_file_access(folder: str, stage: str, files: RunFiles | None) -> None:
     sys.addaudithook(hook)
 
 
+def group_threads() -> list[str]:
+    """Names of this process's threads that belong to a process group (gloo's transport loop and work threads,
+    NCCL's watchdog; Linux's /proc, empty elsewhere)."""
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names.append(comm.read_text().strip())
+    return [n for n in names if n.startswith(("gloo", "pt_gloo", "pt_nccl"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -164,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get(TRACE_ENV):
             trace_file_access(os.environ[TRACE_ENV], args.stage, files)
         module = importlib.import_module(f"rlhf.stages.{STAGES[args.stage].module or args.stage.replace('-', '_')}")
+        before = group_threads()  # none in a stage's own process; a test may run stages in one that has some
         module.run(cfg, args) if files is None else module.run(cfg, files, args)
+        # What the stage left in reference cycles may still hold its destroyed process group (DeepSpeed keeps it on
+        # every parameter): freed now, the group's threads are joined while the interpreter is whole, not during its
+        # shutdown (rlhf.distributed.WORLD_GROUP_DEFAULTS).
+        gc.collect()
+        if len(leaked := group_threads()) > len(before):
+            print(f"warning: a process group outlived the {args.stage} stage (threads {', '.join(leaked)}): something "
+                  "still references it, and its threads may abort this process at exit", file=sys.stderr)
     except RLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

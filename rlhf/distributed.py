@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 import socket
 import sys
@@ -149,7 +150,19 @@ class Dist:
 _OWN_GROUP = [False]  # whether this project made the default process group (a vLLM engine may have made it instead)
 
 
+# Modules that take the world group as a default argument (`def barrier(self, group=GroupMember.WORLD)`), a value
+# Python evaluates once, when the module is first imported. Imported after the group exists (DeepSpeed by the update
+# backend, torch.distributed.nn by transformers' torch._dynamo), they keep it referenced for the life of the process:
+# destroy_process_group() then frees nothing, the gloo/NCCL threads outlive it, and a rank whose work was done could
+# abort at interpreter shutdown ("terminate called without an active exception", seen once in CI on the 2-rank
+# GRPO test). Imported before the group is made, their defaults are None.
+WORLD_GROUP_DEFAULTS = ("torch.distributed.nn.functional", "deepspeed.comm.torch")
+
+
 def init_process_group(backend: str, **kwargs) -> None:
+    for name in WORLD_GROUP_DEFAULTS:
+        with contextlib.suppress(ImportError):  # deepspeed: only where installed
+            importlib.import_module(name)
     td.init_process_group(backend, **kwargs)
     _OWN_GROUP[0] = True
 
@@ -237,6 +250,9 @@ class TorchUpdate(LocalGradients):
                 if p.grad is not None:
                     td.all_reduce(p.grad)
                     p.grad.div_(self.dist.world_size)
+
+    def close(self) -> None:
+        """Nothing to release (DeepSpeedUpdate.close)."""
 
     def zero(self) -> None:
         super().zero()
@@ -401,6 +417,13 @@ class DeepSpeedUpdate:
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="latest", save_latest=False)  # every rank
+
+    def close(self) -> None:
+        """Remove the engine's gradient hooks. DeepSpeed stores its process group on every parameter and registers
+        hooks on their gradient accumulators; the hooks live in C++, where Python's garbage collector cannot see them,
+        so without this the model, the engine and the group stay alive to interpreter shutdown (WORLD_GROUP_DEFAULTS
+        says why that matters)."""
+        self.engine.destroy()
 
     def load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="latest", load_module_strict=True)

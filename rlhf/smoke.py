@@ -132,6 +132,7 @@ def gr_correction_share(device: str, backend: str, estimator: str, gamma: float 
         update.step = recording_step
         grpo_step(update, Dist(device=torch.device(device)), rollout, scores, None, 0.0, s)
         runs.append((seen["written"], seen["applied"]))
+        update.close()
         if hasattr(update, "engine"):
             from rlhf.distributed import destroy_process_group
             destroy_process_group()

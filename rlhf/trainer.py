@@ -368,8 +368,10 @@ def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
     return state["step"]
 
 
-def close_sampler(run: GRPORun) -> None:
-    """Stop what the run started beside the trainer: the vLLM engine, the stand-in judge."""
+def close_run(run: GRPORun) -> None:
+    """Stop what the run started beside the trainer (the vLLM engine, the stand-in judge) and release the update
+    backend's hold on the process group."""
+    run.backend.close()
     if run.vllm is not None:
         run.vllm.close()
     if run.judge_server is not None:

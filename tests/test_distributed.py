@@ -8,12 +8,17 @@ and the updated weights must equal one process that sees the whole batch.
 from __future__ import annotations
 
 import copy
+import gc
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from rlhf.cli import group_threads
 from rlhf.distributed import Dist, deepspeed_available, free_port, make_update
 from rlhf.generation import sample
 from rlhf.policy import token_logprobs
@@ -62,7 +67,9 @@ def one_step(dist: Dist, settings: dict) -> tuple[list[torch.Tensor], list[torch
     seen = record_applied_gradient(update)
     stats = grpo_step(update, dist, rollout, scores, ref_logprobs, 0.05, settings)
     stats.pop("logprobs")
-    return seen["grad"], [p.detach().clone() for p in params], dist.mean(stats)
+    result = seen["grad"], [p.detach().clone() for p in params], dist.mean(stats)
+    update.close()
+    return result
 
 
 def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> None:
@@ -74,6 +81,9 @@ def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> 
     if rank == 0:
         torch.save(result, out)
     dist.close()
+    gc.collect()  # as rlhf.cli does after a stage
+    # the group is gone, not just unregistered: its threads would otherwise meet interpreter shutdown
+    assert not group_threads(), f"rank {rank}: the process group outlives Dist.close(): {group_threads()}"
 
 
 # The ranks fork from the forkserver that imported this module (torch, the trainer, DeepSpeed) once (tests/conftest.py):
@@ -151,13 +161,32 @@ def test_hvp_gr_on_two_ranks_equals_single_process(backend, micro_batch_size, si
     _assert_same(run_ranks(2, settings, tmp_path), single_process_hvp)
 
 
+def test_the_process_group_is_released_when_modules_holding_it_load_after_it():
+    """A fresh rank (not this file's preloaded forkserver) joins the group before a stage imports DeepSpeed and
+    torch.distributed.nn, whose functions take the world group as a default argument: Dist.close() must still free
+    the group and stop its threads (a rank kept them alive to shutdown and once aborted there, after its work)."""
+    code = ("import gc, torch\n"
+            "from rlhf.distributed import Dist\n"
+            "dist = Dist.from_env(torch.device('cpu'))\n"
+            "import torch.distributed.nn.functional\n"
+            "try:\n    import deepspeed.comm.torch\nexcept ImportError:\n    pass\n"
+            "from rlhf.cli import group_threads\n"
+            "alive = group_threads()\n"
+            "dist.close(); gc.collect()\n"
+            "print(len(alive), len(group_threads()))\n")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split()[-2:])
+    assert before > 0 and after == 0  # the check sees the threads while the group lives
+
+
 # The stage itself: launched as the Snakefile launches it, and resumed under DeepSpeed.
 
 def test_grpo_stage_under_torchrun_with_two_ranks(micro_run, tmp_path):
     """`torchrun --nproc-per-node 2 -m rlhf grpo`: both ranks train, rank 0 alone writes the artifacts."""
-    import subprocess
-    import sys
-
     import pandas as pd
 
     from tests.conftest import write_config
@@ -170,6 +199,7 @@ def test_grpo_stage_under_torchrun_with_two_ranks(micro_run, tmp_path):
                           f"grpo.backend={backend}", "grpo.micro_batch_size=3", "grpo.checkpoint_every=2"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "outlived" not in out.stderr, out.stderr[-3000:]  # each rank's process group was freed before its exit
     assert "4 steps on 2 rank(s)" in out.stdout and out.stdout.count("grpo: gr seed 0:") == 1
     run_dir = dst / "grpo" / "gr" / "seed0"
     df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
@@ -205,8 +235,6 @@ def test_sft_and_rm_trainers_run_deepspeed_zero2_under_torchrun(micro_run, tmp_p
     global batch, so the step count is the single-process one, and rank 0 alone writes the artifacts."""
     import json
     import shutil
-    import subprocess
-    import sys
 
     from tests.conftest import write_config
     _, root = micro_run
@@ -219,6 +247,7 @@ def test_sft_and_rm_trainers_run_deepspeed_zero2_under_torchrun(micro_run, tmp_p
                               "-m", "rlhf", stage, "--config", str(cfg), f"{stage}.backend=deepspeed"],
                              capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "outlived" not in out.stderr, out.stderr[-3000:]  # DeepSpeed's engine released its process group
         assert "2 rank(s), DeepSpeed ZeRO-2" in out.stdout, out.stdout[-2000:]
         steps = lambda run: max(json.loads(line)["step"] for line in (run / "train_log.jsonl").open())  # noqa: E731
         assert steps(dst / stage) == steps(root / stage)

@@ -18,8 +18,8 @@ from rlhf.models import (attach_behavior_head, behavior_token_logprobs, encode_p
                          rm_input_ids)
 from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
 from rlhf.settings import RMSettings
-from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, save_trained, setup, tokenizer_of,
-                                training_pairs)
+from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, release_trainer, save_trained,
+                                setup, tokenizer_of, training_pairs)
 
 CALIBRATION_THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8)
 
@@ -108,4 +108,5 @@ def run(cfg, files, args):
             save_trained(out, model, tokenizer, trainer, metrics, cfg, "bspo", {**r.as_dict(), **cfg["bspo"]})
             print("bspo: held-out completions outside the support per threshold: " + ", ".join(
                 f"{t} {f:.1%}" for t, f in metrics["unsupported_heldout"].items()))
+    release_trainer(trainer)
     dist.close()

@@ -83,6 +83,13 @@ def trainer_engine(trainer) -> str:
     return f"{trainer.args.world_size} rank(s), " + (f"DeepSpeed ZeRO-{ds}" if ds is not None else "no DeepSpeed")
 
 
+def release_trainer(trainer) -> None:
+    """After an HF Trainer's last use, on every rank: its DeepSpeed engine destroyed (accelerate's free_memory), whose
+    gradient hooks would otherwise keep the model, the engine and the process group alive to interpreter shutdown
+    (rlhf.distributed.DeepSpeedUpdate.close)."""
+    trainer.accelerator.free_memory()
+
+
 # --- shared by the stages that train a reward model (rm, rm_member, bspo) ---
 
 def training_pairs(cfg: dict, labels) -> tuple[list[dict], list[dict]]:

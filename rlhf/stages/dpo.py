@@ -17,7 +17,8 @@ from rlhf.io import read_jsonl
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import load_causal_lm
 from rlhf.settings import DPOSettings
-from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, tokenizer_of, trainer_engine
+from rlhf.stages.common import (TRAINER_WEIGHTS, hf_trainer_kwargs, release_trainer, setup, tokenizer_of,
+                                trainer_engine)
 
 
 def pairs(rows: list[dict]) -> Dataset:
@@ -53,4 +54,5 @@ def run(cfg, files, args):
             shutil.rmtree(out / "trainer", ignore_errors=True)
             print(f"dpo: {method} seed {seed}: {trainer.state.global_step} updates ({trainer_engine(trainer)}) "
                   f"-> {folder}")
+    release_trainer(trainer)
     dist.close()

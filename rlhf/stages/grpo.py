@@ -26,7 +26,7 @@ from rlhf.rewards.proxy_rm import AdvPOScorer
 from rlhf.rewards.verifiable import VerifiableReward
 from rlhf.settings import GRPOSettings
 from rlhf.stages.common import setup
-from rlhf.trainer import (close_sampler, fingerprint, load_checkpoint, load_run, perturbation_lost, rounding_warning,
+from rlhf.trainer import (close_run, fingerprint, load_checkpoint, load_run, perturbation_lost, rounding_warning,
                           save_checkpoint, train_step)
 
 
@@ -122,7 +122,7 @@ def run(cfg, files, args):
             solved.close()
         if log is not None:
             log.close(failed=True)
-        close_sampler(trainer)
+        close_run(trainer)
         raise
     if main:
         log.close()
@@ -138,5 +138,5 @@ def run(cfg, files, args):
         shutil.rmtree(work, ignore_errors=True)
         print(f"grpo: {method} seed {seed}: {settings.steps} steps on {dist.world_size} rank(s) -> {outputs['policy']}")
     dist.barrier()
-    close_sampler(trainer)  # after the last collective: vLLM's shutdown tears down the default process group
+    close_run(trainer)  # after the last collective: vLLM's shutdown tears down the default process group
     dist.close()

@@ -10,8 +10,8 @@ from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.models import load_reward_model, rm_input_ids
 from rlhf.rewards.proxy_rm import RewardScorer
 from rlhf.settings import RMSettings
-from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, save_trained, setup, tokenizer_of,
-                                training_pairs)
+from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, release_trainer, save_trained,
+                                setup, tokenizer_of, training_pairs)
 
 
 def run(cfg, files, args):
@@ -38,4 +38,5 @@ def run(cfg, files, args):
                        **heldout_accuracy(RewardScorer(model, tokenizer, r.batch_size_scoring), heldout)}
             save_trained(out, model, tokenizer, trainer, metrics, cfg, "rm" if member is None else f"rm-member{member}",
                          r.as_dict())
+    release_trainer(trainer)
     dist.close()

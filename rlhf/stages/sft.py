@@ -13,7 +13,7 @@ from rlhf.io import read_jsonl
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import encode_completion, encode_prompt, load_causal_lm, load_tokenizer
 from rlhf.settings import SFTSettings
-from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, setup, trainer_engine
+from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, release_trainer, setup, trainer_engine
 
 
 def tokenize(tokenizer, rows: list[dict]) -> Dataset:
@@ -30,7 +30,9 @@ def train(cfg, settings: SFTSettings, dist: Dist, model, tokenizer, rows: list[d
                      **hf_trainer_kwargs(cfg, settings, dist))
     trainer = SFTTrainer(model=model, args=args, train_dataset=tokenize(tokenizer, rows), processing_class=tokenizer)
     trainer.train()
-    return trainer.state.log_history, trainer_engine(trainer)
+    result = trainer.state.log_history, trainer_engine(trainer)
+    release_trainer(trainer)
+    return result
 
 
 def run(cfg, files, args):
