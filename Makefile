@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile $(CONFIG) && cat results/miniature/report/table.md
 
-# The RLVR miniature: judge hacking against a stand-in judge, and what GR and KL do about it (README, RLVR track).
+# The RLVR miniature: judge hacking against a stand-in judge, and what GR and KL do about it (docs/pipeline.md, RLVR track).
 demo-rlvr: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/rlvr-miniature.yaml \
 		&& cat results/rlvr-miniature/report/table.md
@@ -48,7 +48,7 @@ demo-baselines: $(STAMP)
 # --profile profiles/slurm --config tables=config/tables/paper
 # Snakemake's scheduler re-examines its waiting jobs on a timer (--max-jobs-per-timespan's timespan, 1 s by default)
 # and every finished job adds one more such timer: late in this ~200-job DAG its own process took ~40 % of a core.
-# Every 3 s instead (README, Paper tables).
+# Every 3 s instead (docs/paper-tables.md).
 TABLES := snakemake -s workflow/tables.smk --cores $(CORES) --max-jobs-per-timespan 100/3s
 tables-miniature: $(STAMP)
 	. $(VENV)/bin/activate && $(TABLES) \
@@ -56,7 +56,7 @@ tables-miniature: $(STAMP)
 		&& $(TABLES) && cat results/tables/*.md
 
 # The paper rehearsal: every config under config/paper/ end to end on this CPU, through the Slurm profile on a private
-# two-node cluster, with stand-ins for the hub's models and datasets, the judge and the GPUs (rlhf/rehearsal; README,
+# two-node cluster, with stand-ins for the hub's models and datasets, the judge and the GPUs (rlhf/rehearsal; docs/paper-scale.md,
 # Paper rehearsal). Needs root (the cluster; `REHEARSE=--local` runs local Snakemake instead) and vLLM for the judge.
 # Writes results/rehearsal/report.md; `make rehearse REHEARSE="gr-tldr-pythia-1b"` runs one config, `--ci` CI's subset.
 REHEARSE ?=

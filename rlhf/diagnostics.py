@@ -1,6 +1,5 @@
-"""Diagnostics the papers plot (PAPERS.md section 7): on-policy proxy-RM accuracy and BT loss, sharpness,
-SignCert radius statistics. They run under a forked RNG with their own seeds, so turning them on or off
-never changes the training trajectory."""
+"""Diagnostics the two papers plot: on-policy proxy-RM accuracy and BT loss, sharpness, SignCert radius statistics.
+They run under a forked RNG with their own seeds, so turning them on or off never changes the training trajectory."""
 from __future__ import annotations
 
 import numpy as np

@@ -2,9 +2,9 @@
 model, at chosen checkpoints.
 
 "Group test questions by (type x level), compute each group's base-model accuracy, bin groups into 0-20, 20-40,
-40-60, 60-80, >80 %; report per-bin accuracy at steps ..." (PAPERS.md §8). A bin's accuracy is the mean correctness
-of all its questions (each question weighs the same, whatever its group's size). Bin edges: a group at exactly 20 %
-falls in 20-40 (left-closed bins; the last bin includes 100 %).
+40-60, 60-80, >80 %; report per-bin accuracy at steps ..." (GR paper Sec. 5.2, Table 4). A bin's accuracy is the mean
+correctness of all its questions (each question weighs the same, whatever its group's size). Bin edges: a group at
+exactly 20 % falls in 20-40 (left-closed bins; the last bin includes 100 %).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The Dr.GRPO trainer (PAPERS.md section 2): one update step, the run it acts on, checkpoints. The grpo stage
-(rlhf/stages/grpo.py) drives it; `make bench` times it.
+"""The Dr.GRPO trainer (Liu et al. 2025, the base optimizer of both papers): one update step, the run it acts on,
+checkpoints. The grpo stage (rlhf/stages/grpo.py) drives it; `make bench` times it.
 
 Each step: B prompts -> G completions each -> reward (the proxy RM, or an RLVR experiment's verifiable reward) ->
 group-mean advantages -> per-token loss summed

@@ -95,7 +95,7 @@ def test_dr_grpo_clipping_stops_gradient_outside_trust_region():
 
 
 def test_bradley_terry_loss_of_trl_reward_trainer(tiny_lm, tmp_path):
-    """TRL's RewardTrainer loss is -log sigmoid(r_chosen - r_rejected), the BT loss of PAPERS.md section 1."""
+    """TRL's RewardTrainer loss is -log sigmoid(r_chosen - r_rejected), the Bradley-Terry loss of both papers' RM stage."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 

@@ -225,7 +225,7 @@ def test_gr_correction_survives_into_a_bf16_update(backend, estimator):
     """GR's correction reaches the optimizer whole in bf16: both backends keep the written gradient in fp32 (the torch
     backend's master copies, DeepSpeed's fp32 gradient partitions). Stored in bf16 gradients, as before, 0.28 of it
     survived with hvp (39% of its elements lost) and 0.985 with the finite difference, whose bf16 term is mostly
-    rounding noise and so larger (README, Multi-GPU training). make gpu-smoke measures the same on a GPU."""
+    rounding noise and so larger (docs/paper-scale.md, Multi-GPU training). make gpu-smoke measures the same on a GPU."""
     if backend == "deepspeed" and not deepspeed_available():
         pytest.skip("deepspeed is not installed")
     from rlhf.smoke import gr_correction_share

@@ -1,5 +1,5 @@
 """`make gpu-smoke`'s command (rlhf/smoke.py) on the CPU: the same stages, processes and both update backends,
-with a tiny model; the GPU run itself is only possible where a GPU is (README says what ran where)."""
+with a tiny model; the GPU run itself is only possible where a GPU is (docs/verification.md says what ran where)."""
 import json
 import subprocess
 import sys

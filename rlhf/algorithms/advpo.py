@@ -1,5 +1,5 @@
 """AdvPO's adversarial reward head (Zhang et al. 2024, "Overcoming Reward Overoptimization via Adversarial Policy
-Optimization with Lightweight Uncertainty Estimation"; no public code; REFERENCES.md §2).
+Optimization with Lightweight Uncertainty Estimation"; no public code).
 
 The proxy RM's reward is linear in its last-layer feature e(x, y): r = e^T phi_hat. Its uncertainty about a direction
 of feature space is measured by the RM's own training data,

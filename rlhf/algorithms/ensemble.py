@@ -1,4 +1,4 @@
-"""UWO, uncertainty-weighted optimization (Coste et al. 2024; SignCert paper's baseline; REFERENCES.md §2).
+"""UWO, uncertainty-weighted optimization (Coste et al. 2024, code tlc4418/llm_optimization; a SignCert baseline).
 
 K proxy RMs that differ by seed (optionally smaller than the policy, as SignCert's members) score the same completions;
 the reward is their mean minus lam times their disagreement:

@@ -4,7 +4,7 @@ Steps count optimizer updates, starting at 1. With resets every R updates the KL
 the current policy right after updates R, 2R, ...; iteration i (1-based) is updates (i-1)R+1 .. iR.
 The scheduled-beta ablation keeps pi_ref = pi_init and uses beta / i in iteration i.
 
-Elastic Reset (Noukhovitch et al. 2023; REFERENCES.md §2) keeps an exponential moving average of the policy,
+Elastic Reset (Noukhovitch et al. 2023) keeps an exponential moving average of the policy,
 updated after every update (ema <- d*ema + (1-d)*phi, starting at pi_init); right after updates N, 2N, ... the policy
 becomes the EMA, then the EMA becomes pi_init. The KL penalty stays against pi_init. The EMA is float32: at the
 paper's decay 0.995 an EMA step moves a weight by 0.5% of its distance to the policy, below bf16's resolution

@@ -1,4 +1,4 @@
-"""SignCert-PO (SignCert paper section 3; PAPERS.md section 5).
+"""SignCert-PO (SignCert paper Sec. 3).
 
 For a reward model r = w^T h + b and Dr.GRPO advantages A_j = r_j - mean of its group, the smallest head
 perturbation ||delta|| that flips the sign of A_j is the certified radius  Delta_j = |A_j| / ||h_j - h_bar||
@@ -9,11 +9,11 @@ and SignCert-PO uses it in place of A_j: "SignCert-PO thus replaces each advanta
 (Eq. 11, Theorem 3.2, App. D). Inside the radius (Delta_j < eps) rho_j is negative: the adversary flips the sign,
 so a completion whose reward could as well be below its group's mean is pushed down. That is the paper-faithful
 default here. The prose's "effectively removed" (rho clipped at 0) is the `clip_negative=True` ablation; it cannot
-push a hacking completion with a positive advantage down, and on the paper's bandit it leaks (README).
+push a hacking completion with a positive advantage down, and on the paper's bandit it leaks (docs/miniature.md).
 
 eps is set per batch as the quantile q of the radii over the completions with A_j != 0. Completions of a degenerate
 group (all rewards equal) carry no sign to certify; counting their zero radii would drag eps towards 0 whenever many
-groups are degenerate (PAPERS.md section 5). `quantile_over="all"` counts them anyway (ablation).
+groups are degenerate (our reading of SignCert Sec. 3). `quantile_over="all"` counts them anyway (ablation).
 
 Shapes: advantages [N], features [N, d], N = prompts x group_size, the completions of one prompt contiguous.
 Quantiles are torch.quantile's default linear interpolation, over the batch given; in distributed runs pass the

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlhf.errors import DataError
 
-# The prompt format of both papers for the filtered TL;DR set (PAPERS.md section 1).
+# The prompt format of both papers for the filtered TL;DR set (Huang et al. 2024's TL;DR setup).
 TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 TLDR_COLUMNS = ({"prompt", "completion"}, {"subreddit", "title", "post", "summary"})
 ALPACA_COLUMNS = {"instruction", "input", "output"}

@@ -1,7 +1,7 @@
 """Rule-based RLVR rewards of the GR paper (App. C.4), as named terms: GSM8K and MATH.
 
 GR "follows the setup of Wei et al. (2025)" (ReDit) with Open-R1's reward terms; the values are those of
-../shared/REFERENCES.md §1, checked against ReDit's public scripts (grpo_gsm8k.py, grpo_math.py). Each function returns
+GR paper App. C.4-C.5, checked against ReDit's public scripts (grpo_gsm8k.py, grpo_math.py). Each function returns
 every term by name so the trainer can log them per step; the reward is their sum.
 
 Where the reference scripts have a quirk we keep it and say so (the published numbers were made with it):
