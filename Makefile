@@ -116,7 +116,8 @@ $(BROWSER_STAMP): $(STAMP)
 	touch $@
 
 test: $(STAMP) $(VLLM_STAMP) $(BROWSER_STAMP)
-	. $(VENV)/bin/activate && $(TEST_ENV) python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12
+	. $(VENV)/bin/activate && ruff check --quiet rlhf tests \
+		&& $(TEST_ENV) python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12
 
 clean-results:
 	rm -rf results/*

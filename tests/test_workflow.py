@@ -110,7 +110,8 @@ def stages_within_their_declarations(trace_dir: Path, results: Path) -> set[str]
         head, *events = [json.loads(line) for line in trace.read_text().splitlines()]
         stage, given = head["stage"], head["given"]
         seen.add(stage)
-        paths = lambda kind: [Path(p).resolve() for v in given[kind].values() for p in (v if isinstance(v, list) else [v])]
+        def paths(kind, given=given):
+            return [Path(p).resolve() for v in given[kind].values() for p in (v if isinstance(v, list) else [v])]
         inputs, writable = paths("inputs"), paths("outputs") + paths("work")
         touched = [(Path(e["path"]).resolve(), e) for e in events if root in Path(e["path"]).resolve().parents]
         for path, e in touched:
@@ -322,7 +323,8 @@ def test_the_tables_workflow_reuses_an_experiments_results_and_its_report_shows_
     expected = json.loads((cfg.parent / "results" / "micro" / "eval" / "gr" / "seed0" / "metrics.json").read_text())
     assert float(rows["GR"]["mean"]) == pytest.approx(expected["win_rate"]) and rows["GR"]["n"] == "1"
     assert all((out / f"micro-table.{suffix}").is_file() for suffix in ("md", "tex", "html"))
-    bench_row = lambda: next(csv.DictReader((out / "micro-bench.csv").open()))
+    def bench_row():
+        return next(csv.DictReader((out / "micro-bench.csv").open()))
     assert bench_row()["mean"] == "" and bench_row()["missing"].endswith("bench/bench.json")  # make bench not run
     bench = cfg.parent / "results" / "micro" / "bench" / "bench.json"
     bench.parent.mkdir(exist_ok=True)

@@ -193,7 +193,8 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
     del g1, g2
     grads.write(params, final)
     loss_value = loss.item() if isinstance(loss, torch.Tensor) else float(loss or 0.0)
-    ratio = (lambda x: (x / intended_sq) ** 0.5 if intended_sq > 0 else float("nan"))
+    def ratio(x):
+        return (x / intended_sq) ** 0.5 if intended_sq > 0 else float("nan")
     return GRStats(g1_norm, g2_norm, loss_value, curvature, ratio(moved_sq), ratio(error_sq),
                    changed / max(total, 1))
 
