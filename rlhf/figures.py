@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import ConfigError
+from rlhf.results import _experiment, cell_files, methods_of, read_method
 
 # One colour per method family (a sweep's points and variants share their family's: kl-0.05 -> kl, bspo-strict ->
 # bspo), the same in every report and figure; unknown families get the remaining colours by name.
@@ -94,7 +95,6 @@ def render(spec: FigureSpec, out: Path) -> tuple[Path, list[str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlhf.tables import _experiment, cell_files, methods_of, read_method
     missing: list[str] = []
     fig, axes = plt.subplots(1, len(spec.panels), figsize=(4.8 * len(spec.panels), 3.8), squeeze=False)
     for ax, (label, panel) in zip(axes[0], spec.panels.items()):

@@ -105,6 +105,11 @@ def load_tokenizer(path: str | Path, pad_token: str | None = None) -> PreTrained
     return tok
 
 
+def tokenizer_of(folder, cfg: dict):
+    """The tokenizer saved with a model folder (the SFT policy's, for every stage after SFT)."""
+    return load_tokenizer(folder, pad_token=cfg["model"]["pad_token"])
+
+
 def build_tiny_causal_lm(build: dict, tokenizer: PreTrainedTokenizerBase, seed: int):
     """A randomly initialised causal LM from the config's shape: tiny for the miniature, or a real model's shape
     (vocab_size pads the embedding beyond the word-level tokenizer, whose ids stay the first rows)."""

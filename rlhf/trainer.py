@@ -38,14 +38,13 @@ from rlhf.diagnostics import signcert_stats
 from rlhf.distributed import Dist, make_update, shared_atomic_dir
 from rlhf.generation import sample
 from rlhf.io import read_jsonl
-from rlhf.models import load_causal_lm
+from rlhf.models import load_causal_lm, tokenizer_of
 from rlhf.policy import token_logprobs
 from rlhf.data.rlvr import rlvr_task
-from rlhf.rewards.proxy_rm import AdvPOScorer, EnsembleScorer, RewardScorer
+from rlhf.rewards.proxy_rm import AdvPOScorer, EnsembleScorer, RewardScorer, load_bspo, load_proxy
 from rlhf.rewards.verifiable import StepRewards, VerifiableReward
 from rlhf.rng import PromptSampler
 from rlhf.settings import GRPOSettings
-from rlhf.stages.common import load_bspo, load_proxy, tokenizer_of
 
 
 def grpo_step(backend, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float, settings: GRPOSettings) -> dict:

@@ -168,7 +168,7 @@ def _dpo_trainer(micro_run, tmp_path, method: str, **dpo):
     from rlhf.io import read_jsonl
     from rlhf.models import load_causal_lm
     from rlhf.settings import DPOSettings
-    from rlhf.stages.common import tokenizer_of
+    from rlhf.models import tokenizer_of
     from rlhf.stages.dpo import DPOTrainer, dpo_config, pairs
     from tests.conftest import write_config
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,8 @@ def test_advpo_matrix_is_the_proxy_features_on_its_training_pairs_and_the_reward
     from rlhf.config import load_config
     from rlhf.io import read_jsonl
     from rlhf.rewards.proxy_rm import AdvPOScorer, split_by_prompt
-    from rlhf.stages.common import load_proxy, tokenizer_of
+    from rlhf.models import tokenizer_of
+    from rlhf.rewards.proxy_rm import load_proxy
     from tests.conftest import write_config
     from tests.test_stages import _copy_upstream
     dst = _copy_upstream(micro_run, tmp_path)
@@ -496,7 +497,9 @@ def test_bspo_stage_trains_the_lm_head_and_records_r_min_and_the_support_calibra
     from rlhf.models import encode_prompt, load_reward_model, rm_input_ids
     from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
     from rlhf.settings import GRPOSettings
-    from rlhf.stages.common import load_bspo, tokenizer_of, training_pairs
+    from rlhf.models import tokenizer_of
+    from rlhf.rewards.proxy_rm import load_bspo
+    from rlhf.stages.common import training_pairs
     from tests.conftest import write_config
     from tests.test_stages import _copy_upstream
     dst = _copy_upstream(micro_run, tmp_path)

@@ -11,7 +11,8 @@ import yaml
 from tests.conftest import REPO, SNAKEMAKE, jobs, write_config
 
 from rlhf.errors import ConfigError
-from rlhf.tables import build, csv_text, latex, latex_escape, load_spec, markdown, select_checkpoint
+from rlhf.results import select_checkpoint
+from rlhf.tables import build, csv_text, latex, latex_escape, load_spec, markdown
 
 
 def _spec(tmp_path, name="t", **fields):

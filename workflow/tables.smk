@@ -15,7 +15,8 @@ from pathlib import Path
 
 from rlhf.config import load_config
 from rlhf.figures import is_figure, load_figure
-from rlhf.tables import cell_files, experiments_of, load_spec, resolve, spec_paths
+from rlhf.results import cell_files, resolve
+from rlhf.tables import experiments_of, load_spec, spec_paths
 
 SNAKEFILE = os.path.join(workflow.basedir, "..", "Snakefile")
 _selection = config.get("tables", "config/tables/miniature")

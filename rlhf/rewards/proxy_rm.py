@@ -5,13 +5,15 @@ runs the backbone once and applies the linear head itself, instead of a second f
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from rlhf.errors import RewardError
-from rlhf.models import encode_prompt, rm_input_ids
+from rlhf.models import attach_behavior_head, encode_prompt, load_reward_model, rm_input_ids
 
 
 @dataclass
@@ -176,3 +178,20 @@ class AdvPOScorer:
         bias = self.proxy.head.bias.detach().float().cpu()[0] if self.proxy.head.bias is not None else 0.0
         phi = adversarial_head(head, self.m_inverse, self.gather(scores.features), self.gather(refs), self.budget)
         return Scores(scores.features @ phi + bias, scores.features)
+
+
+def load_proxy(folder, cfg: dict, tokenizer, device) -> RewardScorer:
+    """The trained proxy RM (frozen) behind the scorer that returns rewards and features."""
+    model = load_reward_model(folder, tokenizer, cfg["model"]["dtype"], device)
+    return RewardScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"])
+
+
+def load_bspo(folder: Path, cfg: dict, settings, tokenizer, device) -> BSPOScorer:
+    """BSPO's reward: the ScoreLM (frozen) with its LM head; r_min from its metrics unless the method sets one."""
+    model = load_reward_model(folder, tokenizer, cfg["model"]["dtype"], device)
+    attach_behavior_head(model, folder)
+    r_min = settings.bspo_r_min
+    if r_min is None:
+        r_min = json.loads((Path(folder) / "metrics.json").read_text())["r_min_train"]
+    return BSPOScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"],
+                      settings.bspo_threshold, r_min)

@@ -9,8 +9,9 @@ import torch
 
 from rlhf.algorithms.advpo import precision_inverse
 from rlhf.io import atomic_file, read_jsonl
-from rlhf.rewards.proxy_rm import split_by_prompt
-from rlhf.stages.common import load_proxy, setup, tokenizer_of
+from rlhf.models import tokenizer_of
+from rlhf.rewards.proxy_rm import load_proxy, split_by_prompt
+from rlhf.stages.common import setup
 
 
 def run(cfg, files, args):

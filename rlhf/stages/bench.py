@@ -23,10 +23,10 @@ from transformers import TrainerCallback
 
 from rlhf.generation import sample
 from rlhf.io import atomic_dir, read_jsonl, write_json
-from rlhf.models import build_tiny_causal_lm, load_causal_lm
+from rlhf.models import build_tiny_causal_lm, load_causal_lm, tokenizer_of
 from rlhf.paths import Paths
 from rlhf.settings import GRPOSettings
-from rlhf.stages.common import setup, tokenizer_of
+from rlhf.stages.common import setup
 from rlhf.trainer import load_run, train_step
 
 # name -> (the config's method it starts from when the config has it, else these overrides). Timing does not

@@ -15,11 +15,11 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from rlhf.algorithms.bspo import scorelm_loss
 from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.models import (attach_behavior_head, behavior_token_logprobs, encode_prompt, load_reward_model,
-                         rm_input_ids)
+                         rm_input_ids, tokenizer_of)
 from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
 from rlhf.settings import RMSettings
 from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, release_trainer, save_trained,
-                                setup, tokenizer_of, training_pairs)
+                                setup, training_pairs)
 
 CALIBRATION_THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8)
 

@@ -24,12 +24,12 @@ from rlhf.algorithms.advantages import dr_grpo_advantages  # noqa: E402
 from rlhf.algorithms.signcert import certified_radius  # noqa: E402
 from rlhf.generation import sample  # noqa: E402
 from rlhf.io import atomic_dir, read_jsonl, write_json, write_jsonl  # noqa: E402
-from rlhf.models import load_causal_lm  # noqa: E402
+from rlhf.models import load_causal_lm, tokenizer_of  # noqa: E402
 from rlhf.rewards.gold import make_gold  # noqa: E402
-from rlhf.rewards.proxy_rm import RewardScorer  # noqa: E402
+from rlhf.rewards.proxy_rm import RewardScorer, load_proxy  # noqa: E402
 from rlhf.rng import DeviceNoise  # noqa: E402
 from rlhf.settings import CertifySettings  # noqa: E402
-from rlhf.stages.common import load_proxy, setup, tokenizer_of  # noqa: E402
+from rlhf.stages.common import setup  # noqa: E402
 
 RATES = {"model_noise": "whole-model noise", "embedding_noise": "input-embedding noise", "gold_agreement": "agreement with gold"}
 

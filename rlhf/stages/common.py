@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import json
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,8 +10,8 @@ from rlhf.distributed import Dist, trainer_deepspeed_config
 from rlhf.errors import DataError
 from rlhf.io import read_jsonl, write_json
 from rlhf.metrics_log import write_trainer_log
-from rlhf.models import attach_behavior_head, device_from_config, load_reward_model, load_tokenizer
-from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer, split_by_prompt
+from rlhf.models import device_from_config
+from rlhf.rewards.proxy_rm import RewardScorer, split_by_prompt
 from rlhf.settings import TrainerSettings
 from rlhf.stats import preference_metrics
 
@@ -29,29 +27,7 @@ def setup(cfg: dict, args, seed: int | None = None, device: bool = True) -> torc
     return device_from_config(cfg) if device else None
 
 
-def tokenizer_of(folder, cfg: dict):
-    """The tokenizer saved with a model folder (the SFT policy's, for every stage after SFT)."""
-    return load_tokenizer(folder, pad_token=cfg["model"]["pad_token"])
-
-
 TRAINER_WEIGHTS = "float32"  # SFT and RM train fp32 weights; model.dtype sets their mixed precision
-
-
-def load_proxy(folder, cfg: dict, tokenizer, device) -> RewardScorer:
-    """The trained proxy RM (frozen) behind the scorer that returns rewards and features."""
-    model = load_reward_model(folder, tokenizer, cfg["model"]["dtype"], device)
-    return RewardScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"])
-
-
-def load_bspo(folder: Path, cfg: dict, settings, tokenizer, device) -> BSPOScorer:
-    """BSPO's reward: the ScoreLM (frozen) with its LM head; r_min from its metrics unless the method sets one."""
-    model = load_reward_model(folder, tokenizer, cfg["model"]["dtype"], device)
-    attach_behavior_head(model, folder)
-    r_min = settings.bspo_r_min
-    if r_min is None:
-        r_min = json.loads((Path(folder) / "metrics.json").read_text())["r_min_train"]
-    return BSPOScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"],
-                      settings.bspo_threshold, r_min)
 
 
 def hf_trainer_kwargs(cfg: dict, section: TrainerSettings, dist: Dist) -> dict:

@@ -15,10 +15,9 @@ from trl import DPOConfig, DPOTrainer
 from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.io import read_jsonl
 from rlhf.metrics_log import write_trainer_log
-from rlhf.models import load_causal_lm
+from rlhf.models import load_causal_lm, tokenizer_of
 from rlhf.settings import DPOSettings
-from rlhf.stages.common import (TRAINER_WEIGHTS, hf_trainer_kwargs, release_trainer, setup, tokenizer_of,
-                                trainer_engine)
+from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, release_trainer, setup, trainer_engine
 
 
 def pairs(rows: list[dict]) -> Dataset:

@@ -4,10 +4,11 @@ RLVR: accuracy by the rule checker (95% CI) and the training reward's mean on th
 from rlhf.data.rlvr import rlvr_task
 from rlhf.evaluation import evaluate_policy, evaluate_rlvr
 from rlhf.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from rlhf.models import load_causal_lm
+from rlhf.models import load_causal_lm, tokenizer_of
 from rlhf.rewards.gold import make_gold
 from rlhf.settings import EvaluateSettings
-from rlhf.stages.common import load_proxy, setup, tokenizer_of
+from rlhf.rewards.proxy_rm import load_proxy
+from rlhf.stages.common import setup
 from rlhf.trainer import verifiable_reward
 
 

@@ -7,11 +7,11 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.distributed import Dist, shared_atomic_dir
-from rlhf.models import load_reward_model, rm_input_ids
+from rlhf.models import load_reward_model, rm_input_ids, tokenizer_of
 from rlhf.rewards.proxy_rm import RewardScorer
 from rlhf.settings import RMSettings
 from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, release_trainer, save_trained,
-                                setup, tokenizer_of, training_pairs)
+                                setup, training_pairs)
 
 
 def run(cfg, files, args):

@@ -1,9 +1,9 @@
 """sample: pairs of completions per prompt from the SFT policy (temperature 1.0 in the papers)."""
 from rlhf.generation import sample
 from rlhf.io import read_jsonl, write_jsonl
-from rlhf.models import load_causal_lm
+from rlhf.models import load_causal_lm, tokenizer_of
 from rlhf.settings import SampleSettings
-from rlhf.stages.common import setup, tokenizer_of
+from rlhf.stages.common import setup
 
 
 def run(cfg, files, args):
