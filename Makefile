@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile $(CONFIG) && cat results/miniature/report/table.md
 
-# The RLVR miniature: judge hacking against a stand-in judge, and what GR and KL do about it (docs/pipeline.md, RLVR track).
+# The RLVR miniature: judge hacking against a stand-in judge, and what GR and KL do about it (docs/pipeline.md, RLVR
+# track).
 demo-rlvr: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/rlvr-miniature.yaml \
 		&& cat results/rlvr-miniature/report/table.md
@@ -56,8 +57,8 @@ tables-miniature: $(STAMP)
 		&& $(TABLES) && cat results/tables/*.md
 
 # The paper rehearsal: every config under config/paper/ end to end on this CPU, through the Slurm profile on a private
-# two-node cluster, with stand-ins for the hub's models and datasets, the judge and the GPUs (rlhf/rehearsal; docs/paper-scale.md,
-# Paper rehearsal). Needs root (the cluster; `REHEARSE=--local` runs local Snakemake instead) and vLLM for the judge.
+# two-node cluster, with stand-ins for the hub's models and datasets, the judge and the GPUs (rlhf/rehearsal;
+# docs/paper-scale.md, Paper rehearsal). Needs root (the cluster; `REHEARSE=--local` runs local Snakemake instead) and vLLM for the judge.
 # Writes results/rehearsal/report.md; `make rehearse REHEARSE="gr-tldr-pythia-1b"` runs one config, `--ci` CI's subset.
 REHEARSE ?=
 rehearse: $(STAMP) $(VLLM_STAMP)

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import ConfigError
-from rlhf.results import _experiment, cell_files, methods_of, read_method
+from rlhf.results import cell_files, experiment_config, methods_of, read_method
 
 # One colour per method family (a sweep's points and variants share their family's: kl-0.05 -> kl, bspo-strict ->
 # bspo), the same in every report and figure; unknown families get the remaining colours by name.
@@ -98,7 +98,7 @@ def render(spec: FigureSpec, out: Path) -> tuple[Path, list[str]]:
     missing: list[str] = []
     fig, axes = plt.subplots(1, len(spec.panels), figsize=(4.8 * len(spec.panels), 3.8), squeeze=False)
     for ax, (label, panel) in zip(axes[0], spec.panels.items()):
-        cfg = _experiment(Path(panel["experiment"]))
+        cfg = experiment_config(Path(panel["experiment"]))
         cell = spec.cell(label)
         # bars name make bench's rows as they are; curves the experiment's methods (patterns allowed)
         methods = spec.methods if spec.kind == "bars" else [m for m in methods_of(cell, cfg) if m != "sft"]

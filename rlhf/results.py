@@ -53,7 +53,7 @@ def resolve(path: str | Path) -> Path:
     return path if path.exists() or path.is_absolute() else REPO / path
 
 
-def _experiment(path: Path) -> dict:
+def experiment_config(path: Path) -> dict:
     from rlhf.config import load_config
     return load_config(resolve(path))
 

@@ -48,7 +48,7 @@ import yaml
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.figures import is_figure, load_figure, render
 from rlhf.io import atomic_file
-from rlhf.results import CellResult, _experiment, read_cell, resolve
+from rlhf.results import CellResult, experiment_config, read_cell, resolve
 
 CELL_KEYS = {"experiment", "method", "source", "metric", "selection", "select_on", "reduce", "bin", "step", "scale",
              "decimals"}
@@ -161,7 +161,7 @@ def build(spec: Spec) -> Table:
     configs, unreadable = {}, {}
     for path in spec.experiments():
         try:
-            configs[path] = _experiment(path)
+            configs[path] = experiment_config(path)
         except RLHFError as e:
             unreadable[str(path)] = str(e)
     cells, formats = {}, {}

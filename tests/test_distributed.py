@@ -83,7 +83,8 @@ def _worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> 
     dist.close()
     gc.collect()  # as rlhf.cli does after a stage
     # the group is gone, not just unregistered: its threads would otherwise meet interpreter shutdown
-    assert not group_threads(), f"rank {rank}: the process group outlives Dist.close(): {group_threads()}"
+    left = group_threads()
+    assert not left, f"rank {rank}: the process group outlives Dist.close(): {left}"
 
 
 # The ranks fork from the forkserver that imported this module (torch, the trainer, DeepSpeed) once (tests/conftest.py):

@@ -1,5 +1,5 @@
 """The package's layering, read from the source: the algorithm core is pure, no stage imports another, nothing below
-the stages imports them, and the modules' top-level imports form no cycle."""
+the stages imports them, and the modules' imports form no cycle."""
 import ast
 
 from tests.conftest import REPO
