@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo demo-rlvr demo-baselines tables-miniature test bench env clean-results gpu-wheels gpu-smoke rehearse
+.PHONY: demo demo-rlvr demo-baselines tables-miniature test bench env clean-results gpu-wheels gpu-smoke rehearse \
+	rulegraph docs
 
 env: $(STAMP)
 
@@ -63,6 +64,15 @@ tables-miniature: $(STAMP)
 REHEARSE ?=
 rehearse: $(STAMP) $(VLLM_STAMP)
 	. $(VENV)/bin/activate && time python -m rlhf.rehearsal $(REHEARSE)
+
+# docs/configuration.md: the config reference, generated from the schema (tests/test_config.py checks it is current).
+docs: $(STAMP)
+	$(PY) -m rlhf.schema_doc > docs/configuration.md
+
+# docs/rulegraph.svg: the DAG of the config with every stage (needs graphviz's `dot`: apt-get install graphviz).
+rulegraph: $(STAMP)
+	. $(VENV)/bin/activate && snakemake --rulegraph --configfile config/miniature-baselines.yaml \
+		--config results_dir=$$(mktemp -d) | dot -Tsvg > docs/rulegraph.svg
 
 # Times GRPO steps on the miniature (builds SFT and RM first if needed); prints and writes results/miniature/bench/.
 bench: $(STAMP)

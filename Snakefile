@@ -15,8 +15,7 @@ from rlhf.cli import SIDE_ENV, add_side_settings
 from rlhf.cluster import job_spec, launcher, snakemake_resources
 from rlhf.config import config_from_mapping, load_config, trigger_view
 from rlhf.paths import Paths
-from rlhf.registry import (SFT_BASELINE, STAGES, advpo_used, bspo_used, canonical, dpo_methods, ensemble_members,
-                           settings_view, side_view)
+from rlhf.registry import SFT_BASELINE, STAGES, canonical, dpo_methods, settings_view, side_view, used_stages
 
 # This file's folder, also when it runs as a module of workflow/tables.smk (whose folder is workflow.basedir then).
 ROOT = str(workflow.current_basedir)
@@ -74,10 +73,10 @@ def input_args(stage):
     from the job's inputs (a derived param: never a rerun trigger itself, the input trigger covers the files), so the
     rule's command text stays the same when a release adds an optional list input (a new baseline's artifact to the
     grpo rule): Snakemake's code trigger compares that text, and would rerun every run of the rule."""
-    many = STAGES[stage].many
+    st = STAGES[stage]
 
     def args(wildcards, input):
-        named = [(k, list(input[k]) if k in many else [input[k]]) for k in input.keys()]
+        named = [(k, list(input[k]) if st.is_list(k) else [input[k]]) for k in input.keys()]
         return " ".join(" ".join(["--input", k, *map(shlex.quote, paths)]) for k, paths in named if paths)
     return args
 
@@ -127,8 +126,34 @@ rule all:
         str(P.report),
 
 
-include: "workflow/rules/data.smk"
-include: "workflow/rules/models.smk"
-include: "workflow/rules/preferences.smk"
-include: "workflow/rules/policy.smk"
-include: "workflow/rules/report.smk"
+def command(stage, rule=None):
+    """A rule's shell command. Snakemake evaluates the `shell:` expression twice: when the rule is defined (kept as the
+    rule's shellcmd) and again when a job runs, inside the job's function, where the loop below has moved on to its
+    last stage; that function has the job's rule name as a local, `rule`, so there the command is the one its rule
+    kept (a module's rule, workflow/tables.smk, included)."""
+    return workflow.get_rule(rule).shellcmd if rule else rlhf(stage)
+
+
+# One rule per stage the experiment's DAG has (rlhf/registry.py: STAGES, used_stages); each rule's files, params and
+# resources come from the registry, its command is `python -m rlhf <stage>` (docs/pipeline.md: the rule graph).
+for _stage in used_stages(config):
+
+    rule:
+        name:
+            _stage
+        input:
+            unpack(inputs(_stage)),
+        output:
+            **outputs(_stage),
+        params:
+            **params(_stage),
+        priority: STAGES[_stage].priority
+        conda:
+            conda_env(_stage)
+        threads: threads(_stage)
+        resources:
+            **job_resources(_stage),
+        log:
+            log(_stage),
+        shell:
+            command(_stage, locals().get("rule"))

@@ -18,6 +18,7 @@ from pathlib import Path
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.registry import (SFT_BASELINE, STAGES, canonical, dpo_methods, ensemble_members, merge_views,
                            stage_config, stage_files)
+from rlhf.config import complete_view, load_config
 
 SIDE_ENV = "RLHF_SIDE_SETTINGS"
 
@@ -99,7 +100,7 @@ def side_settings_for(value: str, outputs: list[str]) -> dict:
 def _given(pairs: list[list[str]], stage: str, kind: str) -> dict:
     out = {}
     for name, *paths in pairs:
-        many = kind == "input" and name in STAGES[stage].many
+        many = kind == "input" and STAGES[stage].is_list(name)
         if not many and len(paths) != 1:  # a list input may be empty (e.g. a GRPO run's ensemble without UWO)
             raise ConfigError(f"--{kind} {name}: give the name and " + ("its paths" if many else "one path"))
         out[name] = paths if many else paths[0]
@@ -108,7 +109,6 @@ def _given(pairs: list[list[str]], stage: str, kind: str) -> dict:
 
 def resolve(args) -> tuple[dict, RunFiles | None]:
     """The stage's config view and files, from --config (the experiment's layout) or from what Snakemake passed."""
-    from rlhf.config import complete_view, load_config
     st, method, seed = STAGES[args.stage], getattr(args, "method", None), getattr(args, "seed", None)
     if st.per_member:
         method = args.member  # a member's files are keyed by k where a run's are by method

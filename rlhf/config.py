@@ -19,6 +19,7 @@ from rlhf.cluster import ranks, ranks_text
 from rlhf.errors import ConfigError
 from rlhf.data.rlvr import TASK_OF_SOURCE
 from rlhf.registry import SFT_BASELINE, SIDE_SETTINGS, STAGES, drop, pick
+from rlhf.rewards.kinds import check as check_reward
 from rlhf.settings import GRPOSettings
 
 class _Loader(yaml.SafeLoader):
@@ -106,6 +107,7 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(list(e.absolute_path)), str(e.message)))
     if not errors:
+        _default_reward(cfg)
         _fill_defaults(cfg, schema, schema)
         for entry in cfg.get("dpo", {}).get("methods", {}).values():  # each DPO method's own fields
             _fill_defaults(entry, schema["properties"]["dpo"]["properties"]["methods"]["additionalProperties"], schema)
@@ -132,27 +134,6 @@ def _check_dpo(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: the dpo section needs preference pairs; an RLVR experiment has none")
 
 
-def _check_uwo(cfg: dict, source: str) -> None:
-    """UWO, AdvPO and BSPO replace the proxy's reward: none with another, SignCert-PO or an RLVR reward."""
-    for method in cfg["methods"]:
-        m = GRPOSettings.for_method(cfg, method)
-        if m.bspo_threshold is not None and (m.uwo_lambda is not None or m.advpo_budget is not None
-                                             or m.signcert_quantile is not None or "rlvr" in cfg):
-            raise ConfigError(f"{source}: methods.{method}: BSPO's ScoreLM reward goes with neither UWO, AdvPO, "
-                              "SignCert-PO nor an RLVR reward")
-        if m.advpo_budget is not None and (m.uwo_lambda is not None or m.signcert_quantile is not None or "rlvr" in cfg):
-            raise ConfigError(f"{source}: methods.{method}: AdvPO's adversarial reward goes with neither UWO, "
-                              "SignCert-PO nor an RLVR reward")
-        if m.uwo_lambda is None:
-            continue
-        if "ensemble" not in cfg:
-            raise ConfigError(f"{source}: methods.{method}: uwo_lambda needs an ensemble section (ensemble: {{}} for "
-                              "3 members from the SFT policy)")
-        if m.signcert_quantile is not None or "rlvr" in cfg:
-            raise ConfigError(f"{source}: methods.{method}: UWO's ensemble reward goes with neither SignCert-PO (no "
-                              "single head to certify) nor an RLVR reward")
-
-
 def _check_rlvr(cfg: dict, source: str) -> None:
     data, rlvr = cfg["data"]["source"], "rlvr" in cfg
     if (data in TASK_OF_SOURCE) != rlvr:
@@ -170,10 +151,6 @@ def _check_rlvr(cfg: dict, source: str) -> None:
     if cfg["rlvr"]["reward"] == "judge" and not cfg["rlvr"]["judge"]["standin"] and judge["max_tokens"] < 64:
         raise ConfigError(f"{source}: gold.judge.max_tokens {judge['max_tokens']} cannot hold the RLVR judge's reply "
                           "(a judgement, then the scores): set it to e.g. 512")
-    for method, overrides in cfg["methods"].items():
-        if {**cfg["grpo"], **overrides}["signcert_quantile"] is not None:
-            raise ConfigError(f"{source}: methods.{method}: SignCert-PO needs a reward model's features; an RLVR "
-                              "reward has none")
 
 
 def _check_semantics(cfg: dict, source: str) -> None:
@@ -188,7 +165,6 @@ def _check_semantics(cfg: dict, source: str) -> None:
                           "and a data.num_test")
     _check_rlvr(cfg, source)
     _check_dpo(cfg, source)
-    _check_uwo(cfg, source)
     if cfg["gold"]["type"] == "reward_model" and "name" not in cfg["gold"]:
         raise ConfigError(f"{source}: gold.name is required when gold.type is 'reward_model'")
     if SFT_BASELINE in cfg["methods"]:
@@ -196,6 +172,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
                           "choose another method name")
     for method in cfg["methods"]:
         m = GRPOSettings.for_method(cfg, method)
+        check_reward(cfg, source, method, m)  # the reward kind's own conditions (rlhf/rewards/kinds.py)
         if m.reset_every and not m.kl_beta:
             raise ConfigError(f"{source}: methods.{method}: reset_every needs kl_beta > 0 (resets act on the KL reference)")
         if m.reset_every and m.kl_beta_decay_every:
@@ -368,6 +345,16 @@ def _default_of(node: dict, root: dict):
 _NO_DEFAULT = object()
 
 
+RLVR_REWARD = "verifiable"
+
+
+def _default_reward(cfg: dict) -> None:
+    """grpo.reward's default in an RLVR experiment (one with an rlvr section): its verifiable reward; elsewhere the
+    schema's (proxy)."""
+    if "rlvr" in cfg and isinstance(cfg.get("grpo", {}), dict):
+        cfg.setdefault("grpo", {}).setdefault("reward", RLVR_REWARD)
+
+
 def trigger_view(view: dict) -> dict:
     """`view` without the leaves equal to their schema default (declared sub-objects are recursed into and kept)."""
     root = _schema()
@@ -382,13 +369,18 @@ def trigger_view(view: dict) -> dict:
             elif node is None or _default_of(node, root) != value:  # _NO_DEFAULT differs from every value
                 out[key] = value
         return out
-    return strip(view, [])
+    out = strip(view, [])
+    if "rlvr" in out and out.get("grpo", {}).get("reward") == RLVR_REWARD:  # that experiment's default, too
+        del out["grpo"]["reward"]
+    return out
 
 
 def complete_view(trigger: dict, stage: str) -> dict:
     """The stage's full view from its trigger: the schema defaults filled back in, then only its declared fields."""
     root = _schema()
     filled = copy.deepcopy(trigger)
+    if "grpo" in filled:
+        _default_reward(filled)
     _fill_defaults(filled, root, root)
     view = pick(filled, STAGES[stage].settings)
     drop(view, SIDE_SETTINGS)  # they come from the environment (SIDE_ENV), as for every stage

@@ -55,7 +55,7 @@ def skip_cpu_shm_build(device: torch.device) -> None:
     machine): an optimisation for multi-process CPU training this project never needs (ranks talk through gloo; on
     GPUs it is never built). Marking the op incompatible makes DeepSpeed go without it."""
     if device.type == "cpu":
-        import deepspeed.ops
+        import deepspeed.ops  # lazy: only the DeepSpeed backend needs it
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
@@ -393,7 +393,7 @@ class DeepSpeedUpdate:
     def set_weights(self, values: list[torch.Tensor]) -> None:
         """The weights become `values` (float32, in parameter order): each rank's fp32 master partition exactly
         (DeepSpeed's tensor-fragment API), the module's weights rounded to their dtype."""
-        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils import safe_set_full_fp32_param  # lazy: only the DeepSpeed backend needs it
         for p, v in zip(self.model.parameters(), values, strict=True):
             safe_set_full_fp32_param(p, v)
             p.copy_(v)
@@ -439,7 +439,10 @@ def deepspeed_available() -> bool:
     return True
 
 
-def make_update(model: torch.nn.Module, s: "GRPOSettings", dist: Dist):
+Update = TorchUpdate | DeepSpeedUpdate  # what GRPO's step updates the policy through (grpo.backend names which)
+
+
+def make_update(model: torch.nn.Module, s: "GRPOSettings", dist: Dist) -> Update:
     """grpo.backend: 'auto' uses DeepSpeed on CUDA (when installed) and torch AdamW otherwise."""
     if s.gr_gamma and s.gr_refresh_master_weights and \
             next(model.parameters()).dtype not in (torch.bfloat16, torch.float16):

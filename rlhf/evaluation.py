@@ -12,6 +12,7 @@ from rlhf.errors import RewardError
 from rlhf.generation import sample
 from rlhf.policy import sequence_kl
 from rlhf.stats import winrate_ci
+from rlhf.rewards.verifiable import rule_correct
 
 
 @torch.no_grad()
@@ -50,7 +51,6 @@ def evaluate_rlvr(policy, tokenizer, rows: list[dict], task: str, reward=None, v
     """pass@1: one sampled completion per test question, solved or not by the rule checker whatever the training
     reward (so a policy that fools a judge shows falling accuracy), with a 95% CI; with `reward` (the training
     reward over these rows), its mean and each term's mean."""
-    from rlhf.rewards.verifiable import rule_correct
     prompts = [r["prompt"] for r in rows]
     rollout = sample(policy, tokenizer, prompts, 1, max_new_tokens, temperature, batch_size)
     correct = rule_correct(task, rollout.texts, [r["solution"] for r in rows], verifier)

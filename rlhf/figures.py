@@ -31,7 +31,7 @@ _SPARE = ["#5254a3", "#8ca252", "#bd9e39", "#ad494a", "#a55194", "#6b6ecf", "#b5
 
 def method_colour(method: str) -> str:
     """The family's colour; a variant (kl-0.05, bspo-strict) gets a shade of it, fixed by its name."""
-    from matplotlib.colors import to_hex, to_rgb
+    from matplotlib.colors import to_hex, to_rgb  # heavy: only a figure needs matplotlib
     family = str(method).split("-")[0]
     base = FAMILY_COLOURS.get(family) or _SPARE[sum(map(ord, family)) % len(_SPARE)]
     if method == family:
@@ -91,9 +91,9 @@ def load_figure(path: str | Path) -> FigureSpec:
 
 def render(spec: FigureSpec, out: Path) -> tuple[Path, list[str]]:
     """The PNG and what was missing."""
-    import matplotlib
+    import matplotlib  # heavy: only a figure needs it (tables.smk imports this module to list figures)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     missing: list[str] = []
     fig, axes = plt.subplots(1, len(spec.panels), figsize=(4.8 * len(spec.panels), 3.8), squeeze=False)

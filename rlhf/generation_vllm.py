@@ -85,7 +85,7 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
 
     def sampling_params(self, num_per_prompt: int, max_new_tokens: int, temperature: float, seed: int | None = None):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # lazy: nothing else needs vLLM installed
         # logprobs=0: the sampled token's log-prob under the raw (temperature-1) distribution, as the trainer computes it.
         return SamplingParams(n=num_per_prompt, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
                               repetition_penalty=1.0, max_tokens=max_new_tokens, skip_special_tokens=True,

@@ -72,7 +72,8 @@ def _complete_lines(path: Path) -> list[tuple[str, dict]]:
 
 class MetricsLog:
     """Appends one JSON line per write. On resume from step k, lines after step k are dropped first,
-    so a resumed run's file reads exactly like an uninterrupted one."""
+    so a resumed run's file reads exactly like an uninterrupted one. A context manager: leaving it by an exception
+    closes it as failed."""
 
     def __init__(self, path: Path, resume_step: int = 0, cfg: dict | None = None, run_name: str = "",
                  run_config: dict | None = None, job_type: str = "grpo"):
@@ -100,7 +101,14 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.summary.update(_finite(metrics))
 
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
+
     def close(self, failed: bool = False) -> None:
+        """Idempotent: the first call ends the wandb run (failed or not)."""
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish(exit_code=1 if failed else 0)  # a failed job's run ends now; its rerun resumes it

@@ -5,7 +5,9 @@ loads it exactly like `Qwen/Qwen2.5-1.5B`.
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           GPTNeoXConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config)
 
 from rlhf.errors import ConfigError, DataError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # Classes under which a tokenizer.json is the whole truth. AutoTokenizer on a folder whose config.json says
@@ -23,8 +26,6 @@ _VERBATIM_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 def granted_gpus() -> str | None:
     """What says this process was given GPUs (Slurm's or the container's variables, NVIDIA device files), or None."""
-    import glob
-    import os
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if visible.strip() and visible.strip() not in ("-1", "NoDevFiles"):
         return f"CUDA_VISIBLE_DEVICES={visible}"
@@ -60,7 +61,6 @@ def device_from_config(cfg: dict) -> torch.device:
 
 def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over a closed vocabulary; whitespace-split, decoded with single spaces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate([PAD, EOS, UNK] + [w for w in dict.fromkeys(words)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))

@@ -18,6 +18,7 @@ from typing import Callable
 from rlhf.data.rlvr import rlvr_task
 from rlhf.errors import ConfigError
 from rlhf.paths import Paths
+from rlhf.rewards.kinds import REWARDS, kinds_of, reward_kind
 from rlhf.settings import DPOSettings, GRPOSettings
 
 SFT_BASELINE = "sft"  # the `evaluate` method name of the SFT policy itself: a baseline row of the report
@@ -34,7 +35,7 @@ GOLD = ("gold", "data.source", "data.miniature", "seed")   # the gold (scores, l
 PROXY = ("rm.batch_size_scoring",)
 RLVR = ("rlvr",)  # absent from RLHF configs, so their views (and caches) do not change with it
 
-Files = Callable[..., dict]  # (paths, cfg, method, seed) -> {name: path or [paths]}
+Files = Callable[..., dict]  # (paths, cfg, method or member k, seed) -> {name: path or [paths]}
 
 
 @dataclass(frozen=True)
@@ -42,24 +43,32 @@ class Stage:
     name: str
     help: str
     settings: tuple[str, ...] = ()          # dotted config fields the output depends on
-    inputs: Files = lambda P, cfg, m, s: {}
-    outputs: Files = lambda P, cfg, m, s: {}
-    work: Files = lambda P, cfg, m, s: {}   # resumable state a stage keeps between attempts (not a Snakemake output:
+    inputs: Files = lambda P, cfg, *_: {}
+    outputs: Files = lambda P, cfg, *_: {}
+    work: Files = lambda P, cfg, *_: {}     # resumable state a stage keeps between attempts (not a Snakemake output:
     #                                         Snakemake deletes the outputs of a failed job before its next attempt)
     per_run: bool = False                   # one job per (method, seed)
     per_member: bool = False                # one job per ensemble member k (its --member; rlhf/stages/<module>.py)
     module: str | None = None               # the stage module that runs it, when not its own name
     data_parallel: bool = False             # torchrun with one rank per GPU when its job has several
     tool: bool = False                      # a command beside the DAG, not a rule (reads the whole config)
-    many: tuple[str, ...] = ()              # inputs that are a list of paths (one per method and seed)
+    many: tuple[str, ...] | Callable[[str], bool] = ()  # inputs that are a list of paths (one per method and seed)
+    priority: int = 0                       # Snakemake's (higher first when jobs wait for cores): 6 for what the
+    #                                         policies wait on (a late RM would leave its GRPO runs to end the DAG
+    #                                         alone), 5 for the long trainings per run (the short evaluations fill
+    #                                         the cores at the end), 10 for certify (beside the first GRPO jobs
+    #                                         instead of idling a core at the end)
+
+    def is_list(self, name: str) -> bool:
+        return self.many(name) if callable(self.many) else name in self.many
 
 
-def _data_inputs(P, cfg, m, s):
+def _data_inputs(P, cfg, method, seed):
     """data.source jsonl: the user's files are inputs (an edited file reruns data); other sources are named."""
     return {k: Path(cfg["data"][k]) for k in ("train_file", "test_file") if cfg["data"]["source"] == "jsonl"}
 
 
-def _sft_inputs(P, cfg, m, s):
+def _sft_inputs(P, cfg, method, seed):
     return {"train": P.train, **({"base": P.base} if "build" in cfg["model"] else {})}
 
 
@@ -68,28 +77,29 @@ def ensemble_members(cfg: dict) -> list[int]:
     return list(range(1, cfg["ensemble"]["members"] + 1)) if "ensemble" in cfg else []
 
 
-def _grpo_inputs(P, cfg, m, s):
-    """An RLVR run has no proxy RM: its reward is computed from the data's solutions. A UWO method reads the
-    ensemble's members too (its reward; the proxy RM stays the one evaluation reports)."""
-    if rlvr_task(cfg):
-        return {"train": P.train, "test": P.test, "sft": P.sft}
-    gs = GRPOSettings.for_method(cfg, m) if m in cfg["methods"] else None
-    uwo, advpo = gs is not None and gs.uwo_lambda is not None, gs is not None and gs.advpo_budget is not None
-    bspo = gs is not None and gs.bspo_threshold is not None
-    return {"train": P.train, "test": P.test, "sft": P.sft, "rm": P.rm,  # lists: one rule's command for every method
-            "ensemble": [P.rm_member(k) for k in ensemble_members(cfg)] if uwo else [],
-            "advpo": [P.advpo] if advpo else [], "bspo": [P.bspo] if bspo else []}
+def _grpo_inputs(P, cfg, method, seed):
+    """The training prompts, the held-out ones and the SFT policy, then what the method's reward kind reads
+    (rlhf/rewards/kinds.py; each a list of paths)."""
+    kind = reward_kind(GRPOSettings.for_method(cfg, method).reward) if method in cfg["methods"] else None
+    return {"train": P.train, "test": P.test, "sft": P.sft, **(kind.inputs(P, cfg) if kind else {})}
 
 
-def advpo_used(cfg: dict) -> bool:
-    return any(GRPOSettings.for_method(cfg, m).advpo_budget is not None for m in cfg["methods"])
+def _reward_input(name: str) -> bool:
+    """grpo's list inputs: every input of a reward kind."""
+    return name not in ("train", "test", "sft")
 
 
-def bspo_used(cfg: dict) -> bool:
-    return any(GRPOSettings.for_method(cfg, m).bspo_threshold is not None for m in cfg["methods"])
+def used_stages(cfg: dict) -> list[str]:
+    """The stages the experiment's DAG runs: the reward kinds' own only where a method trains on the kind."""
+    rlvr, wanted = "rlvr" in cfg, {stage for kind in kinds_of(cfg) for stage in kind.stages}
+    reward_stages = {stage for kind in REWARDS.values() for stage in kind.stages}
+    used = {"base": "build" in cfg["model"], "sample": not rlvr, "label": not rlvr, "rm": not rlvr,
+            "dpo": bool(dpo_methods(cfg)), "certify": not rlvr}
+    return [name for name, st in STAGES.items() if not st.tool
+            and (name in wanted if name in reward_stages else used.get(name, True))]
 
 
-def _member_inputs(P, cfg, m, s):
+def _member_inputs(P, cfg, k, _):
     """A member starts from the SFT policy, or from ensemble.model (a hub id or folder: named in its view)."""
     return {"labels": P.labels, **({"sft": P.sft} if cfg["ensemble"]["model"] is None else {})}
 
@@ -99,18 +109,19 @@ def dpo_methods(cfg: dict) -> list[str]:
     return list(cfg.get("dpo", {}).get("methods", {}))
 
 
-def _eval_inputs(P, cfg, m, s):
-    policy = P.sft if m == SFT_BASELINE else P.dpo_policy(m, s) if m in dpo_methods(cfg) else P.policy(m, s)
+def _eval_inputs(P, cfg, method, seed):
+    policy = (P.sft if method == SFT_BASELINE else P.dpo_policy(method, seed) if method in dpo_methods(cfg)
+              else P.policy(method, seed))
     return {"policy": policy, "sft": P.sft, **({} if rlvr_task(cfg) else {"rm": P.rm}), "test": P.test}
 
 
-def _grpo_outputs(P, cfg, m, s):
+def _grpo_outputs(P, cfg, method, seed):
     """An RLVR run also keeps which held-out questions it solved at each evaluation (the difficulty table's input)."""
-    return {"policy": P.policy(m, s), "metrics": P.grpo_metrics(m, s),
-            **({"heldout": P.grpo_heldout(m, s)} if rlvr_task(cfg) else {})}
+    return {"policy": P.policy(method, seed), "metrics": P.grpo_metrics(method, seed),
+            **({"heldout": P.grpo_heldout(method, seed)} if rlvr_task(cfg) else {})}
 
 
-def _report_inputs(P, cfg, m, s):
+def _report_inputs(P, cfg, method, seed):
     runs = [(mm, ss) for mm in cfg["methods"] for ss in cfg["seeds"]]
     per_run = {"heldout": [P.grpo_heldout(mm, ss) for mm, ss in runs]} if rlvr_task(cfg) else {"certify": P.certify}
     dpo = [P.evaluation(mm, ss) for mm in dpo_methods(cfg) for ss in cfg["seeds"]]  # after the GRPO runs; no curves
@@ -122,52 +133,54 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
     Stage("data", "prompts with references, train/test splits",
           settings=("seed", "data", "model.name", "model.pad_token", "rlvr.system_prompt", "rlvr.one_shot"),
           inputs=_data_inputs,
-          outputs=lambda P, cfg, m, s: {"train": P.train, "test": P.test}),
+          outputs=lambda P, cfg, *_: {"train": P.train, "test": P.test}, priority=6),
     Stage("base", "build the miniature's tokenizer and tiny causal LM (miniature only)",
           settings=("seed", "model.build", "data.miniature", "data.arithmetic"),
-          outputs=lambda P, cfg, m, s: {"model": P.base}),
+          outputs=lambda P, cfg, *_: {"model": P.base}, priority=6),
     Stage("sft", "supervised fine-tuning on references (completion-only loss)",
           settings=("seed", "model.name", *MODEL, "sft"), inputs=_sft_inputs,
-          outputs=lambda P, cfg, m, s: {"model": P.sft}, data_parallel=True),
+          outputs=lambda P, cfg, *_: {"model": P.sft}, data_parallel=True, priority=6),
     Stage("sample", "pairs of completions per prompt from the SFT policy",
-          settings=("seed", *MODEL, "sample"), inputs=lambda P, cfg, m, s: {"train": P.train, "sft": P.sft},
-          outputs=lambda P, cfg, m, s: {"samples": P.samples}),
+          settings=("seed", *MODEL, "sample"), inputs=lambda P, cfg, *_: {"train": P.train, "sft": P.sft},
+          outputs=lambda P, cfg, *_: {"samples": P.samples}, priority=6),
     Stage("label", "gold preference for each pair",
-          settings=(*GOLD, *MODEL), inputs=lambda P, cfg, m, s: {"samples": P.samples},
-          outputs=lambda P, cfg, m, s: {"labels": P.labels}),
+          settings=(*GOLD, *MODEL), inputs=lambda P, cfg, *_: {"samples": P.samples},
+          outputs=lambda P, cfg, *_: {"labels": P.labels}, priority=6),
     Stage("rm", "proxy reward model (Bradley-Terry) and its held-out accuracy",
-          settings=("seed", *MODEL, "rm"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
-          outputs=lambda P, cfg, m, s: {"model": P.rm}, data_parallel=True),
-    Stage("advpo", "AdvPO's M_D^-1: the proxy RM's features on its own training pairs (methods with advpo_budget)",
+          settings=("seed", *MODEL, "rm"), inputs=lambda P, cfg, *_: {"labels": P.labels, "sft": P.sft},
+          outputs=lambda P, cfg, *_: {"model": P.rm}, data_parallel=True, priority=6),
+    Stage("advpo", "AdvPO's M_D^-1: the proxy RM's features on its own training pairs (methods with reward: advpo)",
           settings=("seed", *MODEL, "rm.eval_fraction", *PROXY, "advpo"),
-          inputs=lambda P, cfg, m, s: {"labels": P.labels, "rm": P.rm},
-          outputs=lambda P, cfg, m, s: {"precision": P.advpo}),
+          inputs=lambda P, cfg, *_: {"labels": P.labels, "rm": P.rm},
+          outputs=lambda P, cfg, *_: {"precision": P.advpo}, priority=6),
     Stage("bspo", "BSPO's ScoreLM: the proxy RM's recipe with the LM head kept and the behavior loss (methods with "
-          "bspo_threshold)", settings=("seed", *MODEL, "rm", "bspo"),
-          inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
-          outputs=lambda P, cfg, m, s: {"model": P.bspo}, data_parallel=True),
+          "reward: bspo)", settings=("seed", *MODEL, "rm", "bspo"),
+          inputs=lambda P, cfg, *_: {"labels": P.labels, "sft": P.sft},
+          outputs=lambda P, cfg, *_: {"model": P.bspo}, data_parallel=True, priority=6),
     Stage("rm_member", "one member k of UWO's proxy-RM ensemble: the rm stage with seed + k (ensemble section)",
           settings=("seed", *MODEL, "rm", "ensemble.model"), inputs=_member_inputs,  # not K: k does not depend on it
-          outputs=lambda P, cfg, m, s: {"model": P.rm_member(m)}, per_member=True, module="rm",
-          data_parallel=True),
+          outputs=lambda P, cfg, k, _: {"model": P.rm_member(k)}, per_member=True, module="rm",
+          data_parallel=True, priority=6),
     Stage("grpo", "Dr.GRPO against the proxy RM for one method and seed",
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "grpo"), inputs=_grpo_inputs,
           outputs=_grpo_outputs,
-          work=lambda P, cfg, m, s: {"work": P.grpo_work(m, s)}, per_run=True, data_parallel=True,
-          many=("ensemble", "advpo", "bspo")),
+          work=lambda P, cfg, method, seed: {"work": P.grpo_work(method, seed)}, per_run=True, data_parallel=True,
+          many=_reward_input, priority=5),
     Stage("dpo", "DPO / TR-DPO (GR Table 1 baselines) on the labeled pairs from the SFT policy, per method and seed",
-          settings=("seed", *MODEL, "dpo"), inputs=lambda P, cfg, m, s: {"labels": P.labels, "sft": P.sft},
-          outputs=lambda P, cfg, m, s: {"policy": P.dpo_policy(m, s)}, per_run=True, data_parallel=True),
+          settings=("seed", *MODEL, "dpo"), inputs=lambda P, cfg, *_: {"labels": P.labels, "sft": P.sft},
+          outputs=lambda P, cfg, method, seed: {"policy": P.dpo_policy(method, seed)}, per_run=True,
+          data_parallel=True, priority=5),
     Stage("evaluate", "gold win rate against references for one method and seed (or 'sft')",
           settings=(*GOLD, *MODEL, *PROXY, *RLVR, "evaluate"), inputs=_eval_inputs,
-          outputs=lambda P, cfg, m, s: {"evaluation": P.evaluation(m, s)}, per_run=True),
+          outputs=lambda P, cfg, method, seed: {"evaluation": P.evaluation(method, seed)}, per_run=True),
     Stage("certify", "certified-radius validation of the proxy RM (SignCert Fig. 4)",
           settings=(*GOLD, *MODEL, *PROXY, "certify"),
-          inputs=lambda P, cfg, m, s: {"test": P.test, "sft": P.sft, "rm": P.rm},
-          outputs=lambda P, cfg, m, s: {"certify": P.certify}),
+          inputs=lambda P, cfg, *_: {"test": P.test, "sft": P.sft, "rm": P.rm},
+          outputs=lambda P, cfg, *_: {"certify": P.certify}, priority=10),
     Stage("report", "table and plots over methods x seeds", inputs=_report_inputs, many=("evals", "metrics", "heldout"),
-          outputs=lambda P, cfg, m, s: {"report": P.report}),
-    Stage("bench", "seconds per GRPO step: noreg, gr, signcert, Elastic Reset and TRL's GRPOTrainer as Dr.GRPO", tool=True),
+          outputs=lambda P, cfg, *_: {"report": P.report}),
+    Stage("bench", "seconds per GRPO step: noreg, gr, signcert, Elastic Reset, each reward kind and TRL's GRPOTrainer "
+          "as Dr.GRPO", tool=True),
     Stage("judge-cost", "expected requests, tokens and USD of an API judge (gold.type openai) for this experiment",
           tool=True),
     Stage("download", "fetch the experiment's hub models and dataset into the hub cache, for jobs run offline",

@@ -3,13 +3,17 @@ them): which runs and files a cell names, a method's value per seed, pooled repl
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf.config import load_config
 from rlhf.errors import ConfigError, RLHFError
+from rlhf.paths import Paths
+from rlhf.registry import SFT_BASELINE, dpo_methods
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,15 +58,12 @@ def resolve(path: str | Path) -> Path:
 
 
 def experiment_config(path: Path) -> dict:
-    from rlhf.config import load_config
     return load_config(resolve(path))
 
 
 def methods_of(cell: dict, cfg: dict) -> list[str]:
     """The experiment's methods a cell's `method` names (a name, a glob pattern or a list of either), in order."""
-    import fnmatch
 
-    from rlhf.registry import SFT_BASELINE, dpo_methods
     known = [SFT_BASELINE, *cfg["methods"], *dpo_methods(cfg)]
     patterns = cell["method"] if isinstance(cell["method"], list) else [cell["method"]]
     found = [m for m in known if any(fnmatch.fnmatchcase(m, str(p)) for p in patterns)]
@@ -75,7 +76,6 @@ def methods_of(cell: dict, cfg: dict) -> list[str]:
 def cell_files(cell: dict, cfg: dict) -> list[tuple[int | None, Path]]:
     """(seed, path) pairs a cell reads (an evaluation folder, a metrics log, ...), for every method it names: the same
     function declares the Snakemake inputs and reads them."""
-    from rlhf.paths import Paths
     P = Paths.from_config(cfg)
     if cell["source"] == "bench":
         return [(None, P.root / "bench" / "bench.json")]
@@ -85,7 +85,6 @@ def cell_files(cell: dict, cfg: dict) -> list[tuple[int | None, Path]]:
 
 
 def _run_files(P, cell: dict, cfg: dict, method: str) -> list[tuple[int | None, Path]]:
-    from rlhf.registry import SFT_BASELINE, dpo_methods
     if method == SFT_BASELINE:
         return [(cfg["seed"], P.evaluation(SFT_BASELINE, cfg["seed"]))]
     # a DPO policy has no training-time evaluation: its final one

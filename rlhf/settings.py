@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rlhf.errors import ConfigError
+from rlhf.rewards.llm_judge import JudgeRewardSettings
 
 
 class Section:
@@ -23,6 +24,14 @@ class Section:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def neutral():
+    """A GRPO setting that does not change what the policy becomes: how long the run is and what is measured beside it
+    (diagnostics run on their own random streams). A rerun that changes only these resumes its checkpoint, so a
+    preempted run can be extended; any other change starts afresh (rlhf/trainer.py: fingerprint). GRPO's learning
+    rate is constant, so the number of steps does not shape the trajectory."""
+    return dataclasses.field(metadata={"trajectory_neutral": True})
 
 
 @dataclass(frozen=True)
@@ -114,20 +123,44 @@ class RLVRSettings(Section):
 
     def judge_reward(self):
         """The judge reward's settings (rlhf/rewards/llm_judge.py)."""
-        from rlhf.rewards.llm_judge import JudgeRewardSettings
         j = self.judge
         return JudgeRewardSettings(reply_format=j["reply_format"], correctness_map=tuple(j["correctness_map"]),
                                    unparseable_reward=j["unparseable_reward"], one_shot=j["one_shot"])
 
 
-SECTIONS = (SFTSettings, RMSettings, SampleSettings, EvaluateSettings, CertifySettings)
+@dataclass(frozen=True)
+class ModelSettings(Section):
+    """The policy: a hub id or folder (name) or the miniature's tiny model (build), and how every stage loads it."""
+    SECTION: ClassVar[str] = "model"
+    dtype: str                        # float32 | bfloat16 | float16: weights of every model a stage loads
+    pad_token: str | None             # for a tokenizer without one (e.g. '<|padding|>' for Pythia)
+    name: str | None = None           # a hub id or folder
+    build: dict | None = None         # the tiny model's shape (rlhf/models.py: build_tiny_causal_lm)
+
+
+@dataclass(frozen=True)
+class AdvPOSettings(Section):
+    SECTION: ClassVar[str] = "advpo"
+    ridge: float                      # lambda_r of M_D = lambda_r I + sum of phi phi^T
+
+
+@dataclass(frozen=True)
+class BSPOSettings(Section):
+    """BSPO's ScoreLM (reward bspo)."""
+    SECTION: ClassVar[str] = "bspo"
+    alpha: float                      # weight of the behavior loss beside Bradley-Terry
+    behavior_tokens: str              # completion | sequence: the tokens the behavior loss is over
+
+
+SECTIONS = (SFTSettings, RMSettings, SampleSettings, EvaluateSettings, CertifySettings, ModelSettings, AdvPOSettings,
+            BSPOSettings)
 
 
 @dataclass(frozen=True)
 class GRPOSettings(Section):
     SECTION: ClassVar[str] = "grpo"   # of(cfg): the section itself; for_method(cfg, m): with m's overrides
     # schedule and batch
-    steps: int
+    steps: int = neutral()
     prompts_per_step: int             # B
     group_size: int                   # G completions per prompt
     max_new_tokens: int               # T_max: also the loss normalizer B*G*T_max
@@ -155,13 +188,15 @@ class GRPOSettings(Section):
     gr_excluded_grad: str             # g1 | g2 | g2_raw
     gr_second_pass_ratio: str         # one | stored
     gr_refresh_master_weights: bool
+    # the reward GRPO trains on: a kind of rlhf/rewards/kinds.py, whose own settings follow (each None unless used)
+    reward: str                       # proxy | uwo | advpo | bspo | verifiable | a registered kind
     # AdvPO (rlhf/algorithms/advpo.py): the proxy's features times the adversarial head
-    advpo_budget: float | None        # None: off
+    advpo_budget: float | None        # reward advpo's budget B
     # BSPO (rlhf/algorithms/bspo.py): the ScoreLM's reward, r_min outside the behavior support
-    bspo_threshold: float | None      # None: off
+    bspo_threshold: float | None      # reward bspo's support threshold
     bspo_r_min: float | None          # None: the ScoreLM's lowest reward on its training completions
     # UWO (rlhf/algorithms/ensemble.py): the reward over the ensemble section's members
-    uwo_lambda: float | None          # None: off (the proxy RM)
+    uwo_lambda: float | None          # reward uwo's lambda
     uwo_penalty: str                  # var | std
     # SignCert-PO (rlhf/algorithms/signcert.py)
     signcert_quantile: float | None   # None: off
@@ -169,15 +204,15 @@ class GRPOSettings(Section):
     signcert_quantile_over: str       # nonzero | all
     signcert_clip_negative: bool
     # diagnostics and evaluation beside training
-    sharpness_every: int
-    sharpness_perturbations: int
-    sharpness_radius: float
-    sharpness_prompts: int
-    kl_metric_every: int
-    eval_every: int
-    eval_prompts: int
-    eval_train_prompts: int
-    checkpoint_every: int
+    sharpness_every: int = neutral()
+    sharpness_perturbations: int = neutral()
+    sharpness_radius: float = neutral()
+    sharpness_prompts: int = neutral()
+    kl_metric_every: int = neutral()
+    eval_every: int = neutral()
+    eval_prompts: int = neutral()
+    eval_train_prompts: int = neutral()
+    checkpoint_every: int = neutral()
     # sampling engine
     generation: str                   # hf | vllm
     vllm_gpu_memory_utilization: float
@@ -195,3 +230,6 @@ class GRPOSettings(Section):
 
     def replace(self, **changes) -> "GRPOSettings":
         return dataclasses.replace(self, **changes)
+
+
+TRAJECTORY_NEUTRAL = frozenset(f.name for f in dataclasses.fields(GRPOSettings) if f.metadata.get("trajectory_neutral"))

@@ -12,6 +12,8 @@ vLLM where it is installed), writes <results>/gpu-smoke/smoke.{md,json}, and exi
     python -m rlhf.smoke                          # make gpu-smoke: CUDA, the 0.5B shape
     python -m rlhf.smoke --device cpu --shape tiny --methods gr,gr-hvp   # the same path on a CPU (the tests)
 """
+# Function-level imports: the orchestrator runs every stage as its own process (as a cluster job would) and must not
+# hold torch or a CUDA context itself; the in-process device checks import what they use.
 from __future__ import annotations
 
 import argparse

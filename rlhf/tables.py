@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from html import escape
 import io
 import sys
 from dataclasses import dataclass, field
@@ -285,7 +286,6 @@ def latex(table: Table) -> str:
 
 def html(table: Table) -> str:
     """The table as a small HTML page (what `snakemake --report` shows)."""
-    from html import escape
     spec, columns = table.spec, list(table.spec.columns)
     head = "".join(f"<th>{escape(c)} (ours)</th><th>{escape(c)} (paper)</th>" for c in columns)
     rows = "".join(

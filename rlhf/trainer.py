@@ -35,19 +35,18 @@ from rlhf.algorithms.losses import dr_grpo_loss
 from rlhf.algorithms.resets import ema_update, float32_copy, is_reset_step, reset_reference, scheduled_beta
 from rlhf.algorithms.signcert import signcert
 from rlhf.diagnostics import signcert_stats
-from rlhf.distributed import Dist, make_update, shared_atomic_dir
+from rlhf.distributed import Dist, Update, make_update, shared_atomic_dir
 from rlhf.generation import sample
 from rlhf.io import read_jsonl
 from rlhf.models import load_causal_lm, tokenizer_of
 from rlhf.policy import token_logprobs
-from rlhf.data.rlvr import rlvr_task
-from rlhf.rewards.proxy_rm import AdvPOScorer, EnsembleScorer, RewardScorer, load_bspo, load_proxy
-from rlhf.rewards.verifiable import StepRewards, VerifiableReward
+from rlhf.rewards.kinds import RewardContext, reward_kind
+from rlhf.rewards.verifiable import StepRewards
 from rlhf.rng import PromptSampler
-from rlhf.settings import GRPOSettings
+from rlhf.settings import TRAJECTORY_NEUTRAL, GRPOSettings
 
 
-def grpo_step(backend, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float, settings: GRPOSettings) -> dict:
+def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float, settings: GRPOSettings) -> dict:
     """One Dr.GRPO update on this rank's rollouts (its share of the global batch); the step's statistics."""
     G = settings.group_size
     # Group means and SignCert's quantile are over the global batch: every rank's rewards and features.
@@ -62,57 +61,60 @@ def grpo_step(backend, dist: Dist, rollout, scores, ref_logprobs, kl_beta: float
                         clip_negative=settings.signcert_clip_negative)
         stats.update(signcert_stats(cert, rewards, G))
         advantages = cert.rho * advantages
-    policy = backend.model
+    policy = update.model
     device = next(policy.parameters()).device
     advantages, mask = dist.local(advantages).to(device), rollout.completion_mask.to(device).float()
     n = mask.shape[0]
     size = settings.micro_batch_size or n
     chunks = [slice(i, i + size) for i in range(0, n, size)]
-    at_phi = {}  # per micro-batch: log-probs and entropy sum of the unperturbed policy (GR evaluates twice)
+    at_phi = {}  # per micro-batch: log-probs and entropy sum of the unperturbed policy (the step's statistics)
 
-    def micro_loss(i: int, rows: slice, old_logprobs=None, exp_ratio: bool = False) -> torch.Tensor:
+    def micro_loss(i: int, rows: slice, old_logprobs=None, exp_ratio: bool = False, at_phi_pass: bool = True
+                   ) -> torch.Tensor:
         """Micro-batch i's loss weighted by its share of the batch, so the accumulated gradient is the whole
         batch's (averaged over ranks by the update backend). old_logprobs=None: the on-policy ratio 1;
-        exp_ratio: exp(p - p.detach()), whose second derivative holds the authors' second-pass ratio term."""
+        exp_ratio: exp(p - p.detach()), whose second derivative holds the authors' second-pass ratio term;
+        at_phi_pass: the pass at the unperturbed weights, whose log-probs and entropy are kept."""
         part = rollout.rows(rows)
         logprobs, entropy = token_logprobs(policy, part, with_entropy=True)
         m = mask[rows]
         old = logprobs.detach() if exp_ratio and old_logprobs is None else old_logprobs
         loss = dr_grpo_loss(logprobs, old, advantages[rows], m, settings.max_new_tokens, settings.clip_eps,
                             None if ref_logprobs is None else ref_logprobs[rows], kl_beta) * (m.shape[0] / n)
-        at_phi.setdefault(i, (logprobs.detach(), (entropy.detach() * m).sum().item()))
+        if at_phi_pass:
+            at_phi[i] = (logprobs.detach(), (entropy.detach() * m).sum().item())
         return loss
 
     stored_ratio = settings.gr_second_pass_ratio == "stored"
 
-    def gradient_pass() -> float:
-        """Forward and backward over the micro-batches. Called again at phi' by the finite difference, where the
-        authors' code (gr_second_pass_ratio: stored) takes the ratio against the log-probs stored at phi."""
-        at_perturbed = len(at_phi) == len(chunks)
+    def gradient_pass(perturbed: bool = False) -> float:
+        """Forward and backward over the micro-batches, at phi or (GR's finite difference) at the perturbed phi',
+        where the authors' code (gr_second_pass_ratio: stored) takes the ratio against the log-probs stored at phi."""
         loss = 0.0
         for i, rows in enumerate(chunks):
-            part_loss = micro_loss(i, rows, at_phi[i][0] if at_perturbed and stored_ratio else None)
-            backend.backward(part_loss, boundary=i == len(chunks) - 1)
+            part_loss = micro_loss(i, rows, at_phi[i][0] if perturbed and stored_ratio else None,
+                                   at_phi_pass=not perturbed)
+            update.backward(part_loss, boundary=i == len(chunks) - 1)
             loss += part_loss.item()
         return loss
 
     if settings.gr_gamma > 0:
         # GR: the gradient of L + (gamma/2)||grad L||^2 on the transformer blocks (rlhf/algorithms/gr.py).
-        common = dict(gamma=settings.gr_gamma, g1_clip=settings.gr_g1_clip, excluded_grad=settings.gr_excluded_grad, grads=backend)
+        common = dict(gamma=settings.gr_gamma, g1_clip=settings.gr_g1_clip, excluded_grad=settings.gr_excluded_grad, grads=update)
         if settings.gr_estimator == "hvp":
             gr = hvp_gr(policy, [functools.partial(micro_loss, i, rows, exp_ratio=stored_ratio)
                                  for i, rows in enumerate(chunks)], **common)
         else:
             gr = finite_difference_gr(policy, gradient_pass, eps=settings.gr_eps, g2_clip=settings.gr_g2_clip,
-                                      on_weights_changed=backend.refresh_master_weights
+                                      on_weights_changed=update.refresh_master_weights
                                       if settings.gr_refresh_master_weights else None, **common)
             stats.update({"g2_norm": gr.g2_norm, "gr/realized_perturbation": gr.realized_perturbation,
                           "gr/perturbation_error": gr.perturbation_error, "gr/changed_fraction": gr.changed_fraction})
         stats.update({"g1_norm": gr.g1_norm, "loss": gr.loss, "gr/curvature": gr.curvature})
     else:
-        backend.zero()
+        update.zero()
         stats["loss"] = gradient_pass()
-    grad_norm = backend.step()  # clips to max_grad_norm, then AdamW
+    grad_norm = update.step()  # clips to max_grad_norm, then AdamW
     stats.setdefault("g1_norm", grad_norm)  # without GR the final gradient is g1
     entropy = sum(at_phi[i][1] for i in range(len(chunks))) / mask.sum().item()
     logprobs = torch.cat([at_phi[i][0] for i in range(len(chunks))])
@@ -124,15 +126,20 @@ class GRPORun:
     policy: torch.nn.Module      # the trained model (the DeepSpeed engine's module under DeepSpeed)
     initial: torch.nn.Module     # pi_init, frozen
     reference: torch.nn.Module   # pi_ref: pi_init itself, or its own copy when reset
-    reward: RewardScorer | EnsembleScorer | AdvPOScorer | VerifiableReward  # proxy RM (BSPO's ScoreLM), UWO, AdvPO, RLVR
+    reward: object               # the method's reward kind, loaded (rlhf/rewards/kinds.py)
     tokenizer: object
-    backend: object              # the update backend: TorchUpdate or DeepSpeedUpdate (rlhf/distributed.py)
+    update: Update               # the update backend (grpo.backend: torch or deepspeed; rlhf/distributed.py)
     dist: Dist
     settings: GRPOSettings
     prompts: PromptSampler       # which training prompts each step draws (its own checkpointed RNG)
     vllm: object | None = None   # VLLMSampler when grpo.generation is vllm
     ema: list | None = None      # Elastic Reset: float32 EMA of the policy's parameters
-    judge_server: object | None = None  # the RLVR miniature's stand-in judge, served while the run lives
+
+    def __enter__(self) -> "GRPORun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        close_run(self)
 
     def generate(self, prompts: list[str]):
         """G completions per prompt from the current policy (HF generate, or vLLM with the weights pushed first)."""
@@ -144,32 +151,10 @@ class GRPORun:
                       batch_size=len(prompts) * settings.group_size)
 
 
-def verifiable_reward(cfg: dict, rows: list[dict]):
-    """An RLVR experiment's reward over these rows (rlvr.reward: rule terms, or the judge's through its cached client;
-    with rlvr.judge.standin, the stand-in judge served on loopback). The judge's answers go to the experiment's judge
-    cache (gold.judge.cache, shared by concurrent jobs like the labeling judge's). Returns (reward, server or None)."""
-    from rlhf.rewards.rules import MathVerifier
-    from rlhf.settings import RLVRSettings
-    s, task, server, judge = RLVRSettings.of(cfg), rlvr_task(cfg), None, None
-    verifier = MathVerifier(s.math_verify_workers, s.math_verify_timeout) if task == "math" else None
-    if s.reward == "judge":
-        from rlhf.judge.client import ChatClient
-        from rlhf.rewards.llm_judge import JudgeReward
-        client_cfg = dict(cfg["gold"]["judge"])
-        if s.judge["standin"]:
-            from rlhf.judge.standin import StandInJudgeServer
-            server = StandInJudgeServer().__enter__()
-            client_cfg["base_url"] = server.url
-        judge = JudgeReward(ChatClient(client_cfg, client_cfg["cache"]), s.judge_reward())
-    return VerifiableReward.from_rows(task, rows, judge=judge, verifier=verifier), server
-
-
-def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path | None, device,
-             dist: Dist | None = None, seed: int | None = None, ensemble: list[Path] | None = None,
-             advpo: Path | None = None, bspo: Path | None = None) -> GRPORun:
-    """The SFT policy (trained), pi_init and pi_ref (frozen), the reward (the proxy RM in folder rm; for an RLVR
-    experiment, rm is None and the reward comes from the training rows' solutions), the update backend and the
-    training prompts (file train)."""
+def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, reward_inputs: dict[str, list[Path]], device,
+             dist: Dist | None = None, seed: int | None = None) -> GRPORun:
+    """The SFT policy (trained), pi_init and pi_ref (frozen), the reward (the method's kind, rlhf/rewards/kinds.py,
+    loaded from its declared inputs `reward_inputs`), the update backend and the training prompts (file train)."""
     dist = dist or Dist(device=device)
     rows = read_jsonl(train, required=("prompt",))
     prompts = PromptSampler([r["prompt"] for r in rows], cfg["seed"] if seed is None else seed)
@@ -178,22 +163,9 @@ def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path
     initial = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_init: KL reference and KL-from-init metric
     # Reference Resets need their own pi_ref; otherwise pi_ref is pi_init (shared, one forward pass for both).
     reference = copy.deepcopy(initial) if settings.reset_every else initial
-    server = None
-    if rlvr_task(cfg):
-        reward, server = verifiable_reward(cfg, rows)
-    elif settings.advpo_budget is not None:  # AdvPO: the proxy with the adversarial head, M_D^-1 from the advpo stage
-        references = {r["prompt"]: r["reference"] for r in rows}
-        stats = torch.load(advpo, weights_only=True)
-        reward = AdvPOScorer(load_proxy(rm, cfg, tokenizer, device), stats["m_inverse"], settings.advpo_budget,
-                             references, gather=dist.gather)
-    elif settings.bspo_threshold is not None:  # BSPO: the ScoreLM's reward and support test (the bspo stage's folder)
-        reward = load_bspo(bspo, cfg, settings, tokenizer, device)
-    elif settings.uwo_lambda is not None:  # UWO: the ensemble's members, each with its own tokenizer
-        members = [load_proxy(folder, cfg, tokenizer_of(folder, cfg), device) for folder in ensemble]
-        reward = EnsembleScorer(members, settings.uwo_lambda, settings.uwo_penalty)
-    else:
-        reward = load_proxy(rm, cfg, tokenizer, device)
-    backend = make_update(policy, settings, dist)
+    reward = reward_kind(settings.reward).load(RewardContext(cfg, settings, tokenizer, device, dist, rows,
+                                                             reward_inputs))
+    update = make_update(policy, settings, dist)
     vllm = None
     if settings.generation == "vllm":
         from rlhf.generation_vllm import VLLMSampler  # lazy: only this path needs vLLM installed
@@ -202,8 +174,8 @@ def load_run(cfg: dict, settings: GRPOSettings, train: Path, sft: Path, rm: Path
                            sleep_between_steps=settings.vllm_sleep, kv_cache_gib=settings.vllm_kv_cache_gib,
                            enforce_eager=settings.vllm_enforce_eager)
     ema = float32_copy(initial.parameters()) if settings.elastic_reset_every else None
-    return GRPORun(backend.model, initial, reference, reward, tokenizer, backend, dist, settings, prompts, vllm=vllm,
-                   judge_server=server, ema=ema)
+    return GRPORun(update.model, initial, reference, reward, tokenizer, update, dist, settings, prompts, vllm=vllm,
+                   ema=ema)
 
 
 def train_step(run: GRPORun, batch: list[str], step: int) -> dict:
@@ -226,7 +198,7 @@ def train_step(run: GRPORun, batch: list[str], step: int) -> dict:
         if kl_beta > 0:
             ref_logprobs = init_logprobs if penalty_uses_init else token_logprobs(run.reference, rollout)
     run.policy.train()
-    stats = grpo_step(run.backend, run.dist, rollout, scores, ref_logprobs, kl_beta, settings)
+    stats = grpo_step(run.update, run.dist, rollout, scores, ref_logprobs, kl_beta, settings)
     t3 = time.perf_counter()
     logprobs = stats.pop("logprobs")
     if rollout.sampler_logprobs is not None:  # vLLM's log-probs against the trainer's, on the same tokens
@@ -253,7 +225,7 @@ def elastic_reset(run: GRPORun, step: int, stats: dict) -> None:
     settings = run.settings
     ema_update(run.ema, run.policy.parameters(), settings.elastic_reset_decay)
     if is_reset_step(step, settings.elastic_reset_every):
-        run.backend.set_weights(run.ema)
+        run.update.set_weights(run.ema)
         run.ema = float32_copy(run.initial.parameters())
         stats["elastic_reset"] = 1
 
@@ -262,7 +234,8 @@ def reward_stats(scores) -> dict:
     """The step's reward metrics: the proxy RM's mean, or the verifiable reward's mean, each term's mean and the
     fraction of judge replies without a usable score."""
     if not isinstance(scores, StepRewards):
-        bspo = {} if scores.unsupported is None else {"bspo/unsupported_fraction": scores.unsupported.float().mean().item()}
+        unsupported = getattr(scores, "unsupported", None)  # BSPO's support test
+        bspo = {} if unsupported is None else {"bspo/unsupported_fraction": unsupported.float().mean().item()}
         return {"proxy_reward": scores.rewards.mean().item(), **bspo}
     return {"reward": scores.rewards.mean().item(), **{f"reward/{k}": v for k, v in scores.terms.items()},
             "judge/unparseable_fraction": scores.unparseable / len(scores.rewards)}
@@ -286,13 +259,6 @@ def rounding_warning(stats: dict, dtype: str) -> str:
             "(exact at any precision)")
 
 
-# Settings that do not change what the policy becomes: how long the run is and what is measured beside it
-# (diagnostics run on their own random streams). A rerun that changes only these resumes its checkpoint, so a
-# preempted run can be extended; any other change starts afresh. (GRPO's learning rate is constant: the number of
-# steps does not shape the trajectory.)
-TRAJECTORY_NEUTRAL = frozenset({"steps", "eval_every", "eval_prompts", "eval_train_prompts", "checkpoint_every",
-                                "kl_metric_every", "sharpness_every", "sharpness_perturbations", "sharpness_radius",
-                                "sharpness_prompts"})
 SMALL_FILE = 10 * 2 ** 20
 
 
@@ -321,7 +287,7 @@ def save_checkpoint(path: Path, run: GRPORun, step: int, stamp: str) -> None:
     folder rank 0 renames into place once all have finished."""
     dist = run.dist
     with shared_atomic_dir(dist, path) as out:
-        run.backend.save(out)
+        run.update.save(out)
         torch.save({"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),  # HF generate's streams
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                     "prompt_rng": run.prompts.state()}, out / f"rng{dist.rank}.pt")
@@ -352,7 +318,7 @@ def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
         if module is not None:
             saved = type(module).from_pretrained(folder, dtype=next(module.parameters()).dtype)
             module.load_state_dict(saved.state_dict())
-    run.backend.load(path)
+    run.update.load(path)
     if run.ema is not None:
         for e, saved in zip(run.ema, torch.load(path / "ema.pt"), strict=True):
             e.copy_(saved)
@@ -368,10 +334,10 @@ def load_checkpoint(path: Path, run: GRPORun, stamp: str) -> int:
 
 
 def close_run(run: GRPORun) -> None:
-    """Stop what the run started beside the trainer (the vLLM engine, the stand-in judge) and release the update
+    """Stop what the run started beside the trainer (the vLLM engine, what the reward started) and release the update
     backend's hold on the process group."""
-    run.backend.close()
+    run.update.close()
     if run.vllm is not None:
         run.vllm.close()
-    if run.judge_server is not None:
-        run.judge_server.__exit__(None, None, None)
+    if hasattr(run.reward, "close"):  # e.g. the RLVR miniature's stand-in judge, served while the run lives
+        run.reward.close()

@@ -95,7 +95,7 @@ def test_elastic_reset_swaps_policy_ema_and_initial_at_the_configured_steps(tiny
     s = micro_grpo(backend=backend, lr=1e-2, elastic_reset_every=2, elastic_reset_decay=0.5)
     initial = copy.deepcopy(tiny_lm[0]).to(torch.bfloat16).requires_grad_(False)
     update = make_update(copy.deepcopy(initial).requires_grad_(True), s, Dist())
-    run = types.SimpleNamespace(settings=s, policy=update.model, initial=initial, backend=update,
+    run = types.SimpleNamespace(settings=s, policy=update.model, initial=initial, update=update,
                                 ema=float32_copy(initial.parameters()))
     init = float32_copy(initial.parameters())
     expected, gen = [t.clone() for t in init], torch.Generator().manual_seed(0)
@@ -242,8 +242,9 @@ def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_
     from tests.conftest import jobs, snakemake, write_config
     from tests.test_workflow import stages_within_their_declarations
     shutil.copytree(micro_run[1], tmp_path / "results" / "micro")
-    methods = {**yaml.safe_load((REPO / "config" / "micro.yaml").read_text())["methods"], "uwo": {"uwo_lambda": 0.5},
-               "advpo": {"advpo_budget": 5.0, "kl_beta": 0.1}, "bspo": {"bspo_threshold": 1e-3},
+    methods = {**yaml.safe_load((REPO / "config" / "micro.yaml").read_text())["methods"], "uwo": {"reward": "uwo", "uwo_lambda": 0.5},
+               "advpo": {"reward": "advpo", "advpo_budget": 5.0, "kl_beta": 0.1},
+               "bspo": {"reward": "bspo", "bspo_threshold": 1e-3},
                "elastic": {"elastic_reset_every": 2, "elastic_reset_decay": 0.9, "kl_beta": 0.02},
                "scheduled": {"kl_beta": 0.1, "kl_beta_decay_every": 2}}
     cfg = write_config(tmp_path, dpo=DPO, ensemble={"members": 2}, methods=methods)
@@ -309,11 +310,16 @@ def test_uwo_needs_an_ensemble_and_goes_without_signcert(tmp_path):
     from rlhf.config import load_config
     from rlhf.errors import ConfigError
     from tests.conftest import write_config
-    with pytest.raises(ConfigError, match="methods.u: uwo_lambda needs an ensemble section"):
-        load_config(write_config(tmp_path, methods={"u": {"uwo_lambda": 0.1}}))
-    with pytest.raises(ConfigError, match="methods.u: UWO's ensemble reward goes with neither SignCert-PO"):
-        load_config(write_config(tmp_path, ensemble={}, methods={"u": {"uwo_lambda": 0.1, "signcert_quantile": 0.3}}))
-    cfg = write_config(tmp_path, ensemble={"members": 2}, methods={"u": {"uwo_lambda": 0.1}})
+    uwo = {"reward": "uwo", "uwo_lambda": 0.1}
+    with pytest.raises(ConfigError, match="methods.u: reward uwo needs an ensemble section"):
+        load_config(write_config(tmp_path, methods={"u": uwo}))
+    with pytest.raises(ConfigError, match="methods.u: reward uwo needs uwo_lambda"):
+        load_config(write_config(tmp_path, ensemble={}, methods={"u": {"reward": "uwo"}}))
+    with pytest.raises(ConfigError, match="methods.u: uwo_lambda is reward uwo's setting; the method's reward is proxy"):
+        load_config(write_config(tmp_path, ensemble={}, methods={"u": {"uwo_lambda": 0.1}}))
+    with pytest.raises(ConfigError, match="methods.u: SignCert-PO certifies one reward model's linear head; reward uwo"):
+        load_config(write_config(tmp_path, ensemble={}, methods={"u": {**uwo, "signcert_quantile": 0.3}}))
+    cfg = write_config(tmp_path, ensemble={"members": 2}, methods={"u": uwo})
     assert load_config(cfg)["ensemble"] == {"members": 2, "model": None}
     assert main(["rm_member", "--config", str(cfg), "--member", "3"]) == 2  # one line naming the members
 
@@ -356,7 +362,7 @@ def test_advpo_matrix_is_the_proxy_features_on_its_training_pairs_and_the_reward
     dst = _copy_upstream(micro_run, tmp_path)
     import shutil
     shutil.copytree(micro_run[1] / "pairs", dst / "pairs")
-    cfg_path = write_config(tmp_path, methods={"advpo": {"advpo_budget": 5.0}}, advpo={"ridge": 0.5})
+    cfg_path = write_config(tmp_path, methods={"advpo": {"reward": "advpo", "advpo_budget": 5.0}}, advpo={"ridge": 0.5})
     assert main(["advpo", "--config", str(cfg_path)]) == 0
     saved = torch.load(dst / "advpo" / "precision.pt", weights_only=True)
     cfg = load_config(cfg_path)
@@ -393,8 +399,12 @@ def test_advpo_goes_without_uwo_and_signcert(tmp_path):
     from rlhf.config import load_config
     from rlhf.errors import ConfigError
     from tests.conftest import write_config
-    with pytest.raises(ConfigError, match="methods.a: AdvPO's adversarial reward goes with neither UWO"):
-        load_config(write_config(tmp_path, ensemble={}, methods={"a": {"advpo_budget": 1.0, "uwo_lambda": 0.1}}))
+    with pytest.raises(ConfigError, match="methods.a: uwo_lambda is reward uwo's setting; the method's reward is advpo"):
+        load_config(write_config(tmp_path, ensemble={}, methods={"a": {"reward": "advpo", "advpo_budget": 1.0,
+                                                                         "uwo_lambda": 0.1}}))
+    with pytest.raises(ConfigError, match="methods.a: reward advpo is an RLHF reward; this experiment is RLVR"):
+        load_config(write_config(tmp_path, base="rlvr-micro.yaml", methods={"a": {"reward": "advpo",
+                                                                                  "advpo_budget": 1.0}}))
 
 
 def test_bspo_loss_and_support_test_by_hand():
@@ -506,7 +516,7 @@ def test_bspo_stage_trains_the_lm_head_and_records_r_min_and_the_support_calibra
     shutil.copytree(micro_run[1] / "pairs", dst / "pairs")
     nll = {}
     for alpha in (0.0, 1.0):  # 3 epochs at the micro RM's lr: enough for the LM term to show
-        cfg_path = write_config(tmp_path, methods={"bspo": {"bspo_threshold": 1e-4}}, bspo={"alpha": alpha},
+        cfg_path = write_config(tmp_path, methods={"bspo": {"reward": "bspo", "bspo_threshold": 1e-4}}, bspo={"alpha": alpha},
                                 rm={"lr": 1.0e-3, "epochs": 3, "batch_size": 8, "max_length": 48})
         shutil.rmtree(dst / "bspo", ignore_errors=True)
         assert main(["bspo", "--config", str(cfg_path)]) == 0
@@ -541,9 +551,10 @@ def test_bspo_goes_without_the_other_reward_replacements(tmp_path):
     from rlhf.config import load_config
     from rlhf.errors import ConfigError
     from tests.conftest import write_config
-    for other in ({"advpo_budget": 1.0}, {"signcert_quantile": 0.3}):
-        with pytest.raises(ConfigError, match="methods.b: BSPO's ScoreLM reward goes with neither UWO, AdvPO"):
-            load_config(write_config(tmp_path, methods={"b": {"bspo_threshold": 1e-4, **other}}))
+    for other, error in (({"advpo_budget": 1.0}, "advpo_budget is reward advpo's setting; the method's reward is bspo"),
+                         ({"signcert_quantile": 0.3}, "SignCert-PO certifies one reward model's linear head")):
+        with pytest.raises(ConfigError, match=f"methods.b: {error}"):
+            load_config(write_config(tmp_path, methods={"b": {"reward": "bspo", "bspo_threshold": 1e-4, **other}}))
 
 
 def test_scorelm_collator_marks_the_completion_tokens_of_chosen_then_rejected_rows():
@@ -555,3 +566,65 @@ def test_scorelm_collator_marks_the_completion_tokens_of_chosen_then_rejected_ro
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 0], [4, 7, 0, 0, 0], [5, 6, 9, 0, 0], [4, 3, 3, 3, 1]]
     assert batch["completion_mask"].int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0],
                                                        [1, 1, 1, 1, 1]]
+
+
+# docs/extending.md's worked example, carried out: a reward kind registered from this file alone (its loader, its
+# scorer and its table entry) trains a GRPO run through the stage. Nothing in rlhf/ names it.
+class KeywordReward:
+    """1 per occurrence of a word in the completion: the word is read from the kind's declared input file."""
+
+    def __init__(self, word: str):
+        self.word, self.calls = word, []
+
+    def __call__(self, prompts: list[str], completions: list[str]):
+        from rlhf.rewards.proxy_rm import Scores
+        rewards = torch.tensor([float(c.split().count(self.word)) for c in completions])
+        self.calls.append(rewards)
+        return Scores(rewards, torch.empty(len(completions), 0))  # no features: SignCert-PO refuses it
+
+
+def load_keyword_reward(ctx):
+    import json
+    return KEYWORD.setdefault("reward", KeywordReward(json.loads(ctx.inputs["keyword"][0].read_text())["word"]))
+
+
+KEYWORD: dict = {}
+
+
+@pytest.fixture
+def keyword_kind(monkeypatch):
+    from rlhf.rewards.kinds import REWARDS, RewardKind
+    kind = RewardKind("keyword", "1 per occurrence of the word in keyword.json", load_keyword_reward,
+                      inputs=lambda P, cfg: {"keyword": [P.root / "keyword.json"]})
+    monkeypatch.setitem(REWARDS, kind.name, kind)  # register(kind), undone after the test
+    KEYWORD.clear()
+    return kind
+
+
+def test_a_reward_registered_from_a_test_file_trains_a_grpo_run_through_the_stage(micro_run, tmp_path, keyword_kind):
+    import json
+
+    from rlhf.cli import main
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+    from rlhf.io import read_jsonl
+    from rlhf.registry import stage_files
+    from tests.conftest import write_config
+    from tests.test_stages import _copy_upstream
+    root = _copy_upstream(micro_run, tmp_path)
+    (root / "keyword.json").write_text(json.dumps({"word": "a"}))
+    cfg_path = write_config(tmp_path, methods={"kw": {"reward": "keyword"}})
+    cfg = load_config(cfg_path)
+    assert stage_files("grpo", cfg, "kw", 0)["inputs"]["keyword"] == [root / "keyword.json"]  # the rule's input
+    assert main(["grpo", "--method", "kw", "--seed", "0", "--config", str(cfg_path)]) == 0
+    reward = KEYWORD["reward"]
+    steps = [r for r in read_jsonl(root / "grpo" / "kw" / "seed0" / "metrics.jsonl") if "proxy_reward" in r]
+    assert len(steps) == cfg["grpo"]["steps"] and (root / "grpo" / "kw" / "seed0" / "policy").is_dir()
+    means = {round(r.mean().item(), 5) for r in reward.calls}  # training steps and rank 0's diagnostics
+    assert all(round(r["proxy_reward"], 5) in means for r in steps)  # each step trained on this reward's scores
+    with pytest.raises(ConfigError, match="methods.kw: SignCert-PO certifies one reward model's linear head; reward "
+                                          "keyword has none"):
+        load_config(write_config(tmp_path, methods={"kw": {"reward": "keyword", "signcert_quantile": 0.2}}))
+    with pytest.raises(ConfigError, match="methods.kw: reward 'nokind' is not a reward kind \\(have: proxy, uwo, advpo, "
+                                          "bspo, verifiable, keyword\\)"):
+        load_config(write_config(tmp_path, methods={"kw": {"reward": "nokind"}}))

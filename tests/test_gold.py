@@ -100,13 +100,13 @@ def test_device_map_auto_spreads_the_gold_only_in_a_one_process_job(tmp_path, ti
     """device_map auto shards the gold over the visible GPUs in label/evaluate (one process); in a data-parallel job
     (rank 0's evaluations inside GRPO, WORLD_SIZE > 1) every GPU belongs to a rank, so the gold loads on the rank's
     own device instead."""
-    import rlhf.models
-    seen, real = [], rlhf.models.load_reward_model
+    import rlhf.rewards.gold
+    seen, real = [], rlhf.rewards.gold.load_reward_model
 
     def spy(*args, **kwargs):
         seen.append(kwargs["device_map"])
         return real(*args, **kwargs)
-    monkeypatch.setattr(rlhf.models, "load_reward_model", spy)
+    monkeypatch.setattr(rlhf.rewards.gold, "load_reward_model", spy)
     cfg = _cfg(tmp_path, type="reward_model", name=str(tiny_gold_rm), device_map="auto")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     make_gold(cfg, torch.device("cpu"))

@@ -1,6 +1,7 @@
 """The package's layering, read from the source: the algorithm core is pure, no stage imports another, nothing below
 the stages imports them, and the modules' imports form no cycle."""
 import ast
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -62,3 +63,54 @@ def test_imports_form_no_cycle():
     for name in graph:
         if name not in state:
             visit(name, [name])
+
+
+def _function_level_imports(path) -> list[int]:
+    """Line numbers of the import statements inside functions."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines += [sub.lineno for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))]
+    return sorted(set(lines))
+
+
+def test_function_level_imports_say_why():
+    """An import inside a function (heavy: torch, transformers, datasets, matplotlib, vLLM, DeepSpeed; or optional)
+    carries its reason: a comment on it or on the line above its block of imports, or one `# Function-level imports:`
+    note for the whole module. Anything else belongs at the top, where the import graph (and the cycle test above)
+    sees it."""
+    unexplained = []
+    for path in sorted((REPO / "rlhf").rglob("*.py")):
+        text = path.read_text()
+        if "# Function-level imports:" in text:
+            continue
+        src = text.split("\n")
+        for lineno in _function_level_imports(path):
+            i = lineno - 1
+            if "#" in src[i]:
+                continue
+            j = i - 1
+            while j >= 0 and src[j].strip().startswith(("import ", "from ")) and "#" not in src[j] or \
+                    j >= 0 and not src[j].strip():
+                j -= 1
+            if j >= 0 and src[j].strip().startswith("#") or j >= 0 and "#" in src[j] and \
+                    src[j].strip().startswith(("import ", "from ")):
+                continue
+            unexplained.append(f"{path.relative_to(REPO)}:{lineno}: {src[i].strip()}")
+    assert not unexplained, "\n".join(unexplained)
+
+
+def test_readme_fits_a_screen_links_every_docs_page_and_nothing_outside():
+    """README stays an overview (≤ 250 lines) whose table reaches every page of docs/, and no link in the
+    repository's documentation points outside it (the papers and public sources are cited, never a sibling folder)."""
+    import re
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    pages = {p.name for p in (REPO / "docs").iterdir() if p.suffix in (".md", ".svg", ".png")}
+    linked = set(re.findall(r"\(docs/([^)#]+)", readme))
+    assert {p for p in pages if p.endswith(".md")} <= linked, sorted(pages - linked)
+    for path in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#]+)", path.read_text()):
+            if "://" not in target:
+                assert (path.parent / target).resolve().exists(), f"{path.name}: dead link {target}"
+                assert "shared" not in Path(target).parts[:2], f"{path.name}: {target} points outside the repository"

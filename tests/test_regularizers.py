@@ -34,7 +34,7 @@ def gr_setup(float64_lm):
         logp = token_logprobs(m, rollout.rows(rows))
         return dr_grpo_loss(logp, None, adv[rows], rollout.completion_mask[rows].double(), 5) * 0.5  # 4 of 8 rows
 
-    def closure():  # accumulate over micro-batches like a trainer with gradient accumulation
+    def closure(perturbed=False):  # accumulate over micro-batches like a trainer with gradient accumulation
         total = 0.0
         for rows in MICRO_BATCHES:
             loss = loss_fn(model64, rows)
@@ -136,7 +136,7 @@ def test_gr_restores_parameters_bit_exactly(tiny_lm):
     adv = dr_grpo_advantages(torch.randn(4), 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def closure():
+    def closure(perturbed=False):
         logp = token_logprobs(model, rollout)
         loss = dr_grpo_loss(logp, logp.detach(), adv, rollout.completion_mask.float(), 5)
         loss.backward()
@@ -273,7 +273,7 @@ def test_hvp_in_bf16_matches_the_float64_truth(record_property, capsys):
         return hvp_gr(m, [functools.partial(loss, m)], gamma=gamma, g1_clip=1e9, grads=grads)
 
     def fd(m, gamma, grads):
-        def closure():
+        def closure(perturbed=False):
             value = loss(m)
             value.backward()
             return value
@@ -294,7 +294,7 @@ def test_realized_perturbation_is_exact_in_float64_and_lost_in_bf16():
     """phi + eps*g1_hat at eps = 1e-3 with weights of LLM scale (N(0, 0.02) added to every tensor, so no exact zeros
     such as fresh biases store any perturbation exactly) and the per-element size of g1_hat that a 0.49B-parameter
     model gets at the paper's clip (||g1_hat|| = 10 spread over 4.9e8 elements): float64 stores it exactly,
-    bf16 keeps under half of it (REFERENCES section 3: 0.03-0.14 at LLM scale)."""
+    bf16 keeps under half of it (docs/regularizers.md: 0.15 of it on a bf16 model with LLM-scale weights)."""
     bf16, _, loss = _bf16_problem(hidden=64)
     with torch.no_grad():
         noise = torch.Generator().manual_seed(0)
@@ -304,7 +304,7 @@ def test_realized_perturbation_is_exact_in_float64_and_lost_in_bf16():
     clip = 10 * (sum(p.numel() for p in default_perturbed_parameters(bf16)) / 4.9e8) ** 0.5
 
     def fd(m) -> GRStats:
-        def closure():
+        def closure(perturbed=False):
             value = loss(m, scale=1e4)  # ||g1|| >> clip: ||eps * g1_hat|| = eps * clip exactly
             value.backward()
             return value

@@ -202,7 +202,7 @@ def test_rlvr_config_needs_its_section_and_refuses_signcert(tmp_path):
         load_config(_without(tmp_path, "rlvr"))
     with pytest.raises(ConfigError, match="the rlvr section needs an RLVR data.source"):
         load_config(write_config(tmp_path, "micro.yaml", rlvr={}))
-    with pytest.raises(ConfigError, match="methods.sc: SignCert-PO needs a reward model's features"):
+    with pytest.raises(ConfigError, match="methods.sc: SignCert-PO certifies one reward model's linear head; reward verifiable has none"):
         load_config(write_config(tmp_path, "rlvr-micro.yaml", methods={"sc": {"signcert_quantile": 0.3}}))
     real_judge = {"reward": "judge", "judge": {"standin": False}}  # a served LLM: its reply needs room
     with pytest.raises(ConfigError, match="gold.judge.max_tokens 8 cannot hold the RLVR judge's reply"):

@@ -1,5 +1,5 @@
 """The RLVR rule rewards (rlhf/rewards/rules.py) on crafted completions; expected values worked out by hand from
-REFERENCES §1 (and ReDit's scripts where they differ from a naive reading: MULTILINE `$`, `isdigit`)."""
+ReDit's reward functions (GR App. C.5, docs/pipeline.md; and ReDit's scripts where they differ from a naive reading: MULTILINE `$`, `isdigit`)."""
 import os
 import threading
 

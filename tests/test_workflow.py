@@ -188,15 +188,16 @@ def test_paper_config_builds_its_dag(path, paper_dags):
     runs = len(cfg["methods"]) * len(cfg["seeds"])
     dpo = len(cfg.get("dpo", {}).get("methods", {})) * len(cfg["seeds"])  # GR Table 1's DPO / TR-DPO rows
     preferences = {} if "rlvr" in cfg else {"sample": 1, "label": 1, "rm": 1, "certify": 1}  # RLVR: no pairs, no RM
-    from rlhf.registry import advpo_used, bspo_used, ensemble_members
-    members = len(ensemble_members(cfg)) if any(m.get("uwo_lambda") is not None for m in cfg["methods"].values()) else 0
+    from rlhf.registry import ensemble_members
+    kinds = {m.get("reward", cfg["grpo"]["reward"]) for m in cfg["methods"].values()}
+    members = len(ensemble_members(cfg)) if "uwo" in kinds else 0
     extra = {**({"dpo": dpo} if dpo else {}), **({"rm_member": members} if members else {}),
-             **({"advpo": 1} if advpo_used(cfg) else {}),
-             **({"bspo": 1} if bspo_used(cfg) else {})}  # the baselines' jobs (SignCert Table 1, GR Table 1)
+             **({"advpo": 1} if "advpo" in kinds else {}),
+             **({"bspo": 1} if "bspo" in kinds else {})}  # the baselines' jobs (SignCert Table 1, GR Table 1)
     assert scheduled == {"data": 1, "sft": 1, **preferences, "grpo": runs, **extra, "evaluate": runs + dpo + 1,
                          "report": 1}
     assert bool(dpo) == path.stem.startswith("gr-tldr")
-    assert bool(members) == bspo_used(cfg) == path.stem.startswith("signcert")
+    assert bool(members) == ("bspo" in kinds) == ("advpo" in kinds) == path.stem.startswith("signcert")
     if "rlvr" in cfg:  # an instruct model starts as it is: its sft job only saves it, on one GPU
         assert cfg["sft"]["epochs"] == 0 and launcher(cfg, "sft") == "python"
 

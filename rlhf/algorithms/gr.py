@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 import torch
 
 from rlhf.errors import ConfigError
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 EXCLUDED_GRAD = ("g1", "g2", "g2_raw")
 
@@ -126,7 +127,7 @@ def _check_excluded(excluded_grad: str) -> None:
         raise ValueError(f"excluded_grad must be one of {', '.join(EXCLUDED_GRAD)}")
 
 
-def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torch.Tensor | float], *,
+def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[bool], torch.Tensor | float], *,
                          gamma: float, eps: float, g1_clip: float = 10.0, g2_clip: float = 10.0,
                          perturb: Iterable[torch.nn.Parameter] | None = None, excluded_grad: str = "g1",
                          grads: GradientAccess | None = None,
@@ -135,7 +136,8 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
     (default: `.grad`).
 
     `loss_closure()` must run forward and backward over all micro-batches of the batch (accumulating the full,
-    rank-averaged gradient where `grads` reads it) and may return the loss; it is called twice, at phi and at phi'.
+    rank-averaged gradient where `grads` reads it) and may return the loss; it is called twice, at phi
+    (`loss_closure(False)`) and at the perturbed phi' (`loss_closure(True)`).
     Parameters are restored bit-exactly before returning. excluded_grad: what the parameters outside S get,
     g1_hat (ours), g2_hat, or the raw unclipped g2 (the authors' code under DeepSpeed). `on_weights_changed` runs
     after perturbing and after restoring (the authors' code refreshes DeepSpeed's fp32 master weights there).
@@ -145,7 +147,7 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
     grads = grads or LocalGradients(model)
 
     grads.zero()
-    loss = loss_closure()
+    loss = loss_closure(False)
     g1 = grads.read(params)
     g1_norm, s1 = _clip_coef(g1, g1_clip)
 
@@ -168,7 +170,7 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[], torc
         on_weights_changed()
     grads.zero()
     try:
-        loss_closure()
+        loss_closure(True)
         g2 = grads.read(params)
     finally:
         with torch.no_grad():
@@ -207,7 +209,6 @@ def double_backward_attention(model: torch.nn.Module):
     if impl.startswith("flash"):
         raise ConfigError(f"grpo.gr_estimator hvp needs attention with a double backward; the model uses {impl}: "
                           "load it with attn_implementation='sdpa' (run with the math kernel) or 'eager'")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.MATH]):
         yield
 

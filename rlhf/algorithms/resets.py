@@ -8,7 +8,7 @@ Elastic Reset (Noukhovitch et al. 2023) keeps an exponential moving average of t
 updated after every update (ema <- d*ema + (1-d)*phi, starting at pi_init); right after updates N, 2N, ... the policy
 becomes the EMA, then the EMA becomes pi_init. The KL penalty stays against pi_init. The EMA is float32: at the
 paper's decay 0.995 an EMA step moves a weight by 0.5% of its distance to the policy, below bf16's resolution
-(2^-8 of the weight) almost always, so a bf16 EMA would never move. Open choice (not in REFERENCES): the optimizer's
+(2^-8 of the weight) almost always, so a bf16 EMA would never move. Open choice (the papers do not say): the optimizer's
 moments are kept across a reset, as for Reference Resets.
 """
 from __future__ import annotations

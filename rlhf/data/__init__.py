@@ -3,6 +3,8 @@
 A loader returns (train, test). New sources (hub datasets) register here; every downstream stage only
 sees the common schema.
 """
+# Function-level imports: this package is imported by the config check and the Snakefile (through rlhf.data.rlvr), so
+# each source's loader (torch, transformers, datasets) is imported only where that source is read.
 from __future__ import annotations
 
 from rlhf.errors import DataError

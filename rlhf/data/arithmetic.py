@@ -108,6 +108,7 @@ def generate(spec: ArithmeticSpec, n: int, seed: int) -> list[dict]:
 
 def build_chat_tokenizer(words: list[str]):
     """Closed-vocabulary tokenizer for the RLVR miniature: the pieces above, exact whitespace, a chat template."""
+    # transformers here, not at the top: the stand-in judge imports this module for its constants
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

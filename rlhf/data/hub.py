@@ -25,7 +25,7 @@ def load(name: str, config: str | None = None, split: str | None = None):
     """datasets.load_dataset of a hub id or a local folder. A local folder is read afresh every time: datasets 5.2
     keys its cache of a local folder by the folder's name and data-file patterns, not by the files' contents, so an
     edited (or another) folder of the same name came back as the rows cached from the first one."""
-    import datasets
+    import datasets  # heavy (~1 s): only the hub sources load it
     local = Path(name).exists()
     try:
         if local:
@@ -51,7 +51,7 @@ def repository_files(name: str, patterns: list[str]) -> Path:
     the hub repository (only the files matching `patterns`) in the hub cache, downloaded once."""
     if Path(name).exists():
         return Path(name)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only for a script-based repository
     try:
         return Path(snapshot_download(name, repo_type="dataset", allow_patterns=patterns))
     except Exception as e:  # offline without a cached copy, no such repository, no network: all one message

@@ -1,7 +1,7 @@
 """RLVR datasets (GR §5.2-5.3, App. C.4) in one row schema: the chat messages of the prompt, the question, the gold
 solution the reward checks against, and a reference completion in the task's answer format.
 
-Prompts (REFERENCES §1, as in ReDit's grpo_gsm8k.py / grpo_math.py):
+Prompts (as in ReDit's grpo_gsm8k.py / grpo_math.py):
 - GSM8K: a system message asking for the `<reasoning>...</reasoning><answer>...</answer>` format, a one-shot turn
   (user "What is the largest single-digit prime number?", assistant's answer 7), then the question.
 - MATH: the problem + " Let's think step by step and output the final answer within \\boxed{}." (no system message:
@@ -14,6 +14,7 @@ import re
 
 from rlhf.errors import DataError
 from rlhf.rewards.rules import gsm8k_gold
+from rlhf.data.hub import load
 
 GSM8K_SYSTEM = """
 Respond in the following format:
@@ -72,7 +73,6 @@ def math_row(row: dict) -> dict:
 
 def hub_rows(task: str, name: str, config: str | None, split: str) -> list[dict]:
     """A hub dataset's split (`datasets.load_dataset`: a hub id or a local folder in its layout) as RLVR rows."""
-    from rlhf.data.hub import load
     ds = load(name, config, split)
     columns, mapper = (GSM8K_COLUMNS, gsm8k_row) if task == "gsm8k" else (MATH_COLUMNS, math_row)
     missing = columns - set(ds.column_names)

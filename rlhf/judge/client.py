@@ -107,7 +107,7 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 def _retryable(exc: BaseException) -> bool:
-    import openai
+    import openai  # loaded by ChatClient already; here to keep the module's import light (the config check)
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedResponse, json.JSONDecodeError)):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -122,7 +122,7 @@ class ChatClient:
     """
 
     def __init__(self, jcfg: dict, cache_path: str | Path, echo=print):
-        import openai
+        import openai  # heavy (httpx, pydantic): only a stage that asks a judge loads it
         self.cfg, self.echo = jcfg, echo
         self.price = model_price(jcfg)
         env = jcfg["api_key_env"]

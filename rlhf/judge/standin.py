@@ -85,10 +85,16 @@ class StandInJudgeServer:
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> "StandInJudgeServer":
+    def start(self) -> "StandInJudgeServer":
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def __enter__(self) -> "StandInJudgeServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -31,6 +31,7 @@ from rlhf.paths import Paths
 from rlhf.registry import SFT_BASELINE, dpo_methods
 from rlhf.rehearsal.overlay import STEPS
 from rlhf.tables import experiments_of, load_spec
+from safetensors.torch import load_file
 
 PARSEABLE_FLOOR = 0.5
 
@@ -46,7 +47,6 @@ def failed_jobs(log: Path) -> list[str]:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
     out = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(f))

@@ -33,6 +33,7 @@ from rlhf.errors import ConfigError
 from rlhf.rehearsal.standins import HUB_MODELS, JUDGE
 from rlhf.registry import STAGES, dpo_methods
 from rlhf.settings import GRPOSettings
+from rlhf.config import _merge_onto
 
 STEPS = 2                   # GRPO updates per run: a checkpoint after the first, an evaluation before the last
 # Caps of the held-out and diagnostic sizes (a value already below stays)
@@ -167,5 +168,4 @@ def changes(overlay_: dict, prefix: str = "") -> list[str]:
 
 def merged(raw: dict, overlay_: dict) -> dict:
     """The paper config with the overlay merged in, as Snakemake merges two files of one --configfile."""
-    from rlhf.config import _merge_onto
     return _merge_onto(copy.deepcopy(raw), copy.deepcopy(overlay_))

@@ -17,7 +17,11 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from rlhf.data.miniature import MiniatureSpec, true_reward
 from rlhf.errors import ConfigError, RewardError
+from rlhf.judge import prompt as jp
+from rlhf.judge.client import ChatClient
+from rlhf.models import load_reward_model, load_tokenizer
 
 
 class Gold(ABC):
@@ -86,7 +90,6 @@ class ProgrammaticGold(ScoreGold):
         super().__init__(cfg["gold"]["label_temperature"])
         if cfg["data"]["source"] != "miniature":
             raise ConfigError("gold.type 'programmatic' is the miniature's true reward; it needs data.source: miniature")
-        from rlhf.data.miniature import MiniatureSpec, true_reward
         self.spec, self._true_reward = MiniatureSpec.from_config(cfg), true_reward
 
     def _score(self, prompts, completions):
@@ -107,7 +110,6 @@ class RewardModelGold(ScoreGold):
 
     def __init__(self, cfg: dict, device: torch.device):
         super().__init__(cfg["gold"]["label_temperature"])
-        from rlhf.models import load_reward_model, load_tokenizer
         g = cfg["gold"]
         self.tokenizer = load_tokenizer(g["name"], pad_token=cfg["model"]["pad_token"])
         # An 8B RM in bf16 is 16 GB: device_map 'auto' spreads its layers over every visible GPU, which is right for
@@ -144,14 +146,12 @@ class JudgeGold(Gold):
     """
 
     def __init__(self, cfg: dict):
-        from rlhf.judge.client import ChatClient
         self.cfg, self.seed = cfg["gold"]["judge"], cfg["seed"]
         if self.cfg.get("cache") is None:  # stages get the experiment's default (rlhf.registry.side_view)
             raise ConfigError("gold.judge.cache: the judge needs its answer cache file (every paid answer is kept)")
         self.client = ChatClient(self.cfg, self.cfg["cache"])
 
     def _first_wins(self, prompts, first, second, flip: bool, desc: str) -> np.ndarray:
-        from rlhf.judge import prompt as jp
         shown_swapped = [jp.swapped(self.seed, p, x, y) != flip for p, x, y in zip(prompts, first, second)]
         requests = [self.client.request(jp.messages(p, y, x) if s else jp.messages(p, x, y))
                     for p, x, y, s in zip(prompts, first, second, shown_swapped)]

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import torch
 
+from rlhf.algorithms.advpo import adversarial_head
+from rlhf.algorithms.bspo import behavior_supported_rewards, least_supported
+from rlhf.algorithms.ensemble import uncertainty_weighted_reward
 from rlhf.errors import RewardError
-from rlhf.models import attach_behavior_head, encode_prompt, load_reward_model, rm_input_ids
+from rlhf.models import (attach_behavior_head, behavior_token_logprobs, encode_prompt, load_reward_model, rm_input_ids,
+                         tokenizer_of)
 
 
 @dataclass
@@ -103,8 +107,6 @@ class BSPOScorer(RewardScorer):
     def least_supported(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                         starts: torch.Tensor) -> torch.Tensor:
         """[N]: min over each completion's tokens (EOS included) of log beta(token | prefix)."""
-        from rlhf.algorithms.bspo import least_supported
-        from rlhf.models import behavior_token_logprobs
         positions = torch.arange(ids.shape[1], device=ids.device)
         predicted = ((positions >= starts[:, None]) & mask.bool())[:, 1:]  # tokens 1..T-1 of each completion
         token_logprobs = torch.zeros(predicted.shape, device=ids.device)
@@ -125,7 +127,6 @@ class BSPOScorer(RewardScorer):
         return self.checked(prompts, completions, scores), torch.cat(least).cpu()
 
     def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
-        from rlhf.algorithms.bspo import behavior_supported_rewards
         scores, least = self.behavior(prompts, completions)
         rewards, unsupported = behavior_supported_rewards(scores.rewards, least, self.threshold, self.r_min)
         return Scores(rewards, scores.features, unsupported)
@@ -139,7 +140,6 @@ class EnsembleScorer:
         self.members, self.lam, self.penalty = members, lam, penalty
 
     def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
-        from rlhf.algorithms.ensemble import uncertainty_weighted_reward
         rewards = torch.stack([member(prompts, completions).rewards for member in self.members])
         return Scores(uncertainty_weighted_reward(rewards, self.lam, self.penalty), torch.empty(len(prompts), 0))
 
@@ -170,7 +170,6 @@ class AdvPOScorer:
         return AdvPOScorer(self.proxy, self.m_inverse, self.budget, {**self.references, **references})
 
     def __call__(self, prompts: list[str], completions: list[str]) -> Scores:
-        from rlhf.algorithms.advpo import adversarial_head
         scores = self.proxy(prompts, completions)
         unique = list(dict.fromkeys(prompts))
         refs = self.proxy(unique, [self.references[p] for p in unique]).features
@@ -195,3 +194,28 @@ def load_bspo(folder: Path, cfg: dict, settings, tokenizer, device) -> BSPOScore
         r_min = json.loads((Path(folder) / "metrics.json").read_text())["r_min_train"]
     return BSPOScorer(model.eval().requires_grad_(False), tokenizer, cfg["rm"]["batch_size_scoring"],
                       settings.bspo_threshold, r_min)
+
+
+# The loaders of rlhf/rewards/kinds.py: (RewardContext) -> the reward a GRPO run trains on.
+
+def load_proxy_reward(ctx) -> RewardScorer:
+    return load_proxy(ctx.inputs["rm"][0], ctx.cfg, ctx.tokenizer, ctx.device)
+
+
+def load_uwo_reward(ctx) -> EnsembleScorer:
+    """UWO: the ensemble's members, each with its own tokenizer."""
+    members = [load_proxy(folder, ctx.cfg, tokenizer_of(folder, ctx.cfg), ctx.device)
+               for folder in ctx.inputs["ensemble"]]
+    return EnsembleScorer(members, ctx.settings.uwo_lambda, ctx.settings.uwo_penalty)
+
+
+def load_advpo_reward(ctx) -> AdvPOScorer:
+    """AdvPO: the proxy with the adversarial head; M_D^-1 from the advpo stage, g over the global batch."""
+    stats = torch.load(ctx.inputs["advpo"][0], weights_only=True)
+    return AdvPOScorer(load_proxy(ctx.inputs["rm"][0], ctx.cfg, ctx.tokenizer, ctx.device), stats["m_inverse"],
+                       ctx.settings.advpo_budget, {r["prompt"]: r["reference"] for r in ctx.rows},
+                       gather=ctx.dist.gather)
+
+
+def load_bspo_reward(ctx) -> BSPOScorer:
+    return load_bspo(ctx.inputs["bspo"][0], ctx.cfg, ctx.settings, ctx.tokenizer, ctx.device)

@@ -10,7 +10,7 @@ Where the reference scripts have a quirk we keep it and say so (the published nu
   versions lack (unsloth#1761, open-r1#237: multi-line reasoning never matched); `[\\s\\S]` here matches newlines anyway.
 - `int` is `str.isdigit()`: a negative or decimal answer earns no `int` reward even when it is correct.
 - xml_count: +0.125 for each of four tags occurring exactly once, minus 0.001 per character after `\\n</answer>`
-  (REFERENCES §1; ReDit's code subtracts (length - 1), which frees one trailing newline and pays 0.001 for none).
+  (ReDit's code subtracts (length - 1), which frees one trailing newline and pays 0.001 for none).
 
 MATH correctness compares the last `\\boxed{}` of the completion with the last `\\boxed{}` of the gold solution by
 math-verify (parse, then verify(gold, prediction): the order matters). math-verify's own timeouts use signal.alarm,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import logging
 import os
 import re
 import threading
@@ -112,7 +113,6 @@ def last_boxed(text: str) -> str | None:
 def _warm() -> None:
     """A worker's initializer: math-verify imported before the first timed check. The forkserver preloads it (below),
     so in a worker this costs nothing; it matters only where the server could not import it."""
-    import logging
 
     import math_verify  # noqa: F401
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "Timeout is disabled": intended, we bound it outside
@@ -163,7 +163,7 @@ class _NoMainContext(context.ForkServerContext):
 
 def _check(gold_box: str, pred_box: str) -> tuple[bool, bool]:
     """(gold parsed, prediction verified) by math-verify, its signal-based timeouts off (we bound time outside)."""
-    from math_verify import LatexExtractionConfig, parse, verify
+    from math_verify import LatexExtractionConfig, parse, verify  # heavy (sympy): in the workers only
 
     # the box first; math-verify's default normalization (it repairs \frac12, \sqrt2, units, "\text{}")
     config = [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)]
@@ -192,7 +192,7 @@ class MathVerifier:
     def _ensure_pool(self):
         with self._lock:
             if self._pool is None:
-                from pebble import ProcessPool
+                from pebble import ProcessPool  # with the first MATH reward (rule_correct of GSM8K needs none)
                 self._pool = ProcessPool(max_workers=self.workers, initializer=_warm, context=_NoMainContext())
             return self._pool
 

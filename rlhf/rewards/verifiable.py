@@ -12,9 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.data.rlvr import rlvr_task
 from rlhf.errors import DataError
+from rlhf.judge.client import ChatClient
+from rlhf.judge.standin import StandInJudgeServer
 from rlhf.rewards.llm_judge import JudgeReward
 from rlhf.rewards.rules import MathVerifier, gsm8k_gold, gsm8k_reward_terms, math_reward_terms, xml_answer
+from rlhf.settings import RLVRSettings
 
 TASKS = ("gsm8k", "math")
 
@@ -52,12 +56,28 @@ class VerifiableReward:
     rows: dict[str, dict]           # prompt -> its data row (question, solution)
     judge: JudgeReward | None = None
     verifier: MathVerifier | None = None
+    server: StandInJudgeServer | None = None  # the stand-in judge this reward serves while it lives (close())
 
     @classmethod
     def from_rows(cls, task: str, rows: list[dict], **kwargs) -> "VerifiableReward":
         if task not in TASKS:
             raise DataError(f"unknown RLVR task {task!r} (have: {', '.join(TASKS)})")
         return cls(task, {r["prompt"]: r for r in rows}, **kwargs)
+
+    def for_rows(self, rows: list[dict]) -> "VerifiableReward":
+        """The same reward (judge client and cache, verifier) on other questions, e.g. the held-out ones."""
+        return VerifiableReward.from_rows(self.task, rows, judge=self.judge, verifier=self.verifier)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def __enter__(self) -> "VerifiableReward":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __call__(self, prompts: list[str], completions: list[str]) -> StepRewards:
         missing = [p for p in prompts if p not in self.rows]
@@ -72,3 +92,23 @@ class VerifiableReward:
         names = list(per[0])
         rewards = torch.tensor([sum(t.values()) for t in per], dtype=torch.float32)
         return StepRewards(rewards, {k: sum(t[k] for t in per) / len(per) for k in names}, unparseable)
+
+
+def verifiable_reward(cfg: dict, rows: list[dict]) -> VerifiableReward:
+    """An RLVR experiment's reward over these rows (rlvr.reward: rule terms, or the judge's through its cached client;
+    with rlvr.judge.standin, the stand-in judge served on loopback until close()). The judge's answers go to the
+    experiment's judge cache (gold.judge.cache, shared by concurrent jobs like the labeling judge's)."""
+    s, task, server, judge = RLVRSettings.of(cfg), rlvr_task(cfg), None, None
+    verifier = MathVerifier(s.math_verify_workers, s.math_verify_timeout) if task == "math" else None
+    if s.reward == "judge":
+        client_cfg = dict(cfg["gold"]["judge"])
+        if s.judge["standin"]:
+            server = StandInJudgeServer().start()  # until the reward's close()
+            client_cfg["base_url"] = server.url
+        judge = JudgeReward(ChatClient(client_cfg, client_cfg["cache"]), s.judge_reward())
+    return VerifiableReward.from_rows(task, rows, judge=judge, verifier=verifier, server=server)
+
+
+def load_verifiable_reward(ctx) -> VerifiableReward:
+    """rlhf/rewards/kinds.py's loader: the reward over the training rows' solutions."""
+    return verifiable_reward(ctx.cfg, ctx.rows)

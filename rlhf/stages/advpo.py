@@ -12,11 +12,12 @@ from rlhf.io import atomic_file, read_jsonl
 from rlhf.models import tokenizer_of
 from rlhf.rewards.proxy_rm import load_proxy, split_by_prompt
 from rlhf.stages.common import setup
+from rlhf.settings import AdvPOSettings
 
 
 def run(cfg, files, args):
     device = setup(cfg, args)
-    rm, ridge = files.inputs["rm"], cfg["advpo"]["ridge"]
+    rm, ridge = files.inputs["rm"], AdvPOSettings.of(cfg).ridge
     rows = read_jsonl(files.inputs["labels"], required=("prompt", "chosen", "rejected"))
     _, train = split_by_prompt(rows, cfg["rm"]["eval_fraction"], cfg["seed"])  # the rm stage's training pairs
     scorer = load_proxy(rm, cfg, tokenizer_of(rm, cfg), device)

@@ -11,13 +11,11 @@ Writes results/<experiment>/bench/bench.{json,md} and prints the table.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -25,7 +23,8 @@ from rlhf.generation import sample
 from rlhf.io import atomic_dir, read_jsonl, write_json
 from rlhf.models import build_tiny_causal_lm, load_causal_lm, tokenizer_of
 from rlhf.paths import Paths
-from rlhf.settings import GRPOSettings
+from rlhf.rewards.kinds import reward_kind
+from rlhf.settings import GRPOSettings, ModelSettings
 from rlhf.stages.common import setup
 from rlhf.trainer import load_run, train_step
 
@@ -34,9 +33,9 @@ from rlhf.trainer import load_run, train_step
 METHODS = {"noreg": ("noreg", {}), "gr": ("gr", {"gr_gamma": 0.1}), "gr_hvp": ("gr", {"gr_gamma": 0.1}),
            "signcert": ("signcert", {"signcert_quantile": 0.4}),
            "elastic_reset": ("elastic_reset", {"elastic_reset_every": 260, "kl_beta": 0.02}),
-           "uwo": ("uwo", {"uwo_lambda": 0.1, "uwo_penalty": "std"}), "advpo": ("advpo", {"advpo_budget": 5.0}),
-           "bspo": ("bspo", {"bspo_threshold": 1e-4})}
-UWO_MEMBERS = 3  # SignCert's ensemble size
+           "uwo": ("uwo", {"reward": "uwo", "uwo_lambda": 0.1, "uwo_penalty": "std"}),
+           "advpo": ("advpo", {"reward": "advpo", "advpo_budget": 5.0}),
+           "bspo": ("bspo", {"reward": "bspo", "bspo_threshold": 1e-4})}
 EXTRA = {"gr_hvp": {"gr_estimator": "hvp"}}
 # TRL with beta = 0 computes no reference log-probs; ours also logs KL from pi_init every step by default
 # (one more forward pass). The comparison with TRL uses the same work: this row turns that metric off.
@@ -45,20 +44,14 @@ SAME_WORK_AS_TRL = "noreg_without_kl_metric"
 
 def _load(cfg, s: GRPOSettings, device):
     """The trainer on the experiment's SFT policy and proxy RM; the same prompt draws for every method (the sampler
-    is seeded by cfg.seed). UWO's members are copies of the proxy RM and AdvPO's M_D^-1 the identity: the work per
-    step is the methods' own (K member forward passes; the references' forward and the d x d product), not their
-    values. SignCert's UWO members are smaller than the proxy, so its UWO row costs less than ours here. BSPO's ScoreLM
-    is the proxy RM with the SFT policy's LM head (the work of a ScoreLM: one backbone pass, both heads)."""
-    P = Paths.from_config(cfg)
-    if s.bspo_threshold is not None and s.bspo_r_min is None:
-        s = s.replace(bspo_r_min=-10.0)  # the proxy's folder records no r_min_train (the value costs nothing)
-    ensemble = [P.rm] * UWO_MEMBERS if s.uwo_lambda is not None else None
-    if s.advpo_budget is None:
-        return load_run(cfg, s, P.train, P.sft, P.rm, device, ensemble=ensemble, bspo=P.rm)
-    d = json.loads((P.rm / "config.json").read_text())["hidden_size"]
+    is seeded by cfg.seed). A reward kind's inputs are its stand-ins of the same work where it has them
+    (rlhf/rewards/kinds.py: bench_inputs; UWO's members copies of the proxy RM, AdvPO's M_D^-1 the identity, BSPO's
+    ScoreLM the proxy RM with the SFT policy's LM head), else its own. SignCert's UWO members are smaller than the
+    proxy, so its UWO row costs less than ours here."""
+    P, kind = Paths.from_config(cfg), reward_kind(s.reward)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"m_inverse": torch.eye(d)}, Path(tmp) / "precision.pt")
-        return load_run(cfg, s, P.train, P.sft, P.rm, device, advpo=Path(tmp) / "precision.pt")
+        s, inputs = kind.bench_inputs(P, s, tmp) if kind.bench_inputs else (s, kind.inputs(P, cfg))
+        return load_run(cfg, s, P.train, P.sft, inputs, device)
 
 
 def time_ours(cfg, s: GRPOSettings, device, warmup: int, timed: int) -> dict:
@@ -104,7 +97,7 @@ class _StepTimer(TrainerCallback):
 def time_trl(cfg, s: GRPOSettings, prompts: list[str], device, warmup: int, timed: int) -> dict:
     """TRL's GRPOTrainer as Dr.GRPO: loss_type='dr_grpo', scale_rewards='none', beta=0, one update per batch,
     in the model's precision without activation checkpointing, as ours."""
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer  # heavy: only the TRL comparison
     run = _load(cfg, s, device)
     run.tokenizer.padding_side = "left"
     B, G = s.prompts_per_step, s.group_size
@@ -153,7 +146,7 @@ def time_generation(cfg, s: GRPOSettings, prompts: list[str], warmup: int, timed
     """Seconds per GRPO step's sampling, HF generate against vLLM (weight push included), at two model sizes;
     {} when vLLM is not installed."""
     try:
-        from rlhf.generation_vllm import VLLMSampler
+        from rlhf.generation_vllm import VLLMSampler  # optional: vLLM where installed
         import vllm  # noqa: F401
     except ImportError:
         print("bench: vllm is not installed: HF vs vLLM generation skipped")
@@ -168,10 +161,10 @@ def time_generation(cfg, s: GRPOSettings, prompts: list[str], warmup: int, timed
                 folder = Path(tmp)
                 build_tiny_causal_lm(build, tokenizer, cfg["seed"]).save_pretrained(folder)
                 tokenizer.save_pretrained(folder)
-            model = load_causal_lm(folder, cfg["model"]["dtype"])
+            model = load_causal_lm(folder, ModelSettings.of(cfg).dtype)
             hf = _time(lambda i: sample(model, tokenizer, batch(i), G, T, temp, batch_size=B * G), warmup, timed)
             t0 = time.perf_counter()
-            sampler = VLLMSampler(folder, tokenizer, dtype=cfg["model"]["dtype"], max_model_len=None,
+            sampler = VLLMSampler(folder, tokenizer, dtype=ModelSettings.of(cfg).dtype, max_model_len=None,
                                   gpu_memory_utilization=s.vllm_gpu_memory_utilization, seed=cfg["seed"],
                                   kv_cache_gib=s.vllm_kv_cache_gib, enforce_eager=s.vllm_enforce_eager)
             start = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.models import (attach_behavior_head, behavior_token_logprobs, encode_prompt, load_reward_model,
                          rm_input_ids, tokenizer_of)
 from rlhf.rewards.proxy_rm import BSPOScorer, RewardScorer
-from rlhf.settings import RMSettings
+from rlhf.settings import BSPOSettings, RMSettings
 from rlhf.stages.common import (TRAINER_WEIGHTS, heldout_accuracy, hf_trainer_kwargs, release_trainer, save_trained,
                                 setup, training_pairs)
 
@@ -68,7 +68,8 @@ class ScoreLMTrainer(RewardTrainer):
 def run(cfg, files, args):
     dist = Dist.from_env(setup(cfg, args))
     r, sft = RMSettings.of(cfg), files.inputs["sft"]
-    alpha, whole_sequence = cfg["bspo"]["alpha"], cfg["bspo"]["behavior_tokens"] == "sequence"
+    b = BSPOSettings.of(cfg)
+    alpha, whole_sequence = b.alpha, b.behavior_tokens == "sequence"
     heldout, train = training_pairs(cfg, files.inputs["labels"])
     tokenizer = tokenizer_of(sft, cfg)
     model = load_reward_model(sft, tokenizer, TRAINER_WEIGHTS, dist.device)
@@ -105,7 +106,7 @@ def run(cfg, files, args):
                        "heldout_least_logprob_median": least.median().item(),
                        "unsupported_heldout": {f"{t:g}": (least <= torch.log(torch.tensor(t))).float().mean().item()
                                                for t in CALIBRATION_THRESHOLDS}}
-            save_trained(out, model, tokenizer, trainer, metrics, cfg, "bspo", {**r.as_dict(), **cfg["bspo"]})
+            save_trained(out, model, tokenizer, trainer, metrics, cfg, "bspo", {**r.as_dict(), **b.as_dict()})
             print("bspo: held-out completions outside the support per threshold: " + ", ".join(
                 f"{t} {f:.1%}" for t, f in metrics["unsupported_heldout"].items()))
     release_trainer(trainer)

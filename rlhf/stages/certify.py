@@ -28,7 +28,7 @@ from rlhf.models import load_causal_lm, tokenizer_of  # noqa: E402
 from rlhf.rewards.gold import make_gold  # noqa: E402
 from rlhf.rewards.proxy_rm import RewardScorer, load_proxy  # noqa: E402
 from rlhf.rng import DeviceNoise  # noqa: E402
-from rlhf.settings import CertifySettings  # noqa: E402
+from rlhf.settings import CertifySettings, ModelSettings  # noqa: E402
 from rlhf.stages.common import setup  # noqa: E402
 
 RATES = {"model_noise": "whole-model noise", "embedding_noise": "input-embedding noise", "gold_agreement": "agreement with gold"}
@@ -82,7 +82,7 @@ def run(cfg, files, args):
     G, bs = c.group_size, cfg["rm"]["batch_size_scoring"]
     rows = read_jsonl(inputs["test"], required=("prompt",))[: c.num_prompts]
     tokenizer = tokenizer_of(inputs["sft"], cfg)
-    policy = load_causal_lm(inputs["sft"], cfg["model"]["dtype"], device)
+    policy = load_causal_lm(inputs["sft"], ModelSettings.of(cfg).dtype, device)
     proxy = load_proxy(inputs["rm"], cfg, tokenizer, device)
     rm = proxy.model
     prompts = [r["prompt"] for r in rows for _ in range(G)]

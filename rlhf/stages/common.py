@@ -12,7 +12,7 @@ from rlhf.io import read_jsonl, write_json
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import device_from_config
 from rlhf.rewards.proxy_rm import RewardScorer, split_by_prompt
-from rlhf.settings import TrainerSettings
+from rlhf.settings import ModelSettings, TrainerSettings
 from rlhf.stats import preference_metrics
 
 
@@ -41,7 +41,7 @@ def hf_trainer_kwargs(cfg: dict, section: TrainerSettings, dist: Dist) -> dict:
     schema keeps the ratio below 1). On CUDA the Trainer runs DeepSpeed (section.backend, ZeRO-2 by default); under
     torchrun it is data parallel, and batch_size stays the global batch (each rank takes its share).
     """
-    dtype = cfg["model"]["dtype"]
+    dtype = ModelSettings.of(cfg).dtype
     return dict(learning_rate=section.lr, num_train_epochs=section.epochs, weight_decay=section.weight_decay,
                 adam_epsilon=section.adam_epsilon,
                 per_device_train_batch_size=dist.per_rank(section.batch_size, "batch_size"),

@@ -6,10 +6,10 @@ from rlhf.evaluation import evaluate_policy, evaluate_rlvr
 from rlhf.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from rlhf.models import load_causal_lm, tokenizer_of
 from rlhf.rewards.gold import make_gold
-from rlhf.settings import EvaluateSettings
+from rlhf.settings import EvaluateSettings, ModelSettings
 from rlhf.rewards.proxy_rm import load_proxy
+from rlhf.rewards.verifiable import verifiable_reward
 from rlhf.stages.common import setup
-from rlhf.trainer import verifiable_reward
 
 
 def run(cfg, files, args):
@@ -20,7 +20,7 @@ def run(cfg, files, args):
     if rlvr_task(cfg):
         return run_rlvr(cfg, files, args, e, rows, device)
     tokenizer = tokenizer_of(inputs["sft"], cfg)
-    dtype = cfg["model"]["dtype"]
+    dtype = ModelSettings.of(cfg).dtype
     sft = load_causal_lm(inputs["sft"], dtype, device)
     policy = sft if inputs["policy"] == inputs["sft"] else load_causal_lm(inputs["policy"], dtype, device)
     proxy = load_proxy(inputs["rm"], cfg, tokenizer, device)
@@ -37,15 +37,11 @@ def run(cfg, files, args):
 def run_rlvr(cfg, files, args, e, rows, device):
     method, seed, inputs, folder = args.method, args.seed, files.inputs, files.outputs["evaluation"]
     tokenizer = tokenizer_of(inputs["sft"], cfg)
-    policy = load_causal_lm(inputs["policy"], cfg["model"]["dtype"], device)
-    reward, server = verifiable_reward(cfg, rows)
-    try:
+    policy = load_causal_lm(inputs["policy"], ModelSettings.of(cfg).dtype, device)
+    with verifiable_reward(cfg, rows) as reward:  # its stand-in judge, if any, served while the block lasts
         metrics, completions = evaluate_rlvr(policy, tokenizer, rows, rlvr_task(cfg), reward, reward.verifier,
                                              temperature=e.temperature, max_new_tokens=e.max_new_tokens,
                                              batch_size=e.batch_size)
-    finally:
-        if server is not None:
-            server.__exit__(None, None, None)
     with atomic_dir(folder) as out:
         write_json(out / "metrics.json", {"method": method, "seed": seed, **metrics})
         write_jsonl(out / "completions.jsonl", completions)

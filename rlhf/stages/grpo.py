@@ -1,14 +1,16 @@
 """grpo: Dr.GRPO for one method and seed (the trainer: rlhf/trainer.py), against the proxy RM or, in an RLVR
 experiment, the verifiable reward.
 
-Files: inputs train, test, sft, rm (RLHF only), ensemble (UWO methods: the members), advpo (AdvPO methods: M_D^-1),
-bspo (BSPO methods: the ScoreLM); outputs policy (folder), metrics (one JSON line per step and per held-out evaluation)
+Files: inputs train, test, sft and the method's reward kind's (rlhf/rewards/kinds.py: rm for the proxy RM, ensemble
+for UWO's members, rm and advpo for AdvPO's M_D^-1, bspo for BSPO's ScoreLM, none for an RLVR reward); outputs
+policy (folder), metrics (one JSON line per step and per held-out evaluation)
 and, RLVR only, heldout (per evaluation step, whether each held-out question was solved); work: the folder of the run
 in progress (its checkpoint and the live metrics log, `tail -f` it), kept
 across attempts so a killed run resumes, removed once the outputs are in place.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 
@@ -22,11 +24,9 @@ from rlhf.evaluation import evaluate_policy, evaluate_rlvr
 from rlhf.io import atomic_dir, atomic_file, read_jsonl
 from rlhf.metrics_log import MetricsLog
 from rlhf.rewards.gold import make_gold
-from rlhf.rewards.proxy_rm import AdvPOScorer
-from rlhf.rewards.verifiable import VerifiableReward
-from rlhf.settings import GRPOSettings
+from rlhf.settings import GRPOSettings, ModelSettings
 from rlhf.stages.common import setup
-from rlhf.trainer import (close_run, fingerprint, load_checkpoint, load_run, perturbation_lost, rounding_warning,
+from rlhf.trainer import (fingerprint, load_checkpoint, load_run, perturbation_lost, rounding_warning,
                           save_checkpoint, train_step)
 
 
@@ -48,95 +48,89 @@ def run(cfg, files, args):
     train_judged = read_jsonl(inputs["train"], required=("prompt", "reference"))[: settings.eval_train_prompts]
     task = rlvr_task(cfg)
 
-    trainer = load_run(cfg, settings, inputs["train"], inputs["sft"], inputs.get("rm"), dist.device, dist, seed=seed,
-                       ensemble=inputs.get("ensemble"), advpo=(inputs.get("advpo") or [None])[0],
-                       bspo=(inputs.get("bspo") or [None])[0])
-    policy, initial, reward, tokenizer = trainer.policy, trainer.initial, trainer.reward, trainer.tokenizer
-    if isinstance(reward, AdvPOScorer):  # rank 0 evaluates alone, against the held-out prompts' references
-        reward = reward.on_one_rank({r["prompt"]: r["reference"] for r in heldout})
-    gold = make_gold(cfg, dist.device) if main and not task else None  # only rank 0 evaluates
-    heldout_reward = None
-    if main and task:  # the training reward on the held-out questions (the same judge client and cache)
-        heldout_reward = VerifiableReward.from_rows(task, heldout, judge=reward.judge, verifier=reward.verifier)
+    reward_inputs = {k: v for k, v in inputs.items() if k not in ("train", "test", "sft")}  # the reward kind's
+    with contextlib.ExitStack() as stack:
+        grpo_run = stack.enter_context(load_run(cfg, settings, inputs["train"], inputs["sft"], reward_inputs,
+                                                dist.device, dist, seed=seed))  # closed however the stage ends
+        policy, initial, reward, tokenizer = grpo_run.policy, grpo_run.initial, grpo_run.reward, grpo_run.tokenizer
+        if hasattr(reward, "on_one_rank"):  # rank 0 evaluates alone (AdvPO: against the held-out prompts' references)
+            reward = reward.on_one_rank({r["prompt"]: r["reference"] for r in heldout})
+        gold = make_gold(cfg, dist.device) if main and not task else None  # only rank 0 evaluates
+        heldout_reward = None
+        if main and task:  # the training reward on the held-out questions (the same judge client and cache)
+            heldout_reward = reward.for_rows(heldout)
 
-    stamp = fingerprint(cfg, settings, seed, inputs["train"], [inputs["sft"], *([inputs["rm"]] if "rm" in inputs else []),
-                                                               *inputs.get("ensemble", []), *inputs.get("advpo", []),
-                                                               *inputs.get("bspo", [])])
-    start = load_checkpoint(ckpt_dir, trainer, stamp)
-    log = MetricsLog(live_metrics, resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}",
-                     run_config={"method": method, "seed": seed, "world_size": dist.world_size, **settings.as_dict()},
-                     job_type="grpo") if main else None
-    # RLVR: which held-out questions each evaluation solved (a list in heldout order per step; the difficulty table)
-    solved = MetricsLog(work / "heldout.jsonl", resume_step=start) if main and task else None
-    eval_kwargs = dict(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
-    heldout_prompts = [r["prompt"] for r in heldout]
+        stamp = fingerprint(cfg, settings, seed, inputs["train"],
+                            [inputs["sft"], *(p for paths in reward_inputs.values() for p in paths)])
+        start = load_checkpoint(ckpt_dir, grpo_run, stamp)
+        log = stack.enter_context(MetricsLog(
+            live_metrics, resume_step=start, cfg=cfg, run_name=f"grpo-{method}-seed{seed}", job_type="grpo",
+            run_config={"method": method, "seed": seed, "world_size": dist.world_size, **settings.as_dict()})
+        ) if main else None
+        # RLVR: which held-out questions each evaluation solved (a list in heldout order per step; the difficulty table)
+        solved = stack.enter_context(MetricsLog(work / "heldout.jsonl", resume_step=start)) if main and task else None
+        eval_kwargs = dict(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
+        heldout_prompts = [r["prompt"] for r in heldout]
 
-    def diagnose(step: int) -> None:
-        """Gold evaluation and diagnostics on rank 0 (the others wait); own RNG streams, so they never change
-        the training trajectory."""
-        if main and task:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed * 1_000_003 + step)
-                metrics, rows = evaluate_rlvr(policy, tokenizer, heldout, task, heldout_reward, reward.verifier,
-                                              **eval_kwargs)
-            log.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-            solved.write(step, {"correct": [r["correct"] for r in rows]})
-        elif main:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed * 1_000_003 + step)
-                metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, reward, initial, **eval_kwargs)
-            out = {f"eval/{k}": v for k, v in metrics.items()}
-            if train_judged:  # GR Sec. 5.1's "training winrate", the early-stopping signal (rlhf/tables.py)
+        def diagnose(step: int) -> None:
+            """Gold evaluation and diagnostics on rank 0 (the others wait); own RNG streams, so they never change
+            the training trajectory."""
+            if main and task:
                 with torch.random.fork_rng():
-                    torch.manual_seed(seed * 1_000_003 + step + 500_009)
-                    train_metrics, _ = evaluate_policy(policy, tokenizer, train_judged, gold, **eval_kwargs)
-                out.update({"eval/train_win_rate": train_metrics["win_rate"], "eval/train_n": train_metrics["n"]})
-            out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, reward, seed=seed + step,
-                                            **eval_kwargs))
-            if settings.sharpness_every and step % settings.sharpness_every == 0:
-                out.update(sharpness(policy, tokenizer, heldout_prompts[: settings.sharpness_prompts], reward,
-                                     perturbations=settings.sharpness_perturbations, radius=settings.sharpness_radius,
-                                     seed=seed + step, **eval_kwargs))
-            log.write(step, out)
-        dist.barrier()
+                    torch.manual_seed(seed * 1_000_003 + step)
+                    metrics, rows = evaluate_rlvr(policy, tokenizer, heldout, task, heldout_reward, reward.verifier,
+                                                  **eval_kwargs)
+                log.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+                solved.write(step, {"correct": [r["correct"] for r in rows]})
+            elif main:
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed * 1_000_003 + step)
+                    metrics, _ = evaluate_policy(policy, tokenizer, heldout, gold, reward, initial, **eval_kwargs)
+                out = {f"eval/{k}": v for k, v in metrics.items()}
+                if train_judged:  # GR Sec. 5.1's "training winrate", the early-stopping signal (rlhf/tables.py)
+                    with torch.random.fork_rng():
+                        torch.manual_seed(seed * 1_000_003 + step + 500_009)
+                        train_metrics, _ = evaluate_policy(policy, tokenizer, train_judged, gold, **eval_kwargs)
+                    out.update({"eval/train_win_rate": train_metrics["win_rate"], "eval/train_n": train_metrics["n"]})
+                out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, reward, seed=seed + step,
+                                                **eval_kwargs))
+                if settings.sharpness_every and step % settings.sharpness_every == 0:
+                    out.update(sharpness(policy, tokenizer, heldout_prompts[: settings.sharpness_prompts], reward,
+                                         perturbations=settings.sharpness_perturbations,
+                                         radius=settings.sharpness_radius, seed=seed + step, **eval_kwargs))
+                log.write(step, out)
+            dist.barrier()
 
-    warned_rounding = False
-    try:
+        warned_rounding = False
         if start == 0:
             diagnose(0)
         for step in trange(start + 1, settings.steps + 1, desc=f"grpo {method} seed{seed}", initial=start,
                            total=settings.steps, disable=not main):  # step: 1-based index of the optimizer update
-            batch = dist.broadcast(trainer.prompts.batch(settings.prompts_per_step))  # rank 0's draw, on every rank
-            stats = train_step(trainer, batch, step)
+            batch = dist.broadcast(grpo_run.prompts.batch(settings.prompts_per_step))  # rank 0's draw, on every rank
+            stats = train_step(grpo_run, batch, step)
             if main:
                 log.write(step, stats)
                 if not warned_rounding and perturbation_lost(stats):
-                    print(rounding_warning(stats, cfg["model"]["dtype"]), file=sys.stderr)
+                    print(rounding_warning(stats, ModelSettings.of(cfg).dtype), file=sys.stderr)
                     warned_rounding = True
             if step % settings.eval_every == 0 or step == settings.steps:
                 diagnose(step)
             if step % settings.checkpoint_every == 0 and step < settings.steps:
-                save_checkpoint(ckpt_dir, trainer, step, stamp)
-    except BaseException:
-        if solved is not None:
-            solved.close()
-        if log is not None:
-            log.close(failed=True)
-        close_run(trainer)
-        raise
-    if main:
-        log.close()
-        with atomic_dir(outputs["policy"]) as out:
-            policy.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-        with atomic_file(outputs["metrics"]) as f:
-            f.write(live_metrics.read_text())
-        if solved is not None:
-            solved.close()
-            with atomic_file(outputs["heldout"]) as f:
-                f.write((work / "heldout.jsonl").read_text())
-        shutil.rmtree(work, ignore_errors=True)
-        print(f"grpo: {method} seed {seed}: {settings.steps} steps on {dist.world_size} rank(s) -> {outputs['policy']}")
-    dist.barrier()
-    close_run(trainer)  # after the last collective: vLLM's shutdown tears down the default process group
+                save_checkpoint(ckpt_dir, grpo_run, step, stamp)
+        if main:
+            log.close()
+            with atomic_dir(outputs["policy"]) as out:
+                policy.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+            with atomic_file(outputs["metrics"]) as f:
+                f.write(live_metrics.read_text())
+            if solved is not None:
+                solved.close()
+                with atomic_file(outputs["heldout"]) as f:
+                    f.write((work / "heldout.jsonl").read_text())
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"grpo: {method} seed {seed}: {settings.steps} steps on {dist.world_size} rank(s) -> "
+                  f"{outputs['policy']}")
+        dist.barrier()  # the last collective: leaving the block closes the run, and vLLM's shutdown tears down the
+        #                 default process group
     dist.close()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rlhf.cluster import job_spec, ranks
 from rlhf.data import miniature_tokenizer
-from rlhf.registry import advpo_used, bspo_used, dpo_methods, ensemble_members
+from rlhf.registry import ensemble_members, used_stages
 from rlhf.settings import GRPOSettings
 
 GIB = 2 ** 30
@@ -138,7 +138,7 @@ def grpo_memory(cfg: dict, method: str, world: int, prompt_tokens: int = TYPICAL
     if g.reset_every:
         out["pi_ref"] = b * n
     if "rlvr" not in cfg:
-        members = ensemble_members(cfg) if g.uwo_lambda is not None else []
+        members = ensemble_members(cfg) if g.reward == "uwo" else []  # UWO holds K member RMs
         rm = shape_of(cfg["ensemble"]["model"]).params if members and cfg["ensemble"]["model"] else n
         out["reward models"] = b * rm * max(len(members), 1)
         if cfg["gold"]["type"] == "reward_model":
@@ -182,20 +182,10 @@ def inference_memory(cfg: dict, stage: str) -> dict:
     return out
 
 
-def used_rules(cfg: dict) -> list[str]:
-    """The rules the experiment's DAG has (the Snakefile's conditions)."""
-    rlvr = "rlvr" in cfg
-    uwo = any(GRPOSettings.for_method(cfg, m).uwo_lambda is not None for m in cfg["methods"])
-    wanted = {"data": True, "base": "build" in cfg["model"], "sft": True, "sample": not rlvr, "label": not rlvr,
-              "rm": not rlvr, "rm_member": uwo, "advpo": advpo_used(cfg), "bspo": bspo_used(cfg),
-              "dpo": bool(dpo_methods(cfg)), "grpo": True, "evaluate": True, "certify": not rlvr, "report": True}
-    return [rule for rule, used in wanted.items() if used]
-
-
 def plan(cfg: dict, gpu_gib: float) -> tuple[list[dict], list[str]]:
     """Per GPU job: {stage, method, ranks, gib, parts}; and the warning lines."""
     rows, warnings = [], []
-    for stage in used_rules(cfg):
+    for stage in used_stages(cfg):
         if not job_spec(cfg, stage)["gpus"] or stage in ("data", "base", "report", "advpo"):
             continue
         world = ranks(cfg, stage)
@@ -232,7 +222,7 @@ def slurm_shape(cfg: dict) -> list[str]:
             gpus = max((int(x.rsplit(":", 1)[-1].split("(")[0]) for x in gres.split(",") if x.startswith("gpu")),
                        default=0)
             partitions[name.rstrip("*")] = (limit, gpus)
-    for rule in used_rules(cfg):
+    for rule in used_stages(cfg):
         spec = job_spec(cfg, rule)
         chosen = [partitions[spec["partition"]]] if spec.get("partition") in partitions else list(partitions.values())
         if spec["gpus"] > 4 and not any(g >= spec["gpus"] for _, g in chosen):

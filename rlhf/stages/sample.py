@@ -2,7 +2,7 @@
 from rlhf.generation import sample
 from rlhf.io import read_jsonl, write_jsonl
 from rlhf.models import load_causal_lm, tokenizer_of
-from rlhf.settings import SampleSettings
+from rlhf.settings import ModelSettings, SampleSettings
 from rlhf.stages.common import setup
 
 
@@ -11,7 +11,7 @@ def run(cfg, files, args):
     s, sft, out = SampleSettings.of(cfg), files.inputs["sft"], files.outputs["samples"]
     rows = read_jsonl(files.inputs["train"], required=("prompt",))[: s.num_prompts]
     tokenizer = tokenizer_of(sft, cfg)
-    policy = load_causal_lm(sft, cfg["model"]["dtype"], device)
+    policy = load_causal_lm(sft, ModelSettings.of(cfg).dtype, device)
     prompts = [r["prompt"] for r in rows]
     k = 2 * s.pairs_per_prompt
     rollout = sample(policy, tokenizer, prompts, k, s.max_new_tokens, s.temperature, s.batch_size)

@@ -12,7 +12,7 @@ from rlhf.distributed import Dist, shared_atomic_dir
 from rlhf.io import read_jsonl
 from rlhf.metrics_log import write_trainer_log
 from rlhf.models import encode_completion, encode_prompt, load_causal_lm, load_tokenizer
-from rlhf.settings import SFTSettings
+from rlhf.settings import ModelSettings, SFTSettings
 from rlhf.stages.common import TRAINER_WEIGHTS, hf_trainer_kwargs, release_trainer, setup, trainer_engine
 
 
@@ -40,9 +40,9 @@ def run(cfg, files, args):
     dist = Dist.from_env(setup(cfg, args))  # under torchrun the Trainer runs data parallel over the ranks
     device, settings = dist.device, SFTSettings.of(cfg)
     rows = read_jsonl(files.inputs["train"], required=("prompt", "reference"))
-    base = str(files.inputs.get("base") or cfg["model"]["name"])  # the base stage's tiny model, or a hub id / folder
+    base = str(files.inputs.get("base") or ModelSettings.of(cfg).name)  # the base stage's tiny model, or a hub id / folder
     folder = files.outputs["model"]
-    tokenizer = load_tokenizer(base, pad_token=cfg["model"]["pad_token"])
+    tokenizer = load_tokenizer(base, pad_token=ModelSettings.of(cfg).pad_token)
     model = load_causal_lm(base, TRAINER_WEIGHTS, device)
     model.config.pad_token_id = tokenizer.pad_token_id
     with shared_atomic_dir(dist, folder) as out:
