@@ -91,6 +91,24 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stage_server():
+    """The stage processes tests start (`python -m rlhf`: Snakemake jobs, torchrun's ranks, subprocesses) fork from one
+    server per pytest worker that imported torch, transformers and the stages once (rlhf/stage_server.py): ~4-6 s of
+    CPU less per process, the same code from rlhf.cli.main on. Tests of what a fresh process does on a cluster node
+    (tests/test_slurm.py) go without it."""
+    import tempfile
+
+    from rlhf.stage_server import ENV, start
+    folder = Path(tempfile.mkdtemp(prefix="rlhf-stages-"))  # a short path: a socket's is limited to 107 bytes
+    proc = start(folder / "server.sock", env=dict(os.environ))
+    os.environ[ENV] = str(folder / "server.sock")
+    yield folder / "server.sock"
+    os.environ.pop(ENV, None)
+    proc.kill()
+    proc.wait()
+
+
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

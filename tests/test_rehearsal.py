@@ -125,7 +125,8 @@ def test_the_ci_subset_of_paper_configs_rehearses_end_to_end(tmp_path):
     parseable judge, completions that end and carry their format, every policy moved, every report and paper-table
     cell filled). One test on one pytest-xdist worker: split over both workers (two files, two configs each) the
     suite took 31 min instead of 21 here, both halves' processes crowding the two cores from the start."""
-    done = subprocess.run([sys.executable, "-m", "rlhf.rehearsal", "--ci", "--local", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "rlhf.rehearsal", "--ci", "--local", "--stage-server", "--out",
+                           str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=3000,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     report = json.loads((tmp_path / "report.json").read_text()) if (tmp_path / "report.json").is_file() else {}

@@ -32,6 +32,13 @@ UPSTREAM = ("data", "base", "sft", "sample")  # run in the test's process before
 KILLED = "gr"   # the method whose run loses a rank on the second node after its first checkpoint
 
 
+@pytest.fixture(autouse=True)
+def fresh_stage_processes(monkeypatch):
+    """Jobs on the cluster's nodes start their stage processes fresh, as on a real cluster (no stage server)."""
+    from rlhf.stage_server import ENV
+    monkeypatch.delenv(ENV, raising=False)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     reason = why_unavailable()

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from rlhf.rehearsal.hub_fixtures import HUB_LAYOUTS, recipe, write_hub_dataset
 from rlhf.rehearsal.overlay import changes, overlay, standins_needed, uses_judge
 from rlhf.rehearsal.standins import JUDGE, build_standin
 from rlhf.registry import SFT_BASELINE, dpo_methods
+from rlhf.stage_server import ENV as STAGE_SERVER_ENV
+from rlhf.stage_server import start as start_stage_server
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "config" / "paper"
@@ -54,9 +57,14 @@ def paper_configs() -> list[Path]:
     return sorted(p for p in PAPER.glob("*.yaml") if not p.name.endswith(".base.yaml"))
 
 
-def job_env() -> dict:
-    """What every rehearsal process runs with: no hub (a stage that reaches for it fails), no wandb, one thread."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+def job_env(stage_server: Path | None = None, base: dict | None = None) -> dict:
+    """What every rehearsal process runs with: no hub (a stage that reaches for it fails), no wandb, one thread; stage
+    processes start fresh, or fork from `stage_server` (--stage-server). base: the environment it extends (default:
+    this process's now; main takes it once, before a library imported here can add to it)."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k != STAGE_SERVER_ENV}
+    if stage_server is not None:
+        env[STAGE_SERVER_ENV] = str(stage_server)
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -159,7 +167,7 @@ def count_jobs(log: str) -> int | None:
 
 
 def rehearse(paper: Path, out: Path, hub: dict, models: dict, judge_url: str | None, on: list[str],
-             local: bool, sliced: bool = False) -> dict:
+             local: bool, sliced: bool = False, env: dict | None = None) -> dict:
     """One config: overlay, the run (its job count from Snakemake's log: a separate dry run would parse the Snakefile
     once more), the checks. The run's folder is made afresh. sliced: CI's share of its DAG (ci_slice)."""
     name, raw, cfg = paper.stem, _read_yaml(paper), load_config(paper)
@@ -176,7 +184,7 @@ def rehearse(paper: Path, out: Path, hub: dict, models: dict, judge_url: str | N
               "whole": methods is None}
     t0 = time.monotonic()
     with open(workdir / "snakemake.log", "w") as log:
-        run = subprocess.run([*on, *argv], stdout=log, stderr=subprocess.STDOUT, env=job_env(), cwd=REPO)
+        run = subprocess.run([*on, *argv], stdout=log, stderr=subprocess.STDOUT, env=env or job_env(), cwd=REPO)
     result["seconds"] = round(time.monotonic() - t0)
     text = (workdir / "snakemake.log").read_text()
     result["jobs"] = count_jobs(text)
@@ -215,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                    "sweeps, the first point of each and no report (ci_slice)")
     p.add_argument("--local", action="store_true", help="local Snakemake instead of the private Slurm cluster")
     p.add_argument("--out", default=str(REPO / "results" / "rehearsal"), help="where models, data and runs go")
+    p.add_argument("--stage-server", action="store_true", help="with --local: stage processes fork from one process "
+                   "that imported torch, transformers and the stages once (rlhf/stage_server.py; CI's time)")
     args = p.parse_args(argv)
+    if args.stage_server and not args.local:
+        p.error("--stage-server goes with --local (on the cluster each job starts its processes on its node)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the cluster and the judge (finally)
     names = list(CI_SUBSET) if args.ci else args.configs or [q.stem for q in paper_configs()]
     papers = [PAPER / f"{n}.yaml" for n in names]
@@ -229,21 +241,26 @@ def main(argv: list[str] | None = None) -> int:
     # The configs that ask a judge last: `vllm serve` starts (~40 s of CPU) while the others run.
     papers.sort(key=lambda q: uses_judge(cfgs[q]))
 
-    cluster, server, on, judge_url = None, None, [], None
+    cluster, server, on, judge_url, stages, stage_socket = None, None, [], None, None, None
     try:
         if not args.local:
-            from rlhf.rehearsal.cluster import SlurmCluster, why_unavailable
+            from rlhf.rehearsal.cluster import SlurmCluster, why_unavailable  # Slurm's: not with --local
             reason = why_unavailable()
             if reason:
                 print(f"rehearsal: no private Slurm cluster here ({reason}); rerun with --local", file=sys.stderr)
                 return 2
             shutil.rmtree(out / "slurm", ignore_errors=True)
-            cluster = SlurmCluster(out / "slurm").__enter__()
+            cluster = SlurmCluster(out / "slurm")
+            cluster.start()  # stopped in `finally`, also after a start that failed half-way
             on = cluster.login.command()
             os.environ["SLURM_CONF"] = cluster.env["SLURM_CONF"]
+        base = dict(os.environ)  # the jobs' environment, whatever the libraries imported below add to this process's
+        if args.stage_server:
+            stage_socket = Path(tempfile.mkdtemp(prefix="rlhf-rehearsal-")) / "stages.sock"  # a socket path is short
+            stages = start_stage_server(stage_socket, env=job_env(base=base))
         hub, models = hub_folders(out), standins(out, {JUDGE} if judges else set())
         if judges:  # on the cluster's first node (its own network), or on a free loopback port here
-            from rlhf.distributed import free_port
+            from rlhf.distributed import free_port  # torch: only where a judge is served
             host, port = ("0.0.0.0", JUDGE_PORT) if cluster else ("127.0.0.1", free_port())
             server = JudgeServer(models[JUDGE], judges, out / "judge-server.log", on, host, port)
             judge_url = f"http://{cluster.names[0] if cluster else '127.0.0.1'}:{port}/v1"
@@ -253,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             if uses_judge(cfgs[q]):
                 server.wait(judge_url)  # returns at once once it answered
             print(f"rehearsal: {q.stem} ...", flush=True)
-            results.append(rehearse(q, out, hub, models, judge_url, on, args.local, sliced=args.ci))
+            results.append(rehearse(q, out, hub, models, judge_url, on, args.local, sliced=args.ci,
+                                    env=job_env(stage_socket, base)))
             r = results[-1]
             print(f"rehearsal: {q.stem}: {'pass' if r['passed'] else 'FAIL'} ({r['jobs']} jobs, {r['seconds']} s) "
                   f"{r['signals']} {r['problems']}", flush=True)
@@ -261,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.close()
         if cluster is not None:
-            cluster.__exit__(None, None, None)
+            cluster.stop()
+        if stages is not None:
+            stages.kill()
+            stages.wait()
     tables = checks.paper_tables(out, [r["config"] for r in results if r["passed"] and r["whole"]])
     with atomic_file(out / "report.json") as f:
         json.dump({"configs": results, "tables": tables}, f, indent=1)
