@@ -114,3 +114,31 @@ def test_readme_fits_a_screen_links_every_docs_page_and_nothing_outside():
             if "://" not in target:
                 assert (path.parent / target).resolve().exists(), f"{path.name}: dead link {target}"
                 assert "shared" not in Path(target).parts[:2], f"{path.name}: {target} points outside the repository"
+
+
+# The layers of docs/pipeline.md ("Layers"), top to bottom; a module belongs to its longest matching prefix.
+LAYERS = [
+    ("rlhf.stages", "rlhf.cli", "rlhf.__main__", "rlhf.smoke", "rlhf.rehearsal", "rlhf.launch", "rlhf.stage_server",
+     "rlhf.experiments", "rlhf.schema_doc"),
+    ("rlhf.trainer", "rlhf.evaluation", "rlhf.diagnostics", "rlhf.tables", "rlhf.figures", "rlhf.results",
+     "rlhf.difficulty"),
+    ("rlhf.rewards.proxy_rm", "rlhf.rewards.gold", "rlhf.rewards.verifiable", "rlhf.generation", "rlhf.generation_vllm",
+     "rlhf.policy", "rlhf.distributed", "rlhf.judge.client", "rlhf.judge.standin", "rlhf.metrics_log"),
+    ("rlhf.models", "rlhf.data", "rlhf.config", "rlhf.registry", "rlhf.rewards.kinds", "rlhf.settings", "rlhf.cluster"),
+    ("rlhf.rewards.rules", "rlhf.rewards.llm_judge", "rlhf.judge"),
+    ("rlhf.algorithms", "rlhf.errors", "rlhf.paths", "rlhf.io", "rlhf.stats", "rlhf.rng", "rlhf.rewards", "rlhf"),
+]
+
+
+def _layer(module: str) -> int:
+    matches = [(len(prefix), i) for i, group in enumerate(LAYERS) for prefix in group
+               if module == prefix or module.startswith(prefix + ".")]
+    return max(matches)[1]
+
+
+def test_imports_point_down_the_layers():
+    """Every import between the package's modules (function-level ones included) stays in its layer or goes down."""
+    modules = {_module(p): p for p in (REPO / "rlhf").rglob("*.py")}
+    upward = [f"{name} (layer {_layer(name)}) imports {m} (layer {_layer(m)})" for name, path in modules.items()
+              for m in _imports(path) if m in modules and m != name and _layer(m) < _layer(name)]
+    assert not upward, "\n".join(upward)
