@@ -7,7 +7,8 @@ jobs (the CI rehearsal: ~120 processes, the tests' micro DAGs) spends most of it
 working folder and standard streams to the server listening there and exits as the stage does: the server forks a
 copy of itself that has everything imported, which becomes the stage process (same code from `rlhf.cli.main` on, its
 own environment and streams). A signal to the client reaches the stage; a client that dies (SIGKILL) takes the stage
-with it. Without a server at that address the client runs the stage itself.
+with it. Without a server at that address, or from another namespace (a test cluster's node: the stage must run
+there), or with another import-time environment, the client runs the stage itself.
 
 Used by the tests and by `python -m rlhf.rehearsal --local --stage-server` (CI); `make rehearse`, the Slurm tests and
 every user's run start each stage as a fresh process. Libraries read some variables when first imported (OMP_*,
@@ -39,7 +40,19 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 # a NCCL group is made; torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING for its ranks).
 IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "PYTORCH_", "TORCH_", "TORCHDYNAMO_",
                "TORCHINDUCTOR_", "CUDA_", "OMP_", "KMP_", "MKL_", "PYTHON", "LD_")
-RUN_TIME = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_NCCL_")
+RUN_TIME = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_NCCL_",
+            "PYTORCH_NVML_BASED_CUDA_CHECK")  # read by torch.cuda.is_available(); vLLM's import sets it
+NAMESPACES = ("mnt", "net", "pid", "uts", "ipc")  # a client on another node (a namespace) runs its stage there
+
+
+def namespaces() -> dict:
+    out = {}
+    for name in NAMESPACES:
+        try:
+            out[name] = os.readlink(f"/proc/self/ns/{name}")
+        except OSError:
+            out[name] = None
+    return out
 
 
 def import_env(env) -> dict:
@@ -75,11 +88,11 @@ def delegate(argv: list[str]) -> int | None:
         return None
     for sig in FORWARDED:
         signal.signal(sig, lambda number, _: _send(sock, {"signal": number}))
-    _send(sock, {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}, [0, 1, 2])
+    _send(sock, {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "ns": namespaces()}, [0, 1, 2])
     reply, _ = _recv(sock)
     if reply is not None and "mismatch" in reply:
-        print(f"rlhf: the stage server was started with other {', '.join(reply['mismatch'])}: the stage runs in "
-              "this process", file=sys.stderr)
+        print(f"rlhf: the stage server differs in {', '.join(reply['mismatch'])}: the stage runs in this process",
+              file=sys.stderr)
         return None
     if reply is None:
         print("rlhf: the stage server closed the connection without a status", file=sys.stderr)
@@ -144,7 +157,7 @@ def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
 
 def serve(path: str) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as rlhf/__main__.py sets it for a stage process
-    imported_with = import_env(os.environ)
+    imported_with, own_ns = import_env(os.environ), namespaces()
     for module in PRELOAD:
         importlib.import_module(module)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
@@ -161,6 +174,7 @@ def serve(path: str) -> None:
             continue
         theirs = import_env(request["env"])
         mismatch = sorted(k for k in {*theirs, *imported_with} if theirs.get(k) != imported_with.get(k))
+        mismatch += [f"{k} namespace" for k in NAMESPACES if request.get("ns", {}).get(k) != own_ns[k]]
         if mismatch:
             _send(conn, {"mismatch": mismatch})
             conn.close()

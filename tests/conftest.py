@@ -91,6 +91,9 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
 
 
+STAGE_SERVER_STARTED_WITH: dict = {}  # the environment the worker's stage server imported with
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stage_server():
     """The stage processes tests start (`python -m rlhf`: Snakemake jobs, torchrun's ranks, subprocesses) fork from one
@@ -101,6 +104,7 @@ def stage_server():
 
     from rlhf.stage_server import ENV, start
     folder = Path(tempfile.mkdtemp(prefix="rlhf-stages-"))  # a short path: a socket's is limited to 107 bytes
+    STAGE_SERVER_STARTED_WITH.update(os.environ)
     proc = start(folder / "server.sock", env=dict(os.environ))
     os.environ[ENV] = str(folder / "server.sock")
     yield folder / "server.sock"

@@ -32,15 +32,18 @@ UPSTREAM = ("data", "base", "sft", "sample")  # run in the test's process before
 KILLED = "gr"   # the method whose run loses a rank on the second node after its first checkpoint
 
 
-@pytest.fixture(autouse=True)
-def fresh_stage_processes(monkeypatch):
-    """Jobs on the cluster's nodes start their stage processes fresh, as on a real cluster (no stage server)."""
+@pytest.fixture(scope="module")
+def fresh_stage_processes():
+    """Jobs on the cluster's nodes start their stage processes fresh, as on a real cluster: no stage server in the
+    environment of the daemons or of what is submitted (the server also refuses a client from another namespace)."""
     from rlhf.stage_server import ENV
-    monkeypatch.delenv(ENV, raising=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(ENV, raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, fresh_stage_processes):
     reason = why_unavailable()
     if reason:
         pytest.skip(reason)

@@ -14,7 +14,11 @@ from tests.conftest import REPO, write_config
 
 
 def _rlhf(args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "rlhf", *args], cwd=REPO, env=env or dict(os.environ),
+    """`python -m rlhf args` with the environment the worker's server was started with (a test that imported vLLM
+    changed this process's since), or `env`."""
+    from tests.conftest import STAGE_SERVER_STARTED_WITH
+    return subprocess.Popen([sys.executable, "-m", "rlhf", *args], cwd=REPO,
+                            env=env or {**STAGE_SERVER_STARTED_WITH, ENV: os.environ[ENV]},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -36,7 +40,9 @@ def _descendants(pid: int) -> set[int]:
 
 def test_a_stage_forked_by_the_server_writes_what_a_fresh_process_writes(tmp_path, stage_server):
     outputs = {}
-    for name, env in (("forked", dict(os.environ)), ("fresh", {k: v for k, v in os.environ.items() if k != ENV})):
+    from tests.conftest import STAGE_SERVER_STARTED_WITH
+    for name, env in (("forked", {**STAGE_SERVER_STARTED_WITH, ENV: str(stage_server)}),
+                      ("fresh", {k: v for k, v in os.environ.items() if k != ENV})):
         (tmp_path / name).mkdir()
         cfg = write_config(tmp_path / name)
         proc = _rlhf(["data", "--config", str(cfg)], env=env)
@@ -57,9 +63,11 @@ def test_exit_status_and_error_line_come_back_to_the_client(tmp_path, stage_serv
 
 def test_a_stage_started_with_another_import_time_environment_runs_in_its_own_process(tmp_path, stage_server):
     cfg = write_config(tmp_path)
-    proc = _rlhf(["data", "--config", str(cfg)], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    from tests.conftest import STAGE_SERVER_STARTED_WITH
+    proc = _rlhf(["data", "--config", str(cfg)], env={**STAGE_SERVER_STARTED_WITH, ENV: str(stage_server),
+                                                       "HF_HUB_OFFLINE": "1"})
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "started with other HF_HUB_OFFLINE" in out
+    assert proc.returncode == 0 and "the stage server differs in HF_HUB_OFFLINE" in out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
