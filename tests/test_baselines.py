@@ -628,3 +628,14 @@ def test_a_reward_registered_from_a_test_file_trains_a_grpo_run_through_the_stag
     with pytest.raises(ConfigError, match="methods.kw: reward 'nokind' is not a reward kind \\(have: proxy, uwo, advpo, "
                                           "bspo, verifiable, keyword\\)"):
         load_config(write_config(tmp_path, methods={"kw": {"reward": "nokind"}}))
+
+
+def test_register_adds_a_kind_once_and_refuses_another_under_its_name(monkeypatch):
+    from rlhf.rewards.kinds import REWARDS, RewardKind, register, reward_kind
+    monkeypatch.setattr("rlhf.rewards.kinds.REWARDS", dict(REWARDS))
+    import rlhf.rewards.kinds as kinds
+    kind = RewardKind("keyword", "a test kind", "tests.test_baselines:load_keyword_reward")
+    assert register(kind) is kind and register(kind) is kind and kinds.REWARDS["keyword"] is kind
+    with pytest.raises(ValueError, match="reward kind 'keyword' is registered already"):
+        register(RewardKind("keyword", "another", load_keyword_reward))
+    assert reward_kind("proxy").certifiable and not reward_kind("uwo").certifiable
