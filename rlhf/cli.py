@@ -109,20 +109,19 @@ def _given(pairs: list[list[str]], stage: str, kind: str) -> dict:
 
 def resolve(args) -> tuple[dict, RunFiles | None]:
     """The stage's config view and files, from --config (the experiment's layout) or from what Snakemake passed."""
-    st, method, seed = STAGES[args.stage], getattr(args, "method", None), getattr(args, "seed", None)
-    if st.per_member:
-        method = args.member  # a member's files are keyed by k where a run's are by method
+    st, seed = STAGES[args.stage], getattr(args, "seed", None)
+    key = args.member if st.per_member else getattr(args, "method", None)  # what the files are keyed by: k or method
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
         if st.tool:
             return cfg, None
         known = [*cfg["methods"], *dpo_methods(cfg)]
-        if st.per_run and method != SFT_BASELINE and method not in known:
-            raise ConfigError(f"method '{method}' is not in config.methods or dpo.methods (have: {', '.join(known)})")
-        if st.per_member and method not in ensemble_members(cfg):
-            raise ConfigError(f"--member {method}: the config's ensemble has members {ensemble_members(cfg) or 'none'}")
-        view = stage_config(cfg, args.stage, method)
-        files = stage_files(args.stage, cfg, method, seed)
+        if st.per_run and key != SFT_BASELINE and key not in known:
+            raise ConfigError(f"method '{key}' is not in config.methods or dpo.methods (have: {', '.join(known)})")
+        if st.per_member and key not in ensemble_members(cfg):
+            raise ConfigError(f"--member {key}: the config's ensemble has members {ensemble_members(cfg) or 'none'}")
+        view = stage_config(cfg, args.stage, key)
+        files = stage_files(args.stage, cfg, key, seed)
     else:
         if args.overrides:
             raise ConfigError("overrides go with --config; --settings is the complete view")
