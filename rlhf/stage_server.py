@@ -86,11 +86,13 @@ def delegate(argv: list[str]) -> int | None:
         sock.connect(os.environ[ENV])
     except OSError:
         return None
-    for sig in FORWARDED:
-        signal.signal(sig, lambda number, _: _send(sock, {"signal": number}))
+    before = {sig: signal.signal(sig, lambda number, _: _send(sock, {"signal": number})) for sig in FORWARDED}
     _send(sock, {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "ns": namespaces()}, [0, 1, 2])
     reply, _ = _recv(sock)
-    if reply is not None and "mismatch" in reply:
+    if reply is not None and "mismatch" in reply:  # the stage runs here: its signals are its own again
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        sock.close()
         print(f"rlhf: the stage server differs in {', '.join(reply['mismatch'])}: the stage runs in this process",
               file=sys.stderr)
         return None

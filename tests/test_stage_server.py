@@ -101,3 +101,17 @@ def _cmdline(proc_dir: Path) -> str:
         return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+def test_a_stage_that_runs_in_its_client_keeps_its_own_signals(tmp_path, stage_server):
+    """A client the server turned away (another import-time environment) runs the stage itself: a SIGTERM then ends
+    it as it ends any process, not through the relay to a server that has hung up."""
+    from tests.conftest import STAGE_SERVER_STARTED_WITH
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    proc = _rlhf(["data", "--config", str(fifo)], env={**STAGE_SERVER_STARTED_WITH, ENV: str(stage_server),
+                                                        "HF_HUB_OFFLINE": "1"})
+    assert "the stage server differs in HF_HUB_OFFLINE" in proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, out
