@@ -19,6 +19,7 @@ from rlhf.cluster import ranks, ranks_text
 from rlhf.errors import ConfigError
 from rlhf.data.rlvr import TASK_OF_SOURCE
 from rlhf.registry import SFT_BASELINE, SIDE_SETTINGS, STAGES, drop, pick
+from rlhf.rewards.kinds import RLVR_DEFAULT
 from rlhf.rewards.kinds import check as check_reward
 from rlhf.settings import GRPOSettings
 
@@ -345,14 +346,11 @@ def _default_of(node: dict, root: dict):
 _NO_DEFAULT = object()
 
 
-RLVR_REWARD = "verifiable"
-
-
 def _default_reward(cfg: dict) -> None:
     """grpo.reward's default in an RLVR experiment (one with an rlvr section): its verifiable reward; elsewhere the
     schema's (proxy)."""
     if "rlvr" in cfg and isinstance(cfg.get("grpo", {}), dict):
-        cfg.setdefault("grpo", {}).setdefault("reward", RLVR_REWARD)
+        cfg.setdefault("grpo", {}).setdefault("reward", RLVR_DEFAULT)
 
 
 def trigger_view(view: dict) -> dict:
@@ -370,7 +368,7 @@ def trigger_view(view: dict) -> dict:
                 out[key] = value
         return out
     out = strip(view, [])
-    if "rlvr" in out and out.get("grpo", {}).get("reward") == RLVR_REWARD:  # that experiment's default, too
+    if "rlvr" in out and out.get("grpo", {}).get("reward") == RLVR_DEFAULT:  # that experiment's default, too
         del out["grpo"]["reward"]
     return out
 

@@ -77,6 +77,9 @@ def ensemble_members(cfg: dict) -> list[int]:
     return list(range(1, cfg["ensemble"]["members"] + 1)) if "ensemble" in cfg else []
 
 
+GRPO_INPUTS = ("train", "test", "sft")  # a GRPO run's own inputs; every other one is its reward kind's
+
+
 def _grpo_inputs(P, cfg, method, seed):
     """The training prompts, the held-out ones and the SFT policy, then what the method's reward kind reads
     (rlhf/rewards/kinds.py; each a list of paths)."""
@@ -86,7 +89,7 @@ def _grpo_inputs(P, cfg, method, seed):
 
 def _reward_input(name: str) -> bool:
     """grpo's list inputs: every input of a reward kind."""
-    return name not in ("train", "test", "sft")
+    return name not in GRPO_INPUTS
 
 
 def used_stages(cfg: dict) -> list[str]:

@@ -68,6 +68,7 @@ class RewardKind:
 
 
 REWARDS: dict[str, RewardKind] = {}
+RLVR_DEFAULT = "verifiable"  # grpo.reward's default in an RLVR experiment (rlhf/config.py); the schema's is proxy
 
 
 def register(kind: RewardKind) -> RewardKind:
@@ -124,7 +125,7 @@ for _kind in (
                "behavior support", "rlhf.rewards.proxy_rm:load_bspo_reward", inputs=lambda P, cfg: {"bspo": [P.bspo]},
                stages=("bspo",), fields=("bspo_threshold", "bspo_r_min"), required=("bspo_threshold",),
                bench_inputs=_bench_bspo),
-    RewardKind("verifiable", "RLVR: the rule terms or the LLM judge's (rlvr.reward) against the data's solutions",
+    RewardKind(RLVR_DEFAULT, "RLVR: the rule terms or the LLM judge's (rlvr.reward) against the data's solutions",
                "rlhf.rewards.verifiable:load_verifiable_reward", task="rlvr", section="rlvr"),
 ):
     register(_kind)

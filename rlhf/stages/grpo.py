@@ -23,6 +23,7 @@ from rlhf.data.rlvr import rlvr_task
 from rlhf.evaluation import evaluate_policy, evaluate_rlvr
 from rlhf.io import atomic_dir, atomic_file, read_jsonl
 from rlhf.metrics_log import MetricsLog
+from rlhf.registry import GRPO_INPUTS
 from rlhf.rewards.gold import make_gold
 from rlhf.settings import GRPOSettings, ModelSettings
 from rlhf.stages.common import setup
@@ -48,7 +49,7 @@ def run(cfg, files, args):
     train_judged = read_jsonl(inputs["train"], required=("prompt", "reference"))[: settings.eval_train_prompts]
     task = rlvr_task(cfg)
 
-    reward_inputs = {k: v for k, v in inputs.items() if k not in ("train", "test", "sft")}  # the reward kind's
+    reward_inputs = {k: v for k, v in inputs.items() if k not in GRPO_INPUTS}  # the reward kind's
     with contextlib.ExitStack() as stack:
         grpo_run = stack.enter_context(load_run(cfg, settings, inputs["train"], inputs["sft"], reward_inputs,
                                                 dist.device, dist, seed=seed))  # closed however the stage ends
