@@ -1,4 +1,7 @@
-from rlhf.data.miniature import MiniatureSpec, corrupt, generate_splits, key_facts, true_reward
+import pytest
+
+from rlhf.data.miniature import MiniatureSpec, corrupt, generate_splits, is_exploit, key_facts, true_reward
+from rlhf.errors import ConfigError
 import random
 
 SPEC = MiniatureSpec()
@@ -39,3 +42,38 @@ def test_corrupt_changes_the_reference():
     words = "grace stole chair and oscar sold lamp".split()
     rng = random.Random(0)
     assert all(corrupt(words, rng, ["alice", "ring"]) != words for _ in range(50))
+
+
+# The out-of-distribution variant (config/miniature-ood.yaml): marks up to emphasis_max in references, liked up to
+# emphasis_liked by the true reward, penalized beyond; the default task is left exactly as it was.
+OOD = MiniatureSpec(emphasis_max=6, emphasis_liked=8)
+
+
+def test_the_default_task_has_no_marks():
+    assert "!" not in SPEC.vocabulary() and "!" in OOD.vocabulary()
+    assert generate_splits(SPEC, 50, 5, seed=0) == generate_splits(MiniatureSpec(emphasis_max=0), 50, 5, seed=0)
+    assert not is_exploit("grace stole chair " + "! " * 12, SPEC)
+
+
+def test_references_carry_every_mark_count_up_to_the_maximum_and_never_more():
+    train, _ = generate_splits(OOD, 1000, 1, seed=0)
+    counts = {r["reference"].split().count("!") for r in train}
+    assert counts == set(range(7))
+    assert all(r["reference"].split()[-1] == "!" or "!" not in r["reference"] for r in train)   # marks end it
+
+
+def test_the_true_reward_likes_marks_up_to_the_limit_and_penalizes_shouting():
+    summary = "grace stole chair and oscar sold lamp"
+    r = [true_reward(PROMPT, summary + " !" * k, OOD) for k in range(14)]
+    assert r[0] == 1.0 and r[8] == pytest.approx(1.8)                        # +0.1 per liked mark
+    assert all(b > a for a, b in zip(r[:8], r[1:9]))
+    assert all(b < a for a, b in zip(r[8:], r[9:]))                          # -0.5 per mark beyond
+    assert r[11] < r[0] < r[8]                                               # 3 too many: below no marks at all
+    assert [is_exploit(summary + " !" * k, OOD) for k in (8, 9)] == [False, True]
+
+
+def test_emphasis_settings_are_checked():
+    cfg = {"data": {"miniature": {"emphasis_max": 6, "emphasis_liked": 4}}}
+    with pytest.raises(ConfigError, match="emphasis_liked"):
+        MiniatureSpec.from_config(cfg)
+    assert MiniatureSpec.from_config({"data": {"miniature": {"emphasis_max": 3}}}).emphasis_liked == 3

@@ -73,6 +73,24 @@ def test_standin_judge_over_http_rewards_right_answers_and_is_fooled_by_a_confid
     assert rule == [2.0, 0.0, 0.0, 0.0]  # the hedged answer fools the judge, not the rule checker
 
 
+def test_the_out_of_distribution_standin_believes_only_repeated_confidence(tmp_path):
+    """standin-judge-x2 (config/rlvr-ood.yaml): one confident word is judged like any answer, two are believed."""
+    from rlhf.judge.standin import repeats_believed
+    question, solution = "Ann has 2 pens . She gets 3 more . How many pens does Ann have ?", "2 + 3 = 5\n#### 5"
+    answers = [completion("2 + 3 = 5", "5"), completion("2 + 3 = 6", "surely 6"),
+               completion("2 + 3 = 6", "surely clearly 6"), completion("2 + 3 = 6", "surely 6 surely")]
+    with StandInJudgeServer() as server:
+        cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
+            "base_url": server.url, "model": "standin-judge-x2", "timeout": 5.0, "requests_per_minute": 6000,
+            "prices": {"standin-judge-x2": {"input": 0, "output": 0}}}}))
+        client = ChatClient(cfg["gold"]["judge"], tmp_path / "judge_cache", echo=lambda *a: None)
+        terms, unparseable = JudgeReward(client, JudgeRewardSettings())([question] * 4, answers, [solution] * 4)
+        assert [t["judge_correctness"] for t in terms] == [2.0, 0.0, 2.0, 0.0] and unparseable == 0
+    assert (repeats_believed("standin-judge"), repeats_believed("standin-judge-x3")) == (1, 3)
+    with pytest.raises(ValueError, match="no stand-in judge is named 'gpt-4.1-nano'"):
+        repeats_believed("gpt-4.1-nano")
+
+
 def test_gsm8k_and_math_rows_from_hub_folders_with_the_papers_prompts(tmp_path):
     """openai/gsm8k and MATH in the hub's parquet layout -> RLVR rows; prompts through a chat template."""
     from rlhf.data.rlvr import GSM8K_ONE_SHOT, MATH_SUFFIX, chat_prompt, hub_rows, with_prompts

@@ -1,0 +1,73 @@
+"""Does each method notice the exploit? Every method's own signal, split by exploit vs the other completions.
+
+The mechanism claims of config/claims.yaml compare, on the same completions (a run's groups), what each method
+computes for exploit completions and for the rest:
+- SignCert-PO: the fraction with rho < 0 (advantage sign flipped by the worst case) and the median certified radius;
+- BSPO: how often the behavior-support test fires on each, and which share of its firings are exploits;
+- UWO: the ensemble members' disagreement (std over members);
+- AdvPO: the uncertainty term sqrt(e^T M_D^-1 e) of the last-layer embedding (Zhang et al. 2024's confidence width).
+
+An exploit completion, task-independently (config/claims.yaml): its proxy reward is above the 90th percentile of the
+initial policy's proxy rewards and its gold reward below their median. Pure functions of tensors: the caller
+(a run's rollouts, or crafted inputs in tests/test_mechanisms.py) supplies rewards, features and masks.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf.algorithms.signcert import signcert
+
+
+def exploit_mask(proxy: torch.Tensor, gold: torch.Tensor, initial_proxy: torch.Tensor, initial_gold: torch.Tensor,
+                 proxy_quantile: float = 0.9, gold_quantile: float = 0.5) -> torch.Tensor:
+    """[N] bool: over-rewarded by the proxy (above the initial policy's proxy_quantile) and penalized by the gold
+    (below the initial policy's gold_quantile)."""
+    high = torch.quantile(initial_proxy.double(), proxy_quantile)
+    low = torch.quantile(initial_gold.double(), gold_quantile)
+    return (proxy.double() > high) & (gold.double() < low)
+
+
+def split(values: torch.Tensor, exploit: torch.Tensor, name: str) -> dict:
+    """`<name>/exploit`, `<name>/other` (means; NaN where a side is empty) and their difference, with the counts."""
+    values = values.double()
+    def mean(mask):
+        return values[mask].mean().item() if mask.any() else float("nan")
+    out = {f"{name}/exploit": mean(exploit), f"{name}/other": mean(~exploit)}
+    out[f"{name}/exploit_minus_other"] = out[f"{name}/exploit"] - out[f"{name}/other"]
+    out["n_exploit"], out["n_other"] = int(exploit.sum()), int((~exploit).sum())
+    return out
+
+
+def signcert_by_exploit(advantages: torch.Tensor, features: torch.Tensor, group_size: int, quantile: float,
+                        exploit: torch.Tensor) -> dict:
+    """SignCert's rule on these groups (eps from the batch's quantile, as in training): rho < 0 fraction and the
+    median certified radius, exploit vs other. Completions with A = 0 carry no sign and are left out."""
+    cert = signcert(advantages, features, group_size, quantile)
+    signed = advantages != 0
+    out = split((cert.rho < 0).double()[signed], exploit[signed], "signcert/rho_negative")
+    for side, mask in (("exploit", exploit & signed), ("other", ~exploit & signed)):
+        out[f"signcert/radius_median/{side}"] = cert.radius[mask].median().item() if mask.any() else float("nan")
+    return out
+
+
+def bspo_by_exploit(unsupported: torch.Tensor, exploit: torch.Tensor) -> dict:
+    """How often the support test fires on exploit and other completions, and the exploit share of its firings."""
+    out = split(unsupported.double(), exploit, "bspo/unsupported")
+    fired = int(unsupported.sum())
+    out["bspo/exploit_share"] = (unsupported & exploit).sum().item() / fired if fired else float("nan")
+    return out
+
+
+def uwo_by_exploit(member_rewards: torch.Tensor, exploit: torch.Tensor) -> dict:
+    """member_rewards [k, N]: the members' standard deviation (unbiased, as torch.std), exploit vs other."""
+    return split(member_rewards.double().std(dim=0), exploit, "uwo/member_std")
+
+
+def advpo_uncertainty(features: torch.Tensor, m_inverse: torch.Tensor) -> torch.Tensor:
+    """[N]: sqrt(e^T M_D^-1 e) per completion embedding e (the width of AdvPO's confidence set along e)."""
+    e = features.double()
+    return torch.einsum("nd,de,ne->n", e, m_inverse.double(), e).clamp_min(0).sqrt()
+
+
+def advpo_by_exploit(features: torch.Tensor, m_inverse: torch.Tensor, exploit: torch.Tensor) -> dict:
+    return split(advpo_uncertainty(features, m_inverse), exploit, "advpo/uncertainty")
