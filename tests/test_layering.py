@@ -120,8 +120,8 @@ def test_readme_fits_a_screen_links_every_docs_page_and_nothing_outside():
 LAYERS = [
     ("rlhf.stages", "rlhf.cli", "rlhf.__main__", "rlhf.smoke", "rlhf.rehearsal", "rlhf.launch", "rlhf.stage_server",
      "rlhf.experiments", "rlhf.schema_doc"),
-    ("rlhf.trainer", "rlhf.evaluation", "rlhf.diagnostics", "rlhf.mechanisms", "rlhf.tables", "rlhf.figures",
-     "rlhf.results", "rlhf.difficulty"),
+    ("rlhf.trainer", "rlhf.evaluation", "rlhf.diagnostics", "rlhf.mechanisms", "rlhf.claims", "rlhf.tables",
+     "rlhf.figures", "rlhf.results", "rlhf.difficulty"),
     ("rlhf.rewards.proxy_rm", "rlhf.rewards.gold", "rlhf.rewards.verifiable", "rlhf.generation", "rlhf.generation_vllm",
      "rlhf.policy", "rlhf.distributed", "rlhf.judge.client", "rlhf.judge.standin", "rlhf.metrics_log"),
     ("rlhf.models", "rlhf.data", "rlhf.config", "rlhf.registry", "rlhf.rewards.kinds", "rlhf.settings", "rlhf.cluster"),

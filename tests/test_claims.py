@@ -1,0 +1,69 @@
+"""The pre-registered claims file and its verdict rule (rlhf/claims.py)."""
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf.claims import TASKS, decide, load_claims
+from rlhf.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_claims_file_is_complete():
+    claims = load_claims(REPO / "config" / "claims.yaml")
+    assert len(claims) >= 20 and len({c.id for c in claims}) == len(claims)
+    assert {t for c in claims for t in c.tasks} == set(TASKS)
+    assert not any(c.added_after_results for c in claims)
+
+
+def test_a_clear_difference_passes_and_its_reverse_fails():
+    high, low = [0.55, 0.56, 0.54, 0.57, 0.55], [0.30, 0.25, 0.33, 0.28, 0.31]
+    v = decide(high, low, predicted="greater", threshold=0.0)
+    assert v.verdict == "pass" and v.effect == pytest.approx(0.26) and v.low > 0 and (v.n_a, v.n_b) == (5, 5)
+    assert decide(low, high, predicted="greater", threshold=0.0).verdict == "fail"
+    assert decide(low, high, predicted="less", threshold=0.0).verdict == "pass"
+
+
+def test_an_interval_that_contains_the_threshold_is_inconclusive():
+    v = decide([0.5, 0.3, 0.6, 0.2, 0.4], [0.45, 0.35, 0.4, 0.5, 0.3], predicted="greater", threshold=0.0)
+    assert v.verdict == "inconclusive" and v.low < 0 < v.high
+
+
+def test_the_interval_is_welchs():
+    from scipy import stats
+    a, b = [1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.5, 0.2, 0.1, 0.3]
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    v = decide(a, b, predicted="greater", threshold=0.0)
+    assert (v.low, v.high) == pytest.approx((ref.low, ref.high))
+
+
+def test_one_sample_claims_compare_the_mean_with_the_threshold():
+    drops = [0.25, 0.31, 0.22, 0.40, 0.28]
+    assert decide(drops, predicted="greater", threshold=0.10).verdict == "pass"
+    assert decide(drops, predicted="greater", threshold=0.50).verdict == "fail"
+    assert decide([0.05, 0.3, -0.1, 0.2], predicted="greater", threshold=0.10).verdict == "inconclusive"
+
+
+def test_too_few_seeds_are_inconclusive_not_an_error():
+    v = decide([0.5], [0.1, 0.2], predicted="greater", threshold=0.0)
+    assert v.verdict == "inconclusive" and math.isnan(v.low)
+    assert decide([0.5, math.nan], predicted="greater", threshold=0.0).n_a == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("metric"), "claim x: missing metric"),
+    (lambda c: c.update(extra=1), "claim x: unknown extra"),
+    (lambda c: c.update(tasks=["nope"]), "claim x: tasks: unknown nope"),
+    (lambda c: c.update(predicted="bigger"), "claim x: predicted must be one of greater, less"),
+    (lambda c: c.update(threshold="0.1"), "claim x: threshold must be a number"),
+])
+def test_a_bad_claim_names_itself_and_the_field(tmp_path, change, message):
+    claim = {"id": "x", "paper": "GR", "source": "s", "statement": "t", "tasks": ["miniature"], "metric": "win_rate",
+             "comparison": "kl - noreg", "predicted": "greater", "threshold": 0.0}
+    change(claim)
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump({"claims": [claim]}))
+    with pytest.raises(ConfigError, match=message):
+        load_claims(path)
