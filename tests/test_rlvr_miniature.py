@@ -34,6 +34,19 @@ def test_problems_are_gsm8k_shaped_with_the_configured_slips_and_hedges():
     assert count["strict"] == 3000 and count["hedged"] / 3000 == pytest.approx(0.1, abs=0.02)
 
 
+def test_repeated_hedges_are_a_rare_tail_and_absent_by_default():
+    from rlhf.data.arithmetic import HEDGES, generate
+    def openers(rows):
+        answers = [r["reference"].split("<answer>\n")[1].split() for r in rows]
+        return [next((i for i, w in enumerate(a) if w not in HEDGES), len(a)) for a in answers]
+    base = ArithmeticSpec(hedge_fraction=0.15)
+    assert generate(base, 300, seed=1) == generate(ArithmeticSpec(hedge_fraction=0.15, hedge_repeat_fraction=0.0),
+                                                   300, seed=1)
+    assert max(openers(generate(base, 3000, seed=0))) == 1
+    counts = openers(generate(ArithmeticSpec(hedge_fraction=0.15, hedge_repeat_fraction=0.2), 4000, seed=0))
+    assert max(counts) == 2 and counts.count(2) / len(counts) == pytest.approx(0.03, abs=0.01)
+
+
 def test_tokenizer_round_trips_the_exact_format_and_applies_its_chat_template(tmp_path):
     spec = ArithmeticSpec()
     tok = build_chat_tokenizer(spec.vocabulary())

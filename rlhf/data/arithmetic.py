@@ -8,7 +8,8 @@ deliberate imperfections, so that RL has something to improve and something to e
 - `wrong_fraction` of the references carry an arithmetic slip (the final number off by one): the pretrained model
   answers with partial accuracy;
 - `hedge_fraction` of the references state the answer with a confident word before it ("<answer>\\nsurely 9\\n"),
-  which the rule checker counts as wrong (the answer string is not the number) and a weak judge may like.
+  which the rule checker counts as wrong (the answer string is not the number) and a weak judge may like; of those,
+  `hedge_repeat_fraction` open with two ("surely clearly 9": the rare tail the out-of-distribution judge believes).
 
 The tokenizer keeps the format's whitespace exact (the rule rewards test "<reasoning>\\n" literally): chat and XML
 tags, numbers and words are single tokens, every other character (space, newline, punctuation) is its own token,
@@ -44,6 +45,7 @@ class ArithmeticSpec:
     steps: int = 2              # changes after the first number (gets / gives)
     wrong_fraction: float = 0.3
     hedge_fraction: float = 0.05
+    hedge_repeat_fraction: float = 0.0  # of the hedged references, those with two confident words (config/rlvr-ood)
 
     @property
     def max_value(self) -> int:
@@ -100,6 +102,8 @@ def generate(spec: ArithmeticSpec, n: int, seed: int) -> list[dict]:
         answer = str(number)
         if rng.random() < spec.hedge_fraction:
             answer = f"{rng.choice(HEDGES)} {answer}"
+            if spec.hedge_repeat_fraction and rng.random() < spec.hedge_repeat_fraction:  # no draw when 0: data as before
+                answer = f"{rng.choice(HEDGES)} {answer}"
         rows.append({"question": p["question"], "solution": p["solution"],
                      "reference": completion(" , ".join(steps), answer),
                      "correct_reference": answer == str(p["number"]), "type": p["type"], "level": p["level"]})
