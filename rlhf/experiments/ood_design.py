@@ -20,17 +20,13 @@ import numpy as np
 import torch
 
 from rlhf.config import load_config
-from rlhf.data.miniature import EMPHASIS, MiniatureSpec, is_exploit, true_reward
+from rlhf.data.miniature import EMPHASIS, MiniatureSpec, is_exploit, mark_count, true_reward
 from rlhf.errors import ConfigError
 from rlhf.generation import sample
 from rlhf.io import atomic_dir, read_jsonl, write_json
 from rlhf.models import load_causal_lm, tokenizer_of
 from rlhf.paths import Paths
 from rlhf.rewards.proxy_rm import load_proxy
-
-
-def marks(text: str) -> int:
-    return text.split().count(EMPHASIS)
 
 
 def with_marks(completion: str, k: int) -> str:
@@ -56,9 +52,9 @@ def design(cfg: dict, prompts: int, samples: int, seed: int = 0) -> dict:
         texts = [with_marks(c, k) for c in completions]
         by_k.append({"k": k, "proxy": float(proxy(expanded, texts).rewards.mean()),
                      "gold": float(np.mean([true_reward(p, t, spec) for p, t in zip(expanded, texts)]))})
-    seen = max(marks(p[side]) for p in pairs for side in ("chosen", "rejected"))
+    seen = max(mark_count(p[side]) for p in pairs for side in ("chosen", "rejected"))
     best = max(by_k, key=lambda r: r["proxy"])
-    return {"pi0_marks": dict(sorted(Counter(marks(c) for c in completions).items())),
+    return {"pi0_marks": dict(sorted(Counter(mark_count(c) for c in completions).items())),
             "pi0_exploit_share": float(np.mean([is_exploit(c, spec) for c in completions])),
             "pairs_max_marks": seen, "emphasis_liked": spec.emphasis_liked, "by_k": by_k,
             "proxy_best_k": best["k"],
