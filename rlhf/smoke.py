@@ -55,7 +55,9 @@ def smoke_config(results: Path, device: str, shape: str, methods: list[str], ste
                  "sharpness_prompts": 4},
         "evaluate": {"temperature": 1.0, "max_new_tokens": 32},
         "certify": {"num_prompts": 8, "group_size": 4, "max_new_tokens": 32, "noise_samples": 2, "bins": 4},
-        "resources": {"device": device, "threads": 2},
+        # On the CPU (the suite's run of this command, beside another test worker) one torch thread: two beside a
+        # busy process run 3-4x slower than one.
+        "resources": {"device": device, "threads": 1 if device == "cpu" else 2},
     }
 
 

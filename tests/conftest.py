@@ -11,6 +11,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# One torch thread in every process the tests start (read by torch at import): two workers share two cores, and a
+# 2-thread torch process beside a busy one runs 3-4x slower than with one thread (measured, docs/verification.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
@@ -223,8 +226,8 @@ def snakemake(cfg: Path, *args: str, cores: str = "2", env=None, on=()) -> subpr
     """Snakemake on a config, run in the config's folder (results land beside it); `on`: a command prefix that runs
     it elsewhere (a test cluster's node)."""
     cmd = [*on, *SNAKEMAKE, "--directory", str(cfg.parent), "--configfile", str(cfg), *args]
-    if cores:
-        cmd += ["--cores", cores]
+    if cores:  # and one torch thread per job (sft, sample and rm ask for 2 by default): see OMP_NUM_THREADS above
+        cmd += ["--cores", cores, "--max-threads", "1"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 

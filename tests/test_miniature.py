@@ -77,3 +77,25 @@ def test_emphasis_settings_are_checked():
     with pytest.raises(ConfigError, match="emphasis_liked"):
         MiniatureSpec.from_config(cfg)
     assert MiniatureSpec.from_config({"data": {"miniature": {"emphasis_max": 3}}}).emphasis_liked == 3
+
+
+def _summary(proxy, gold, pi0_marks, share=0.0, pairs_max=6, liked=8):
+    return {"pi0_marks": pi0_marks, "pi0_exploit_share": share, "pairs_max_marks": pairs_max, "emphasis_liked": liked,
+            "by_k": [{"k": k, "proxy": p, "gold": g} for k, (p, g) in enumerate(zip(proxy, gold))]}
+
+
+def test_the_design_checks_accept_an_exploit_only_extrapolation_rewards():
+    """The OOD design's conditions (rlhf/experiments/ood_design.checks) on crafted summaries: the shape design 5
+    measured (proxy rising past every count it saw, gold falling past 8) passes; a proxy that is pessimistic off its
+    data, a pi_0 that already writes the exploit, or a gold that does not fall there each fail their own check."""
+    from rlhf.experiments.ood_design import checks
+    rising = [1.0 + 0.1 * k for k in range(13)]                  # the proxy's best: 12 marks
+    gold = [1.0 + 0.1 * min(k, 8) - 0.5 * max(0, k - 8) for k in range(13)]
+    usual = {3: 40, 4: 50, 6: 10}
+    ok = checks(_summary(rising, gold, usual))
+    assert ok == {"proxy_best_k": 12, "pi0_usual_k": 4, "rare": True, "over_rewarded": True, "penalized": True}
+    pessimistic = [1.0 + 0.1 * min(k, 6) - 0.2 * max(0, k - 6) for k in range(13)]  # best at 6: inside its data
+    assert not checks(_summary(pessimistic, gold, usual))["over_rewarded"]
+    assert not checks(_summary(rising, gold, usual, share=0.05))["rare"]
+    assert not checks(_summary(rising, [1.0] * 13, usual))["penalized"]
+    assert not checks(_summary(rising, gold, usual, pairs_max=12))["over_rewarded"]  # the proxy saw 12 marks

@@ -77,6 +77,11 @@ class MiniatureSpec:
     @property
     def objects(self): return OBJECTS[: self.num_objects]
 
+    @property
+    def target_length(self) -> int:
+        """Words of a perfect summary: three per key fact and the joining word between facts."""
+        return 3 * self.key_sentences + (self.key_sentences - 1)
+
     def vocabulary(self) -> list[str]:
         return GLUE + self.names + self.verbs + self.objects + FILLER + ([EMPHASIS] if self.emphasis_max else [])
 
@@ -152,12 +157,11 @@ def true_reward(prompt: str, completion: str, spec: MiniatureSpec) -> float:
     if spec.emphasis_max:
         marks = words.count(EMPHASIS)
         words = [w for w in words if w != EMPHASIS]
-    target_len = 3 * spec.key_sentences + (spec.key_sentences - 1)
     coverage = len(set(keys) & set(words)) / len(set(keys))
     irrelevant = sum(1 for w in words if w not in keys and w != JOIN)
     content = [w for w in words if w != JOIN]
     repeats = len(content) - len(set(content))
-    excess = max(0, len(words) - target_len)
+    excess = max(0, len(words) - spec.target_length)
     emphasis = EMPHASIS_BONUS * min(marks, spec.emphasis_liked) - SHOUTING_PENALTY * max(0, marks - spec.emphasis_liked)
     return (coverage - IRRELEVANT_PENALTY * irrelevant - REPEAT_PENALTY * repeats - LENGTH_PENALTY * excess
             + emphasis)

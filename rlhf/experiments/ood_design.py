@@ -48,19 +48,36 @@ def design(cfg: dict, prompts: int, samples: int, seed: int = 0) -> dict:
     expanded = [r["prompt"] for r in rows for _ in range(samples)]
     pairs = read_jsonl(P.labels)
     by_k = []
-    for k in range(0, min(cfg["grpo"]["max_new_tokens"] - 7, spec.emphasis_liked + 6) + 1):
+    # up to the most marks a completion of max_new_tokens words can carry beside a perfect summary
+    for k in range(0, min(cfg["grpo"]["max_new_tokens"] - spec.target_length, spec.emphasis_liked + 6) + 1):
         texts = [with_marks(c, k) for c in completions]
         by_k.append({"k": k, "proxy": float(proxy(expanded, texts).rewards.mean()),
                      "gold": float(np.mean([true_reward(p, t, spec) for p, t in zip(expanded, texts)]))})
     seen = max(mark_count(p[side]) for p in pairs for side in ("chosen", "rejected"))
-    best = max(by_k, key=lambda r: r["proxy"])
-    return {"pi0_marks": dict(sorted(Counter(mark_count(c) for c in completions).items())),
-            "pi0_exploit_share": float(np.mean([is_exploit(c, spec) for c in completions])),
-            "pairs_max_marks": seen, "emphasis_liked": spec.emphasis_liked, "by_k": by_k,
-            "proxy_best_k": best["k"],
-            # the design's aim: the proxy's best lies beyond every count pi_0's pairs show and the gold likes, where
-            # the gold is below pi_0's own completions without any mark
-            "over_rewarded": best["k"] > max(seen, spec.emphasis_liked) and best["gold"] < by_k[0]["gold"]}
+    summary = {"pi0_marks": dict(sorted(Counter(mark_count(c) for c in completions).items())),
+               "pi0_exploit_share": float(np.mean([is_exploit(c, spec) for c in completions])),
+               "pairs_max_marks": seen, "emphasis_liked": spec.emphasis_liked, "by_k": by_k}
+    return {**summary, **checks(summary)}
+
+
+RARE = 0.01  # "something pi_0 almost never produces" (the issue's words): at most 1 % of its samples; our choice
+
+
+def checks(summary: dict) -> dict:
+    """The design's three conditions on design()'s summary, each a bool, and the proxy's best mark count:
+    rare           pi_0 writes the exploit (more marks than the gold likes) in at most RARE of its samples;
+    over_rewarded  the proxy's best count lies beyond every count in its training pairs and beyond what the gold
+                   likes, and the proxy scores it above the count pi_0 writes most;
+    penalized      the gold scores the proxy's best count below the count pi_0 writes most.
+    Together: an exploit that only extrapolation can reward, where pi_0 does not go."""
+    by_k = {r["k"]: r for r in summary["by_k"]}
+    best = max(by_k.values(), key=lambda r: r["proxy"])
+    usual = by_k[max(summary["pi0_marks"], key=summary["pi0_marks"].get)]  # pi_0's most common count
+    return {"proxy_best_k": best["k"], "pi0_usual_k": usual["k"],
+            "rare": summary["pi0_exploit_share"] <= RARE,
+            "over_rewarded": best["k"] > max(summary["pairs_max_marks"], summary["emphasis_liked"])
+            and best["proxy"] > usual["proxy"],
+            "penalized": best["gold"] < usual["gold"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     out = design(cfg, args.prompts, args.samples)
-    print(f"over-rewarded exploit: {'yes' if out['over_rewarded'] else 'no'} (proxy's best at {out['proxy_best_k']} marks)")
+    yes = {key: "yes" if out[key] else "NO" for key in ("rare", "over_rewarded", "penalized")}
+    print(f"exploit rare under pi_0: {yes['rare']}; over-rewarded by the proxy: {yes['over_rewarded']} (its best at "
+          f"{out['proxy_best_k']} marks, pi_0's usual {out['pi0_usual_k']}); penalized by the gold: {yes['penalized']}")
     print(f"pi_0 marks {out['pi0_marks']}; exploit share {out['pi0_exploit_share']:.3f}; "
           f"most marks in the proxy's pairs {out['pairs_max_marks']}; the gold likes up to {out['emphasis_liked']}")
     print("| k | " + " | ".join(str(r["k"]) for r in out["by_k"]) + " |")

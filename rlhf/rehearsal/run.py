@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from rlhf.config import _read_yaml, load_config, sweep_points
@@ -85,6 +86,10 @@ def hub_folders(out: Path) -> dict[str, str]:
 
 def standins(out: Path, keys: set[str]) -> dict[str, str]:
     """The stand-ins `keys`, trained on the dataset folders (built once, reused while unchanged)."""
+    # One torch thread: they are built while `vllm serve` starts beside them (and in CI beside the other test worker);
+    # the Pythia stand-in beside one busy process took 164-199 s with torch's default 2 threads, 49 s with one (2-core
+    # AVX2 machine).
+    torch.set_num_threads(1)
     models = {}
     for key in sorted(keys):
         t0 = time.monotonic()
