@@ -8,6 +8,7 @@ interval on the other side; inconclusive: the interval contains the threshold.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,51 @@ def load_claims(path: str | Path) -> list[Claim]:
             raise ConfigError(f"{where}: predicted must be one of {', '.join(PREDICTED)}, got {row['predicted']!r}")
         if not isinstance(row["threshold"], (int, float)) or isinstance(row["threshold"], bool):
             raise ConfigError(f"{where}: threshold must be a number, got {row['threshold']!r}")
+        try:
+            sides(row["comparison"])
+        except ValueError as e:
+            raise ConfigError(f"{where}: comparison: {e}") from None
         claims.append(Claim(**{**row, "tasks": tuple(row["tasks"]), "threshold": float(row["threshold"])}))
     return claims
+
+
+# A side of a comparison: a method of the task's config, optionally at another value of one setting (an extra run,
+# "kl@kl_beta=0.01"), or a group of completions of a mechanism claim ("exploit", "other").
+SIDE = re.compile(r"[A-Za-z][\w.-]*(@[A-Za-z_][\w.]*=[\w.+-]+)?")
+
+
+def sides(comparison: str) -> tuple[str, str | None]:
+    """'A - B' -> (A, B): the effect is mean(A) - mean(B); 'A' -> (A, None): a one-sample claim on A's values."""
+    parts = [p.strip() for p in comparison.split(" - ")]
+    if len(parts) > 2 or not all(SIDE.fullmatch(p) for p in parts):
+        raise ValueError(f"expected 'A' or 'A - B' (a method, method@setting=value, exploit or other), got "
+                         f"{comparison!r}")
+    return parts[0], parts[1] if len(parts) == 2 else None
+
+
+def judge(claim: Claim, values: dict[str, list[float]]) -> Verdict:
+    """A claim's verdict from its metric's per-seed values by side (values[side]: one value per seed, or per
+    completion group for a mechanism claim). A side without values is an error naming the claim and the side."""
+    a, b = sides(claim.comparison)
+    missing = [side for side in (a, b) if side is not None and side not in values]
+    if missing:
+        raise KeyError(f"claim {claim.id}: no values of {claim.metric} for {', '.join(missing)}")
+    return decide(values[a], values[b] if b else None, predicted=claim.predicted, threshold=claim.threshold)
+
+
+def verdict_table(rows: list[tuple[Claim, str, Verdict]]) -> str:
+    """The claims table README shows: one row per (claim, task), whatever the verdict, with the number of claims
+    tested (for a reader who wants a multiple-comparison correction)."""
+    lines = [f"{len(rows)} claim-task pairs tested, 95 % intervals, no correction for multiple comparisons.", "",
+             "| claim | paper | task | comparison | seeds | effect | 95 % interval | predicted | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for claim, task, v in rows:
+        seeds = f"{v.n_a}" + (f" vs {v.n_b}" if v.n_b else "")
+        interval = "-" if math.isnan(v.low) else f"[{v.low:+.3f}, {v.high:+.3f}]"
+        sign = ">" if claim.predicted == "greater" else "<"
+        lines.append(f"| {claim.id} | {claim.paper} | {task} | {claim.comparison} | {seeds} | {v.effect:+.3f} | "
+                     f"{interval} | {sign} {claim.threshold:g} | **{v.verdict}** |")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.claims import TASKS, decide, load_claims
+from rlhf.claims import TASKS, decide, judge, load_claims, sides, verdict_table
 from rlhf.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,8 @@ def test_too_few_seeds_are_inconclusive_not_an_error():
     (lambda c: c.update(tasks=["nope"]), "claim x: tasks: unknown nope"),
     (lambda c: c.update(predicted="bigger"), "claim x: predicted must be one of greater, less"),
     (lambda c: c.update(threshold="0.1"), "claim x: threshold must be a number"),
+    (lambda c: c.update(comparison="kl minus noreg"), "claim x: comparison: expected 'A' or 'A - B'"),
+    (lambda c: c.update(comparison="kl - noreg - gr"), "claim x: comparison: expected"),
 ])
 def test_a_bad_claim_names_itself_and_the_field(tmp_path, change, message):
     claim = {"id": "x", "paper": "GR", "source": "s", "statement": "t", "tasks": ["miniature"], "metric": "win_rate",
@@ -67,3 +69,30 @@ def test_a_bad_claim_names_itself_and_the_field(tmp_path, change, message):
     path.write_text(yaml.safe_dump({"claims": [claim]}))
     with pytest.raises(ConfigError, match=message):
         load_claims(path)
+
+
+def test_comparisons_name_methods_extra_runs_and_completion_groups():
+    assert sides("kl - noreg") == ("kl", "noreg")
+    assert sides("noreg") == ("noreg", None)
+    assert sides("signcert@signcert_quantile=0.4 - signcert@signcert_quantile=0.1") == (
+        "signcert@signcert_quantile=0.4", "signcert@signcert_quantile=0.1")
+    assert sides("exploit - other") == ("exploit", "other")
+    for bad in ("kl-noreg - ", "kl @x=1", "- noreg", "kl - noreg - gr"):
+        with pytest.raises(ValueError):
+            sides(bad)
+
+
+def test_a_claim_is_judged_on_its_sides_values_and_tabled_whatever_its_verdict():
+    claims = {c.id: c for c in load_claims(REPO / "config" / "claims.yaml")}
+    kl, drop = claims["kl-above-noreg"], claims["noreg-overoptimizes"]
+    values = {"kl": [0.55, 0.56, 0.54, 0.57, 0.55], "noreg": [0.30, 0.25, 0.33, 0.28, 0.31]}
+    v = judge(kl, values)
+    assert v == decide(values["kl"], values["noreg"], predicted="greater", threshold=0.0) and v.verdict == "pass"
+    small = judge(drop, {"noreg": [0.02, 0.05, -0.01, 0.03, 0.04]})   # one-sample: the drop stays below 0.10
+    assert small.verdict == "fail" and small.n_b == 0
+    with pytest.raises(KeyError, match="claim kl-above-noreg: no values of win_rate for noreg"):
+        judge(kl, {"kl": values["kl"]})
+    table = verdict_table([(kl, "miniature", v), (drop, "miniature-ood", small)])
+    assert table.startswith("2 claim-task pairs tested")
+    assert "| kl-above-noreg | GR | miniature | kl - noreg | 5 vs 5 | +0.260 |" in table and "**pass**" in table
+    assert "| noreg-overoptimizes | GR | miniature-ood | noreg | 5 | +0.026 |" in table and "**fail**" in table
