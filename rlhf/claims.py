@@ -16,6 +16,8 @@ import numpy as np
 import yaml
 
 from rlhf.errors import ConfigError
+from rlhf.io import read_json, read_jsonl
+from rlhf.paths import Paths
 
 FIELDS = ("id", "paper", "source", "statement", "tasks", "metric", "comparison", "predicted", "threshold")
 OPTIONAL = ("added_after_results",)
@@ -148,3 +150,60 @@ def decide(a, b=None, *, predicted: str, threshold: float, confidence: float = 0
     else:
         verdict = "inconclusive"
     return Verdict(verdict, effect, low, high, int(a.size), n_b)
+
+
+# --- a run's value of a claim's metric (one per seed), read from the run's artifacts ----------------------------------
+
+def _final_eval(key):
+    return lambda P, method, seed: float(read_json(P.evaluation(method, seed) / "metrics.json")[key])
+
+
+def _logged(key, how):
+    """From the GRPO run's metrics log: `how` of the values of `key` over the rows that carry it, in step order."""
+    def read(P, method, seed):
+        rows = sorted((r for r in read_jsonl(P.grpo_metrics(method, seed)) if key in r), key=lambda r: r["step"])
+        if not rows:
+            raise KeyError(f"{P.grpo_metrics(method, seed)}: no {key}")
+        return float(how([r[key] for r in rows]))
+    return read
+
+
+RUN_METRICS = {
+    "win_rate": _final_eval("win_rate"),                   # the evaluate stage's gold win rate on the test prompts
+    "accuracy": _final_eval("accuracy"),                   # RLVR: its rule-checked accuracy on the test problems
+    "proxy_reward_gain": _logged("eval/proxy_reward", lambda v: v[-1] - v[0]),
+    "accuracy_change": _logged("eval/accuracy", lambda v: v[-1] - v[0]),
+    "onpolicy_rm_accuracy": _logged("onpolicy/rm_accuracy", lambda v: v[-1]),
+    "mean_onpolicy_rm_accuracy": _logged("onpolicy/rm_accuracy", np.mean),
+}
+# Not read from run artifacts: drop_from_peak (needs the test win rate at the validation peak: the validation split is
+# not built yet) and the mechanism metrics (computed on the noreg run's completions, rlhf/mechanisms.py).
+
+
+def method_of(cfg: dict, side: str) -> str:
+    """The config's method a side names: 'kl' itself, or for 'kl@kl_beta=0.01' the method whose settings are kl's with
+    kl_beta 0.01 (an extra run of the task's config, whatever its name)."""
+    name, _, setting = side.partition("@")
+    methods = cfg["methods"]
+    if name not in methods:
+        raise KeyError(f"{side}: no method {name!r} in the config (has: {', '.join(methods)})")
+    if not setting:
+        return name
+    field, value = setting.split("=")
+    want = {**methods[name], field: yaml.safe_load(value)}
+    found = [m for m, overrides in methods.items() if overrides == want]
+    if not found:
+        raise KeyError(f"{side}: no method of the config has {name}'s settings with {field}={value} (add it, e.g. "
+                       f"{name}-{field}{value}: {want})")
+    return found[0]
+
+
+def claim_values(cfg: dict, claim: Claim) -> dict[str, list[float]]:
+    """Each side's per-seed values of the claim's metric on the task's config (cfg: its loaded config; results where
+    it says). A run that is missing is an error naming its file."""
+    if claim.metric not in RUN_METRICS:
+        raise KeyError(f"claim {claim.id}: {claim.metric} is not read from a run's artifacts (have: "
+                       f"{', '.join(RUN_METRICS)})")
+    P, read = Paths.from_config(cfg), RUN_METRICS[claim.metric]
+    return {side: [read(P, method_of(cfg, side), seed) for seed in cfg["seeds"]]
+            for side in sides(claim.comparison) if side is not None}

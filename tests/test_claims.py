@@ -1,4 +1,5 @@
 """The pre-registered claims file and its verdict rule (rlhf/claims.py)."""
+import dataclasses
 import math
 from pathlib import Path
 
@@ -96,3 +97,36 @@ def test_a_claim_is_judged_on_its_sides_values_and_tabled_whatever_its_verdict()
     assert table.startswith("2 claim-task pairs tested")
     assert "| kl-above-noreg | GR | miniature | kl - noreg | 5 vs 5 | +0.260 |" in table and "**pass**" in table
     assert "| noreg-overoptimizes | GR | miniature-ood | noreg | 5 | +0.026 |" in table and "**fail**" in table
+
+
+def test_a_claims_values_are_read_per_seed_from_its_runs(tmp_path):
+    """win_rate from the evaluate stage, proxy_reward_gain and the on-policy accuracy from the GRPO metrics log; a side
+    with a setting names the config's method with those settings; what is missing says what."""
+    from rlhf.claims import claim_values
+    from rlhf.io import write_json, write_jsonl
+    from rlhf.paths import Paths
+    cfg = {"results_dir": str(tmp_path), "experiment": "t", "seeds": [0, 1],
+           "methods": {"noreg": {}, "kl": {"kl_beta": 0.1}, "kl-small": {"kl_beta": 0.01},
+                       "signcert": {"signcert_quantile": 0.4, "kl_beta": 0.01}}}
+    P = Paths.from_config(cfg)
+    for i, method in enumerate(cfg["methods"]):
+        for seed in cfg["seeds"]:
+            write_json(P.evaluation(method, seed) / "metrics.json", {"win_rate": 0.1 * i + 0.01 * seed})
+            write_jsonl(P.grpo_metrics(method, seed), [
+                {"step": 2, "eval/proxy_reward": 1.5 + seed, "onpolicy/rm_accuracy": 0.6},
+                {"step": 1, "loss": 0.3},
+                {"step": 0, "eval/proxy_reward": 1.0, "onpolicy/rm_accuracy": 0.8}])
+    claims = {c.id: c for c in load_claims(REPO / "config" / "claims.yaml")}
+    assert claim_values(cfg, claims["kl-above-noreg"]) == {"kl": [0.1, 0.11], "noreg": [0.0, 0.01]}
+    assert claim_values(cfg, claims["noreg-proxy-rises"]) == {"noreg": [0.5, 1.5]}
+    acc = claim_values(cfg, claims["signcert-keeps-proxy-accurate"])   # signcert - kl@kl_beta=0.01
+    assert acc == {"signcert": [0.6, 0.6], "kl@kl_beta=0.01": [0.6, 0.6]}
+    mean = dataclasses.replace(claims["larger-q-keeps-proxy-accurate"], comparison="signcert")
+    assert claim_values(cfg, mean) == {"signcert": [0.7, 0.7]}   # the mean over the run's evaluations
+    with pytest.raises(KeyError, match="no method of the config has signcert's settings with signcert_quantile=0.1"):
+        claim_values(cfg, claims["larger-q-keeps-proxy-accurate"])
+    with pytest.raises(KeyError, match="drop_from_peak is not read from a run's artifacts"):
+        claim_values(cfg, claims["noreg-overoptimizes"])
+    del cfg["methods"]["kl"]
+    with pytest.raises(KeyError, match="no method 'kl'"):
+        claim_values(cfg, claims["kl-above-noreg"])
