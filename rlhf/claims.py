@@ -168,6 +168,18 @@ def _logged(key, how):
     return read
 
 
+def _drop_from_peak(P, method, seed):
+    """The periodic held-out win rate at the step where the validation win rate peaked (the earliest of ties, as
+    early stopping selects) minus the same held-out win rate at the last step: how far the run fell from the best
+    checkpoint a validation split would have kept. Needs data.num_validation."""
+    from rlhf.results import select_checkpoint  # the tables' early-stopping rule, one definition
+    rows = sorted((r for r in read_jsonl(P.grpo_metrics(method, seed)) if "eval/win_rate" in r), key=lambda r: r["step"])
+    if not rows or "eval/validation_win_rate" not in rows[0]:
+        raise KeyError(f"{P.grpo_metrics(method, seed)}: no eval/validation_win_rate (set data.num_validation)")
+    peak = select_checkpoint([r["step"] for r in rows], [r["eval/validation_win_rate"] for r in rows])
+    return float(next(r["eval/win_rate"] for r in rows if r["step"] == peak) - rows[-1]["eval/win_rate"])
+
+
 RUN_METRICS = {
     "win_rate": _final_eval("win_rate"),                   # the evaluate stage's gold win rate on the test prompts
     "accuracy": _final_eval("accuracy"),                   # RLVR: its rule-checked accuracy on the test problems
@@ -175,9 +187,9 @@ RUN_METRICS = {
     "accuracy_change": _logged("eval/accuracy", lambda v: v[-1] - v[0]),
     "onpolicy_rm_accuracy": _logged("onpolicy/rm_accuracy", lambda v: v[-1]),
     "mean_onpolicy_rm_accuracy": _logged("onpolicy/rm_accuracy", np.mean),
+    "drop_from_peak": _drop_from_peak,
 }
-# Not read from run artifacts: drop_from_peak (needs the test win rate at the validation peak: the validation split is
-# not built yet) and the mechanism metrics (computed on the noreg run's completions, rlhf/mechanisms.py).
+# Not read from run artifacts: the mechanism metrics (computed on the noreg run's completions, rlhf/mechanisms.py).
 
 
 def method_of(cfg: dict, side: str) -> str:

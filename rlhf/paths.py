@@ -21,6 +21,8 @@ class Paths:
     @property
     def test(self) -> Path: return self.data / "test.jsonl"
     @property
+    def validation(self) -> Path: return self.data / "validation.jsonl"  # only with data.num_validation
+    @property
     def base(self) -> Path: return self.root / "base"
     @property
     def sft(self) -> Path: return self.root / "sft"

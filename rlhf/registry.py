@@ -68,6 +68,14 @@ def _data_inputs(P, cfg, method, seed):
     return {k: Path(cfg["data"][k]) for k in ("train_file", "test_file") if cfg["data"]["source"] == "jsonl"}
 
 
+def _validation(P, cfg) -> dict:
+    return {"validation": P.validation} if cfg["data"].get("num_validation") else {}
+
+
+def _data_outputs(P, cfg, method, seed):
+    return {"train": P.train, "test": P.test, **_validation(P, cfg)}
+
+
 def _sft_inputs(P, cfg, method, seed):
     return {"train": P.train, **({"base": P.base} if "build" in cfg["model"] else {})}
 
@@ -77,14 +85,15 @@ def ensemble_members(cfg: dict) -> list[int]:
     return list(range(1, cfg["ensemble"]["members"] + 1)) if "ensemble" in cfg else []
 
 
-GRPO_INPUTS = ("train", "test", "sft")  # a GRPO run's own inputs; every other one is its reward kind's
+GRPO_INPUTS = ("train", "test", "validation", "sft")  # a GRPO run's own inputs; every other one is its reward kind's
 
 
 def _grpo_inputs(P, cfg, method, seed):
-    """The training prompts, the held-out ones and the SFT policy, then what the method's reward kind reads
-    (rlhf/rewards/kinds.py; each a list of paths)."""
+    """The training prompts, the held-out ones (and the validation ones) and the SFT policy, then what the method's
+    reward kind reads (rlhf/rewards/kinds.py; each a list of paths)."""
     kind = reward_kind(GRPOSettings.for_method(cfg, method).reward) if method in cfg["methods"] else None
-    return {"train": P.train, "test": P.test, "sft": P.sft, **(kind.inputs(P, cfg) if kind else {})}
+    return {"train": P.train, "test": P.test, **_validation(P, cfg), "sft": P.sft,
+            **(kind.inputs(P, cfg) if kind else {})}
 
 
 def _reward_input(name: str) -> bool:
@@ -133,10 +142,9 @@ def _report_inputs(P, cfg, method, seed):
 
 
 STAGES: dict[str, Stage] = {st.name: st for st in [
-    Stage("data", "prompts with references, train/test splits",
+    Stage("data", "prompts with references, train/test splits (and validation with data.num_validation)",
           settings=("seed", "data", "model.name", "model.pad_token", "rlvr.system_prompt", "rlvr.one_shot"),
-          inputs=_data_inputs,
-          outputs=lambda P, cfg, *_: {"train": P.train, "test": P.test}, priority=6),
+          inputs=_data_inputs, outputs=_data_outputs, priority=6),
     Stage("base", "build the miniature's tokenizer and tiny causal LM (miniature only)",
           settings=("seed", "model.build", "data.miniature", "data.arithmetic"),
           outputs=lambda P, cfg, *_: {"model": P.base}, priority=6),

@@ -125,8 +125,15 @@ def test_a_claims_values_are_read_per_seed_from_its_runs(tmp_path):
     assert claim_values(cfg, mean) == {"signcert": [0.7, 0.7]}   # the mean over the run's evaluations
     with pytest.raises(KeyError, match="no method of the config has signcert's settings with signcert_quantile=0.1"):
         claim_values(cfg, claims["larger-q-keeps-proxy-accurate"])
-    with pytest.raises(KeyError, match="drop_from_peak is not read from a run's artifacts"):
+    with pytest.raises(KeyError, match="no eval/validation_win_rate"):
         claim_values(cfg, claims["noreg-overoptimizes"])
+    for seed in cfg["seeds"]:     # the validation peak at step 2 (the earlier of a tie with 6)
+        write_jsonl(P.grpo_metrics("noreg", seed), [
+            {"step": s, "eval/win_rate": w, "eval/validation_win_rate": v}
+            for s, w, v in [(0, 0.5, 0.4), (2, 0.7, 0.8), (4, 0.6, 0.5), (6, 0.65, 0.8), (8, 0.2 + seed / 10, 0.1)]])
+    assert claim_values(cfg, claims["noreg-overoptimizes"]) == {"noreg": pytest.approx([0.5, 0.4])}  # 0.7 - final
+    with pytest.raises(KeyError, match="mechanism|rho_negative_fraction is not read"):
+        claim_values(cfg, claims["signcert-flips-exploits"])
     del cfg["methods"]["kl"]
     with pytest.raises(KeyError, match="no method 'kl'"):
         claim_values(cfg, claims["kl-above-noreg"])

@@ -12,7 +12,7 @@ from rlhf.judge.standin import StandInJudgeServer
 from rlhf.models import load_tokenizer
 from rlhf.rewards.llm_judge import JudgeReward, JudgeRewardSettings
 from rlhf.rewards.rules import gsm8k_gold, gsm8k_reward_terms
-from tests.conftest import write_config
+from tests.conftest import REPO, write_config
 
 
 def test_problems_are_gsm8k_shaped_with_the_configured_slips_and_hedges():
@@ -253,14 +253,17 @@ def _without(tmp_path, key):
 def test_rlvr_micro_dag_trains_against_the_standin_judge_and_evaluates_by_rule(tmp_path):
     """data -> base -> sft -> grpo (judge reward from the stand-in server over HTTP) -> evaluate (rule checker) ->
     report, through Snakemake: the DAG has no RM, pairs or certify; every step logs each reward term and the
-    unparseable fraction; the evaluation's accuracy is the rule check of its own completions."""
+    unparseable fraction; the evaluation's accuracy is the rule check of its own completions; validation problems
+    (data.num_validation) are judged at each evaluation beside the held-out ones."""
     import json
 
     import pandas as pd
 
     from rlhf.rewards.verifiable import rule_correct
     from tests.conftest import jobs, snakemake
-    cfg = write_config(tmp_path, "rlvr-micro.yaml")
+    import yaml
+    micro = yaml.safe_load((REPO / "config" / "rlvr-micro.yaml").read_text())
+    cfg = write_config(tmp_path, "rlvr-micro.yaml", data={**micro["data"], "num_validation": 4})
     dry = snakemake(cfg, "-n")
     assert jobs(dry.stdout) == {"data": 1, "base": 1, "sft": 1, "grpo": 3, "evaluate": 4, "report": 1, "all": 1}
     run = snakemake(cfg)
@@ -287,6 +290,8 @@ def test_rlvr_micro_dag_trains_against_the_standin_judge_and_evaluates_by_rule(t
     accuracy = {s["step"]: s["eval/accuracy"] for s in steps if "eval/accuracy" in s}
     noreg = [json.loads(line) for line in (root / "grpo" / "noreg" / "seed0" / "heldout.jsonl").read_text().splitlines()]
     assert {r["step"]: sum(r["correct"]) / 8 for r in noreg} == pytest.approx(accuracy)
+    assert [(s["step"], s["eval/validation_n"]) for s in steps if "eval/validation_accuracy" in s] == [(0, 4), (2, 4),
+                                                                                                      (4, 4)]
     # ... binned by the SFT evaluation's accuracy per type x level group (the questions' own labels)
     bins = pd.read_csv(root / "report" / "difficulty.csv")
     assert set(bins["method"]) == {"noreg", "kl", "gr"} and bins.groupby("method")["questions"].sum().tolist() == [16] * 3

@@ -5,11 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from rlhf.cli import main
 from rlhf.io import read_json
 from rlhf.models import load_tokenizer
-from tests.conftest import write_config
+from tests.conftest import REPO, write_config
 
 
 def test_stage_artifacts(micro_run):
@@ -323,3 +324,37 @@ def test_certify_markdown_says_undefined_for_a_correlation_of_a_constant(tmp_pat
                                                        "spearman_radius_model_noise": 0.5}))
     text = certify_markdown(tmp_path)
     assert "gold_agreement undefined" in text and "model_noise 0.50" in text
+
+
+def test_validation_prompts_are_made_after_the_test_ones_and_judged_at_each_evaluation(micro_run, tmp_path):
+    """data.num_validation: the data stage writes validation rows without changing train or test (the generator's
+    stream goes on after them), none of their prompts in train or test; GRPO judges them at each evaluation
+    (eval/validation_*), on their own RNG stream: the training trajectory is the one without them."""
+    from rlhf.io import read_jsonl
+    _, upstream = micro_run
+    dst = _copy_upstream(micro_run, tmp_path)
+    micro = yaml.safe_load((REPO / "config" / "micro.yaml").read_text())
+    cfg = write_config(tmp_path, data={**micro["data"], "num_validation": 8}, methods={"noreg": {}})
+    assert main(["data", "--config", str(cfg)]) == 0
+    for split in ("train", "test"):
+        assert (dst / "data" / f"{split}.jsonl").read_text() == (upstream / "data" / f"{split}.jsonl").read_text()
+    validation = read_jsonl(dst / "data" / "validation.jsonl")
+    seen = {r["prompt"] for split in ("train", "test") for r in read_jsonl(dst / "data" / f"{split}.jsonl")}
+    assert len(validation) == 8 and not {r["prompt"] for r in validation} & seen
+    assert main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0"]) == 0
+    got, before = _metrics(dst, "noreg"), _metrics(upstream, "noreg")
+    evals = got.dropna(subset=["eval/win_rate"])
+    assert evals["step"].tolist() == [0, 2, 4] and (evals["eval/validation_n"] == 8).all()
+    assert evals["eval/validation_win_rate"].between(0, 1).all()
+    train = lambda m: m.dropna(subset=["proxy_reward"])["proxy_reward"].tolist()  # noqa: E731
+    assert train(got) == pytest.approx(train(before), rel=1e-6)
+
+
+def test_validation_rows_need_a_source_that_makes_them(tmp_path):
+    from rlhf.config import load_config
+    from rlhf.data import validation_split
+    from rlhf.errors import DataError
+    cfg = load_config(write_config(tmp_path))
+    assert validation_split(cfg) == []
+    with pytest.raises(DataError, match="data.num_validation: only the miniature and arithmetic sources"):
+        validation_split({**cfg, "data": {**cfg["data"], "source": "tldr", "num_validation": 4}})

@@ -1,11 +1,15 @@
-"""data: prompts with reference responses, train/test splits in the common schema (jsonl)."""
-from rlhf.data import load_splits
+"""data: prompts with reference responses, train/test (and validation) splits in the common schema (jsonl)."""
+from rlhf.data import load_splits, validation_split
 from rlhf.io import write_jsonl
 
 
 def run(cfg, files, args):
     train, test = load_splits(cfg)
+    validation = validation_split(cfg)
     out = files.outputs
     write_jsonl(out["train"], train)
     write_jsonl(out["test"], test)
-    print(f"data: {len(train)} train / {len(test)} test prompts -> {out['train'].parent}")
+    if "validation" in out:
+        write_jsonl(out["validation"], validation)
+    print(f"data: {len(train)} train / {len(test)} test / {len(validation)} validation prompts -> "
+          f"{out['train'].parent}")

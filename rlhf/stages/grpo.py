@@ -47,6 +47,9 @@ def run(cfg, files, args):
     ckpt_dir, live_metrics = work / "checkpoint", work / "metrics.jsonl"
     heldout = read_jsonl(inputs["test"], required=("prompt", "reference"))[: settings.eval_prompts]
     train_judged = read_jsonl(inputs["train"], required=("prompt", "reference"))[: settings.eval_train_prompts]
+    # data.num_validation: prompts judged at each evaluation too, disjoint from the reported test set (tuning, early
+    # stopping: config/claims.yaml's protocol)
+    validation = read_jsonl(inputs["validation"], required=("prompt", "reference")) if "validation" in inputs else []
     task = rlvr_task(cfg)
 
     reward_inputs = {k: v for k, v in inputs.items() if k not in GRPO_INPUTS}  # the reward kind's
@@ -57,9 +60,10 @@ def run(cfg, files, args):
         if hasattr(reward, "on_one_rank"):  # rank 0 evaluates alone (AdvPO: against the held-out prompts' references)
             reward = reward.on_one_rank({r["prompt"]: r["reference"] for r in heldout})
         gold = make_gold(cfg, dist.device) if main and not task else None  # only rank 0 evaluates
-        heldout_reward = None
+        heldout_reward = validation_reward = None
         if main and task:  # the training reward on the held-out questions (the same judge client and cache)
             heldout_reward = reward.for_rows(heldout)
+            validation_reward = reward.for_rows(validation) if validation else None
 
         stamp = fingerprint(cfg, settings, seed, inputs["train"],
                             [inputs["sft"], *(p for paths in reward_inputs.values() for p in paths)])
@@ -81,7 +85,14 @@ def run(cfg, files, args):
                     torch.manual_seed(seed * 1_000_003 + step)
                     metrics, rows = evaluate_rlvr(policy, tokenizer, heldout, task, heldout_reward, reward.verifier,
                                                   **eval_kwargs)
-                log.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+                out = {f"eval/{k}": v for k, v in metrics.items()}
+                if validation:
+                    with torch.random.fork_rng():
+                        torch.manual_seed(seed * 1_000_003 + step + 700_001)
+                        val, _ = evaluate_rlvr(policy, tokenizer, validation, task, validation_reward,
+                                               reward.verifier, **eval_kwargs)
+                    out.update({"eval/validation_accuracy": val["accuracy"], "eval/validation_n": val["n"]})
+                log.write(step, out)
                 solved.write(step, {"correct": [r["correct"] for r in rows]})
             elif main:
                 with torch.random.fork_rng():
@@ -93,6 +104,11 @@ def run(cfg, files, args):
                         torch.manual_seed(seed * 1_000_003 + step + 500_009)
                         train_metrics, _ = evaluate_policy(policy, tokenizer, train_judged, gold, **eval_kwargs)
                     out.update({"eval/train_win_rate": train_metrics["win_rate"], "eval/train_n": train_metrics["n"]})
+                if validation:
+                    with torch.random.fork_rng():
+                        torch.manual_seed(seed * 1_000_003 + step + 700_001)
+                        val, _ = evaluate_policy(policy, tokenizer, validation, gold, **eval_kwargs)
+                    out.update({"eval/validation_win_rate": val["win_rate"], "eval/validation_n": val["n"]})
                 out.update(onpolicy_rm_accuracy(policy, tokenizer, heldout_prompts, gold, reward, seed=seed + step,
                                                 **eval_kwargs))
                 if settings.sharpness_every and step % settings.sharpness_every == 0:

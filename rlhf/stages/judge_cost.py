@@ -62,12 +62,14 @@ def estimate(cfg: dict, prompt_tokens: float | None = None, train_prompts: int |
         raise ConfigError("evaluate.num_prompts and data.num_test are null: the number of test prompts is unknown")
     orders = 2 if j["both_orders"] else 1
     # Each method's own steps, eval_every, eval_prompts and max_new_tokens (a method may override any of them);
-    # a periodic evaluation judges win rates (x orders) and on-policy RM accuracy pairs.
-    grpo_evals = []
+    # a periodic evaluation judges win rates (x orders) and on-policy RM accuracy pairs, and the training and
+    # validation prompts' win rates.
+    grpo_evals, validation = [], cfg["data"].get("num_validation", 0)
     for method in cfg["methods"]:
         m = GRPOSettings.for_method(cfg, method)
         evals = (math.ceil(m.steps / m.eval_every) + 1) * len(cfg["seeds"])
-        grpo_evals.append((evals * (m.eval_prompts * (orders + 1) + m.eval_train_prompts * orders), m.max_new_tokens))
+        grpo_evals.append((evals * (m.eval_prompts * (orders + 1) + (m.eval_train_prompts + validation) * orders),
+                           m.max_new_tokens))
     rows = [("label", [(pairs, sample_completion)]),
             ("evaluate", [((runs + 1) * test * orders, e.max_new_tokens)]),
             ("grpo evals", grpo_evals)]
