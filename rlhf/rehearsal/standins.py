@@ -232,12 +232,19 @@ def train_causal(model, tokenizer, pairs: list[tuple[str, str]], spec: StandIn, 
         c = encode_completion(tokenizer, completion) + [tokenizer.eos_token_id]
         encoded.append(((p + c)[-spec.max_length:], ([-100] * len(p) + c)[-spec.max_length:]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    body, head = model.base_model, model.get_output_embeddings()
     model.train()
     for batch in _batches(encoded, 16, spec.steps, rng):
         ids, mask = left_pad([b[0] for b in batch], tokenizer.pad_token_id)
         labels, _ = left_pad([b[1] for b in batch], -100)
-        loss = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                     labels=labels).loss
+        hidden = body(input_ids=ids, attention_mask=mask,
+                      position_ids=(mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state
+        # the causal-LM loss transformers computes with labels=, but the head applied only where a label is: the judge's
+        # ~550-token prompts carry ~20 labelled tokens (same losses to 4 digits; 1.5-2x faster per step in an
+        # interleaved A/B on a busy 2-core machine, not a timing)
+        target = labels[:, 1:]
+        keep = target != -100
+        loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]).float(), target[keep])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
