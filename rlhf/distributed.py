@@ -107,6 +107,14 @@ class Dist:
         td.all_gather(parts, x)
         return torch.cat(parts).to(t.device)
 
+    def gather_objects(self, obj) -> list | None:
+        """Every rank's picklable `obj` on rank 0, in rank order; None on the other ranks."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        td.gather_object(obj, out, dst=0)
+        return out
+
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a gathered tensor."""
         k = self.per_rank(t.shape[0], "gathered rows")

@@ -62,6 +62,9 @@ class Paths:
     def grpo_metrics(self, method: str, seed) -> Path:
         return self.grpo(method, seed) / "metrics.jsonl"
 
+    def grpo_rollouts(self, method: str, seed) -> Path:
+        return self.grpo(method, seed) / "rollouts.jsonl"  # grpo.rollouts_every: what the policy wrote, every k steps
+
     def grpo_heldout(self, method: str, seed) -> Path:
         return self.grpo(method, seed) / "heldout.jsonl"  # RLVR: each held-out question's correctness at each eval step
 

@@ -212,6 +212,7 @@ class GRPOSettings(Section):
     eval_every: int = neutral()
     eval_prompts: int = neutral()
     eval_train_prompts: int = neutral()
+    rollouts_every: int = neutral()
     checkpoint_every: int = neutral()
     # sampling engine
     generation: str                   # hf | vllm

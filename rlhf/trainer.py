@@ -213,6 +213,11 @@ def train_step(run: GRPORun, batch: list[str], step: int) -> dict:
         elastic_reset(run, step, stats)
     if run.dist.device.type == "cuda":  # the job's high-water mark so far (weights, optimizer, activations, vLLM)
         stats["memory/peak_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2 ** 30
+    if settings.rollouts_every and step % settings.rollouts_every == 0:  # every rank's, on rank 0 (None elsewhere)
+        rows = [{"prompt": p, "completion": t, "reward": float(r)} for p, t, r in
+                zip([p for p in batch for _ in range(G)], rollout.texts, scores.rewards.tolist())]
+        gathered = run.dist.gather_objects(rows)
+        stats["rollout"] = None if gathered is None else [row for part in gathered for row in part]
     return run.dist.mean({**reward_stats(scores), "kl_beta": kl_beta,
                           "length": rollout.lengths.float().mean().item(), **stats,
                           "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,

@@ -187,7 +187,8 @@ def test_the_process_group_is_released_when_modules_holding_it_load_after_it():
 # The stage itself: launched as the Snakefile launches it, and resumed under DeepSpeed.
 
 def test_grpo_stage_under_torchrun_with_two_ranks(micro_run, tmp_path):
-    """`torchrun --nproc-per-node 2 -m rlhf grpo`: both ranks train, rank 0 alone writes the artifacts."""
+    """`torchrun --nproc-per-node 2 -m rlhf grpo`: both ranks train, rank 0 alone writes the artifacts (the rollouts
+    with both ranks' completions)."""
     import pandas as pd
 
     from tests.conftest import write_config
@@ -197,7 +198,8 @@ def test_grpo_stage_under_torchrun_with_two_ranks(micro_run, tmp_path):
     backend = "deepspeed" if deepspeed_available() else "torch"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "rlhf", "grpo", "--config", str(cfg), "--method", "gr", "--seed", "0",
-                          f"grpo.backend={backend}", "grpo.micro_batch_size=3", "grpo.checkpoint_every=2"],
+                          f"grpo.backend={backend}", "grpo.micro_batch_size=3", "grpo.checkpoint_every=2",
+                          "grpo.rollouts_every=4"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "outlived" not in out.stderr, out.stderr[-3000:]  # each rank's process group was freed before its exit
@@ -207,6 +209,10 @@ def test_grpo_stage_under_torchrun_with_two_ranks(micro_run, tmp_path):
     assert df.dropna(subset=["proxy_reward"])["step"].tolist() == [1, 2, 3, 4]  # one line per step, not per rank
     assert (df.dropna(subset=["g2_norm"])["g2_norm"] > 0).all()
     assert (run_dir / "policy" / "model.safetensors").is_file() and not (run_dir / "work").exists()
+    rollouts = pd.read_json(run_dir / "rollouts.jsonl", lines=True)   # 2 prompts x 4 completions, one prompt per rank
+    assert rollouts["step"].tolist() == [4] * 8 and rollouts["prompt"].nunique() == 2
+    trained = df.dropna(subset=["proxy_reward"]).set_index("step")
+    assert rollouts["reward"].mean() == pytest.approx(trained.loc[4, "proxy_reward"], rel=1e-5)
 
 
 @needs_deepspeed

@@ -358,3 +358,22 @@ def test_validation_rows_need_a_source_that_makes_them(tmp_path):
     assert validation_split(cfg) == []
     with pytest.raises(DataError, match="data.num_validation: only the miniature and arithmetic sources"):
         validation_split({**cfg, "data": {**cfg["data"], "source": "tldr", "num_validation": 4}})
+
+
+def test_rollouts_every_k_steps_keep_what_the_policy_wrote_and_change_nothing_else(micro_run, tmp_path):
+    """grpo.rollouts_every: every k-th update's completions with their prompts and training rewards (the logged
+    proxy_reward is their mean), in a declared output; the trajectory is the run without it."""
+    from rlhf.io import read_jsonl
+    _, upstream = micro_run
+    dst = _copy_upstream(micro_run, tmp_path)
+    cfg = write_config(tmp_path, methods={"noreg": {"rollouts_every": 2}})
+    assert main(["grpo", "--config", str(cfg), "--method", "noreg", "--seed", "0"]) == 0
+    rows = read_jsonl(dst / "grpo" / "noreg" / "seed0" / "rollouts.jsonl")
+    got, before = _metrics(dst, "noreg"), _metrics(upstream, "noreg")
+    assert [r["step"] for r in rows] == [2] * 8 + [4] * 8 and all(r["prompt"] and "completion" in r for r in rows)
+    logged = got.dropna(subset=["proxy_reward"]).set_index("step")["proxy_reward"]
+    for step in (2, 4):
+        assert np.mean([r["reward"] for r in rows if r["step"] == step]) == pytest.approx(logged[step], rel=1e-5)
+    train = lambda m: m.dropna(subset=["proxy_reward"])["proxy_reward"].tolist()  # noqa: E731
+    assert train(got) == pytest.approx(train(before), rel=1e-6)
+    assert not (dst / "grpo" / "noreg" / "seed0" / "work").exists()

@@ -74,6 +74,9 @@ def run(cfg, files, args):
         ) if main else None
         # RLVR: which held-out questions each evaluation solved (a list in heldout order per step; the difficulty table)
         solved = stack.enter_context(MetricsLog(work / "heldout.jsonl", resume_step=start)) if main and task else None
+        # grpo.rollouts_every: what the policy wrote, one line per completion with its step (the mechanism diagnostics)
+        rollouts = stack.enter_context(MetricsLog(work / "rollouts.jsonl", resume_step=start)) \
+            if main and "rollouts" in outputs else None
         eval_kwargs = dict(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
         heldout_prompts = [r["prompt"] for r in heldout]
 
@@ -125,8 +128,12 @@ def run(cfg, files, args):
                            total=settings.steps, disable=not main):  # step: 1-based index of the optimizer update
             batch = dist.broadcast(grpo_run.prompts.batch(settings.prompts_per_step))  # rank 0's draw, on every rank
             stats = train_step(grpo_run, batch, step)
+            rows = stats.pop("rollout", None)
             if main:
                 log.write(step, stats)
+                if rollouts is not None:
+                    for row in rows or []:
+                        rollouts.write(step, row)
                 if not warned_rounding and perturbation_lost(stats):
                     print(rounding_warning(stats, ModelSettings.of(cfg).dtype), file=sys.stderr)
                     warned_rounding = True
@@ -141,10 +148,11 @@ def run(cfg, files, args):
                 tokenizer.save_pretrained(out)
             with atomic_file(outputs["metrics"]) as f:
                 f.write(live_metrics.read_text())
-            if solved is not None:
-                solved.close()
-                with atomic_file(outputs["heldout"]) as f:
-                    f.write((work / "heldout.jsonl").read_text())
+            for name, kept in (("heldout", solved), ("rollouts", rollouts)):
+                if kept is not None:
+                    kept.close()
+                    with atomic_file(outputs[name]) as f:
+                        f.write((work / f"{name}.jsonl").read_text())
             shutil.rmtree(work, ignore_errors=True)
             print(f"grpo: {method} seed {seed}: {settings.steps} steps on {dist.world_size} rank(s) -> "
                   f"{outputs['policy']}")
