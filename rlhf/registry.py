@@ -128,9 +128,10 @@ def _eval_inputs(P, cfg, method, seed):
 
 
 def _grpo_outputs(P, cfg, method, seed):
-    """An RLVR run also keeps which held-out questions it solved at each evaluation (the difficulty table's input); a
-    run with grpo.rollouts_every what its policy wrote."""
-    rollouts = method in cfg["methods"] and GRPOSettings.for_method(cfg, method).rollouts_every
+    """An RLVR run also keeps which held-out questions it solved at each evaluation (the difficulty table's input);
+    where any method sets grpo.rollouts_every, every run has a rollouts file (what its policy wrote; empty where its
+    method keeps none): a rule's outputs cannot differ by method."""
+    rollouts = any(GRPOSettings.for_method(cfg, m).rollouts_every for m in cfg["methods"])
     return {"policy": P.policy(method, seed), "metrics": P.grpo_metrics(method, seed),
             **({"heldout": P.grpo_heldout(method, seed)} if rlvr_task(cfg) else {}),
             **({"rollouts": P.grpo_rollouts(method, seed)} if rollouts else {})}

@@ -263,7 +263,8 @@ def test_rlvr_micro_dag_trains_against_the_standin_judge_and_evaluates_by_rule(t
     from tests.conftest import jobs, snakemake
     import yaml
     micro = yaml.safe_load((REPO / "config" / "rlvr-micro.yaml").read_text())
-    cfg = write_config(tmp_path, "rlvr-micro.yaml", data={**micro["data"], "num_validation": 4})
+    cfg = write_config(tmp_path, "rlvr-micro.yaml", data={**micro["data"], "num_validation": 4},
+                       methods={**micro["methods"], "gr": {**micro["methods"]["gr"], "rollouts_every": 2}})
     dry = snakemake(cfg, "-n")
     assert jobs(dry.stdout) == {"data": 1, "base": 1, "sft": 1, "grpo": 3, "evaluate": 4, "report": 1, "all": 1}
     run = snakemake(cfg)
@@ -292,6 +293,10 @@ def test_rlvr_micro_dag_trains_against_the_standin_judge_and_evaluates_by_rule(t
     assert {r["step"]: sum(r["correct"]) / 8 for r in noreg} == pytest.approx(accuracy)
     assert [(s["step"], s["eval/validation_n"]) for s in steps if "eval/validation_accuracy" in s] == [(0, 4), (2, 4),
                                                                                                       (4, 4)]
+    # rollouts_every on gr alone: its completions every 2 updates with their rewards; the other runs' files are empty
+    kept = [json.loads(line) for line in (root / "grpo" / "gr" / "seed0" / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in kept}) == [2, 4] and all({"prompt", "completion", "reward"} <= set(r) for r in kept)
+    assert (root / "grpo" / "noreg" / "seed0" / "rollouts.jsonl").read_text() == ""
     # ... binned by the SFT evaluation's accuracy per type x level group (the questions' own labels)
     bins = pd.read_csv(root / "report" / "difficulty.csv")
     assert set(bins["method"]) == {"noreg", "kl", "gr"} and bins.groupby("method")["questions"].sum().tolist() == [16] * 3
