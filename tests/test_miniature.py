@@ -99,3 +99,18 @@ def test_the_design_checks_accept_an_exploit_only_extrapolation_rewards():
     assert not checks(_summary(rising, gold, usual, share=0.05))["rare"]
     assert not checks(_summary(rising, [1.0] * 13, usual))["penalized"]
     assert not checks(_summary(rising, gold, usual, pairs_max=12))["over_rewarded"]  # the proxy saw 12 marks
+
+
+def test_the_design_tool_exits_non_zero_naming_the_failed_conditions(tmp_path, monkeypatch, capsys):
+    from rlhf.experiments import ood_design
+    from tests.conftest import write_config
+    cfg = write_config(tmp_path, "miniature-ood.yaml")
+    usual = {4: 90, 6: 10}
+    rising = [1.0 + 0.1 * k for k in range(13)]
+    for gold, code in (([1.0 + 0.1 * min(k, 8) - 0.5 * max(0, k - 8) for k in range(13)], 0), ([1.0] * 13, 1)):
+        summary = _summary(rising, gold, usual)
+        monkeypatch.setattr(ood_design, "design", lambda *a, summary=summary: {**summary, **ood_design.checks(summary)})
+        assert ood_design.main(["--config", str(cfg)]) == code
+    err = capsys.readouterr().err
+    assert "design checks failed: penalized" in err and "rare" not in err
+    assert (tmp_path / "results" / "miniature-ood" / "design" / "design.json").is_file()

@@ -8,12 +8,14 @@ From the experiment's SFT policy (pi_0) and proxy RM, on test prompts:
 
     python -m rlhf.experiments.ood_design --config config/miniature-ood.yaml [--prompts 128] [--samples 8]
 
-Prints a table and writes results/<experiment>/design/design.json. Needs the experiment's sft and rm
-(`snakemake results/miniature-ood/rm --configfile config/miniature-ood.yaml`).
+Prints a table and writes results/<experiment>/design/design.json; exits 1 naming each of the three conditions
+(`checks`) that fails, so a run of the task can be stopped before any method trains on a design that does not hold.
+Needs the experiment's sft and rm (`snakemake results/miniature-ood/rm --configfile config/miniature-ood.yaml`).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 
 import numpy as np
@@ -80,7 +82,7 @@ def checks(summary: dict) -> dict:
             "penalized": best["gold"] < usual["gold"]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--prompts", type=int, default=128)
@@ -99,7 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {key} | " + " | ".join(f"{r[key]:.2f}" for r in out["by_k"]) + " |")
     with atomic_dir(Paths.from_config(cfg).root / "design") as folder:
         write_json(folder / "design.json", out)
+    failed = [key for key in ("rare", "over_rewarded", "penalized") if not out[key]]
+    if failed:
+        print(f"design checks failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
