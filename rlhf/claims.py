@@ -158,14 +158,17 @@ def _final_eval(key):
     return lambda P, method, seed: float(read_json(P.evaluation(method, seed) / "metrics.json")[key])
 
 
+def _rows_with(P, method, seed, key, hint: str = "") -> list[dict]:
+    """The GRPO run's metrics-log rows that carry `key`, in step order (an error naming the file where none does)."""
+    rows = sorted((r for r in read_jsonl(P.grpo_metrics(method, seed)) if key in r), key=lambda r: r["step"])
+    if not rows:
+        raise KeyError(f"{P.grpo_metrics(method, seed)}: no {key}{hint}")
+    return rows
+
+
 def _logged(key, how):
     """From the GRPO run's metrics log: `how` of the values of `key` over the rows that carry it, in step order."""
-    def read(P, method, seed):
-        rows = sorted((r for r in read_jsonl(P.grpo_metrics(method, seed)) if key in r), key=lambda r: r["step"])
-        if not rows:
-            raise KeyError(f"{P.grpo_metrics(method, seed)}: no {key}")
-        return float(how([r[key] for r in rows]))
-    return read
+    return lambda P, method, seed: float(how([r[key] for r in _rows_with(P, method, seed, key)]))
 
 
 def _drop_from_peak(P, method, seed):
@@ -173,9 +176,8 @@ def _drop_from_peak(P, method, seed):
     early stopping selects) minus the same held-out win rate at the last step: how far the run fell from the best
     checkpoint a validation split would have kept. Needs data.num_validation."""
     from rlhf.results import select_checkpoint  # the tables' early-stopping rule, one definition
-    rows = sorted((r for r in read_jsonl(P.grpo_metrics(method, seed)) if "eval/win_rate" in r), key=lambda r: r["step"])
-    if not rows or "eval/validation_win_rate" not in rows[0]:
-        raise KeyError(f"{P.grpo_metrics(method, seed)}: no eval/validation_win_rate (set data.num_validation)")
+    # the validation win rate is logged in the same evaluation rows as the held-out one
+    rows = _rows_with(P, method, seed, "eval/validation_win_rate", " (set data.num_validation)")
     peak = select_checkpoint([r["step"] for r in rows], [r["eval/validation_win_rate"] for r in rows])
     return float(next(r["eval/win_rate"] for r in rows if r["step"] == peak) - rows[-1]["eval/win_rate"])
 

@@ -352,12 +352,12 @@ def test_validation_prompts_are_made_after_the_test_ones_and_judged_at_each_eval
 
 def test_validation_rows_need_a_source_that_makes_them(tmp_path):
     from rlhf.config import load_config
-    from rlhf.data import validation_split
+    from rlhf.data import load_splits_with_validation
     from rlhf.errors import DataError
     cfg = load_config(write_config(tmp_path))
-    assert validation_split(cfg) == []
+    assert load_splits_with_validation(cfg)[2] == []
     with pytest.raises(DataError, match="data.num_validation: only the miniature and arithmetic sources"):
-        validation_split({**cfg, "data": {**cfg["data"], "source": "tldr", "num_validation": 4}})
+        load_splits_with_validation({**cfg, "data": {**cfg["data"], "source": "tldr", "num_validation": 4}})
 
 
 def test_rollouts_every_k_steps_keep_what_the_policy_wrote_and_change_nothing_else(micro_run, tmp_path):

@@ -1,7 +1,7 @@
 """Datasets mapped to one schema: rows with `prompt` and `reference` (plus any extra columns).
 
 A loader returns (train, test). New sources (hub datasets) register here; every downstream stage only
-sees the common schema. `validation_split` adds data.num_validation rows where a source can make them.
+sees the common schema. `load_splits_with_validation` adds data.num_validation rows where a source can make them.
 """
 # Function-level imports: this package is imported by the config check and the Snakefile (through rlhf.data.rlvr), so
 # each source's loader (torch, transformers, datasets) is imported only where that source is read.
@@ -52,21 +52,20 @@ def _rlvr_splits(cfg: dict) -> tuple[list[dict], list[dict]]:
     return _check(split(train), f"{data['source']} train"), _check(split(test), f"{data['source']} test")
 
 
-def validation_split(cfg: dict) -> list[dict]:
-    """data.num_validation rows for tuning and early stopping, disjoint from the reported test rows: the generated
-    sources make them after train and test from the same stream (whose first rows are unchanged by asking for more):
-    the miniature's prompts are unique across the three splits; arithmetic problems may repeat, as between its train
-    and test. Other sources: a clear error (their hub splits are not
-    mapped yet)."""
+def load_splits_with_validation(cfg: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, test, validation): load_splits' rows and data.num_validation rows for tuning and early stopping,
+    disjoint from the reported test rows. The generated sources make them after train and test from the same stream
+    (whose first rows are unchanged by asking for more), in one pass: the miniature's prompts are unique across the
+    three splits; arithmetic problems may repeat, as between its train and test. Other sources: a clear error (their
+    hub splits are not mapped yet)."""
     data, n = cfg["data"], cfg["data"].get("num_validation", 0)
     if not n:
-        return []
+        return (*load_splits(cfg), [])
     if data["source"] not in ("miniature", "arithmetic"):
         raise DataError(f"data.num_validation: only the miniature and arithmetic sources make validation rows (source "
                         f"{data['source']!r}); set it to 0")
-    more = {**cfg, "data": {**data, "num_test": data["num_test"] + n}}
-    _, test = load_splits(more)
-    return _check(test[data["num_test"]:], f"{data['source']} validation")
+    train, test = load_splits({**cfg, "data": {**data, "num_test": data["num_test"] + n}})
+    return train, test[: data["num_test"]], _check(test[data["num_test"]:], f"{data['source']} validation")
 
 
 def load_splits(cfg: dict) -> tuple[list[dict], list[dict]]:

@@ -1,11 +1,10 @@
 """data: prompts with reference responses, train/test (and validation) splits in the common schema (jsonl)."""
-from rlhf.data import load_splits, validation_split
+from rlhf.data import load_splits_with_validation
 from rlhf.io import write_jsonl
 
 
 def run(cfg, files, args):
-    train, test = load_splits(cfg)
-    validation = validation_split(cfg)
+    train, test, validation = load_splits_with_validation(cfg)
     out = files.outputs
     write_jsonl(out["train"], train)
     write_jsonl(out["test"], test)
