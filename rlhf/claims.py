@@ -191,7 +191,21 @@ RUN_METRICS = {
     "mean_onpolicy_rm_accuracy": _logged("onpolicy/rm_accuracy", np.mean),
     "drop_from_peak": _drop_from_peak,
 }
-# Not read from run artifacts: the mechanism metrics (computed on the noreg run's completions, rlhf/mechanisms.py).
+# The mechanism metrics: the mechanisms stage's summary (each signal on the diagnosed method's completions,
+# rlhf/stages/mechanisms.py), per seed; a side is a group of completions (exploit, other) or, for a one-sample claim,
+# the method whose signal it is.
+def per_seed(summary: dict, key: str) -> list[float]:
+    """One value per seed of a mechanisms summary's metric; NaN where a seed has none (no completion on that side:
+    absent, or null as the JSON writer stores NaN)."""
+    return [math.nan if seed.get(key) is None else float(seed[key]) for seed in summary["seeds"].values()]
+
+
+MECHANISM_METRICS = {
+    "rho_negative_fraction": {"exploit": "signcert/rho_negative/exploit", "other": "signcert/rho_negative/other"},
+    "uwo_member_std": {"exploit": "uwo/member_std/exploit", "other": "uwo/member_std/other"},
+    "advpo_uncertainty": {"exploit": "advpo/uncertainty/exploit", "other": "advpo/uncertainty/other"},
+    "bspo_exploit_share": {"bspo": "bspo/exploit_share"},
+}
 
 
 def method_of(cfg: dict, side: str) -> str:
@@ -215,9 +229,19 @@ def method_of(cfg: dict, side: str) -> str:
 def claim_values(cfg: dict, claim: Claim) -> dict[str, list[float]]:
     """Each side's per-seed values of the claim's metric on the task's config (cfg: its loaded config; results where
     it says). A run that is missing is an error naming its file."""
+    if claim.metric in MECHANISM_METRICS:
+        summary_file = Paths.from_config(cfg).mechanisms / "summary.json"
+        if not summary_file.is_file():
+            raise KeyError(f"claim {claim.id}: {summary_file} is missing (the mechanisms stage: mechanisms.method)")
+        keys = MECHANISM_METRICS[claim.metric]
+        summary = read_json(summary_file)
+        unknown = [side for side in sides(claim.comparison) if side is not None and side not in keys]
+        if unknown:
+            raise KeyError(f"claim {claim.id}: {claim.metric} has no side {unknown[0]!r} (have: {', '.join(keys)})")
+        return {side: per_seed(summary, keys[side]) for side in sides(claim.comparison) if side is not None}
     if claim.metric not in RUN_METRICS:
         raise KeyError(f"claim {claim.id}: {claim.metric} is not read from a run's artifacts (have: "
-                       f"{', '.join(RUN_METRICS)})")
+                       f"{', '.join([*RUN_METRICS, *MECHANISM_METRICS])})")
     P, read = Paths.from_config(cfg), RUN_METRICS[claim.metric]
     return {side: [read(P, method_of(cfg, side), seed) for seed in cfg["seeds"]]
             for side in sides(claim.comparison) if side is not None}

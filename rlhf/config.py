@@ -194,10 +194,26 @@ def _check_semantics(cfg: dict, source: str) -> None:
         if spec.get("nodes", 1) > 1 and (rule == "default" or not STAGES[rule].data_parallel):
             raise ConfigError(f"{source}: resources.jobs.{rule}.nodes = {spec['nodes']}: only the data-parallel stages "
                               f"({', '.join(n for n, s in STAGES.items() if s.data_parallel)}) run on several nodes")
+    _check_mechanisms(cfg, source)
     if cfg["data"]["source"] == "miniature" and not (cfg["data"]["num_train"] and cfg["data"]["num_test"]):
         raise ConfigError(f"{source}: the miniature generates data.num_train and data.num_test examples; set both")
     if cfg["data"]["source"] == "miniature" and "build" not in cfg["model"]:
         raise ConfigError(f"{source}: the miniature task needs model.build (its vocabulary is the task's own)")
+
+
+def _check_mechanisms(cfg: dict, source: str) -> None:
+    method = cfg["mechanisms"]["method"]
+    if method is None:
+        return
+    if "rlvr" in cfg:
+        raise ConfigError(f"{source}: mechanisms.method: the diagnostics compare proxy-RM signals; an RLVR experiment "
+                          "has no proxy RM (set mechanisms.method: null)")
+    if method not in cfg["methods"]:
+        raise ConfigError(f"{source}: mechanisms.method: {method!r} is not a method of the config (have: "
+                          f"{', '.join(cfg['methods'])})")
+    if not GRPOSettings.for_method(cfg, method).rollouts_every:
+        raise ConfigError(f"{source}: mechanisms.method: {method} keeps no rollouts; set grpo.rollouts_every "
+                          f"(or methods.{method}.rollouts_every) to k > 0")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from rlhf.algorithms.signcert import signcert
+from rlhf.claims import per_seed
+from rlhf.stats import mean_ci
 
 
 def exploit_mask(proxy: torch.Tensor, gold: torch.Tensor, initial_proxy: torch.Tensor, initial_gold: torch.Tensor,
@@ -71,3 +73,43 @@ def advpo_uncertainty(features: torch.Tensor, m_inverse: torch.Tensor) -> torch.
 
 def advpo_by_exploit(features: torch.Tensor, m_inverse: torch.Tensor, exploit: torch.Tensor) -> dict:
     return split(advpo_uncertainty(features, m_inverse), exploit, "advpo/uncertainty")
+
+
+# What the report shows and the claims read, per signal: (name, the metric's exploit / other keys or the one value)
+SIGNALS = {
+    "signcert": ("SignCert-PO: share with rho < 0", "signcert/rho_negative"),
+    "signcert_radius": ("SignCert-PO: median certified radius", "signcert/radius_median"),
+    "bspo": ("BSPO: share the support test rejects", "bspo/unsupported"),
+    "uwo": ("UWO: members' reward std", "uwo/member_std"),
+    "advpo": ("AdvPO: uncertainty sqrt(e^T M_D^-1 e)", "advpo/uncertainty"),
+}
+
+
+def _mean_ci(values: list[float]) -> str:
+    mean, half = mean_ci(values)
+    return "–" if mean != mean else f"{mean:.3f}" + ("" if half != half else f" ± {half:.3f}")
+
+
+def markdown(summary: dict, gr_perturbation: dict[str, list[float]] | None = None) -> str:
+    """The report's mechanism table: each signal on exploit and other completions of the diagnosed method's runs,
+    mean ± 95 % t interval over seeds; then GR's realized perturbation per GR method (its runs' mean over steps)."""
+    seeds = summary["seeds"]
+    counts = ", ".join(f"seed {s}: {v['n_exploit']} of {v['n']}" for s, v in seeds.items())
+    lines = ["", f"Mechanisms on {summary['method']}'s completions during training (exploit: proxy above the SFT "
+             f"policy's p{100 * summary.get('proxy_quantile', 0.9):.0f}, gold below its "
+             f"p{100 * summary.get('gold_quantile', 0.5):.0f}; exploits {counts}), mean ± 95 % interval over "
+             f"{len(seeds)} seeds:", "",
+             "| signal (settings of) | exploit | other | exploit - other |", "|---|---|---|---|"]
+    for signal, (name, key) in SIGNALS.items():
+        if f"{key}/exploit" not in next(iter(seeds.values()), {}):
+            continue
+        method = summary["signals"].get(signal.split("_")[0], "")
+        diff = [a - b for a, b in zip(per_seed(summary, f"{key}/exploit"), per_seed(summary, f"{key}/other"))]
+        lines.append(f"| {name} ({method}) | {_mean_ci(per_seed(summary, f'{key}/exploit'))} | "
+                     f"{_mean_ci(per_seed(summary, f'{key}/other'))} | {_mean_ci(diff)} |")
+    if "bspo/exploit_share" in next(iter(seeds.values()), {}):
+        lines.append(f"| BSPO: exploit share of its rejections ({summary['signals']['bspo']}) | "
+                     f"{_mean_ci(per_seed(summary, 'bspo/exploit_share'))} | | |")
+    for method, values in (gr_perturbation or {}).items():
+        lines.append(f"| GR: realized perturbation / eps g1 (1 = exact; {method}'s own runs) | {_mean_ci(values)} | | |")
+    return "\n".join(lines) + "\n"

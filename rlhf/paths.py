@@ -35,6 +35,8 @@ class Paths:
     @property
     def certify(self) -> Path: return self.root / "certify"
     @property
+    def mechanisms(self) -> Path: return self.root / "mechanisms"  # each method's signal on a run's rollouts
+    @property
     def report(self) -> Path: return self.root / "report"
     @property
     def judge_cache(self) -> Path: return self.root / "judge_cache"  # every paid API answer: one shard per process

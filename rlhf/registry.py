@@ -106,7 +106,7 @@ def used_stages(cfg: dict) -> list[str]:
     rlvr, wanted = "rlvr" in cfg, {stage for kind in kinds_of(cfg) for stage in kind.stages}
     reward_stages = {stage for kind in REWARDS.values() for stage in kind.stages}
     used = {"base": "build" in cfg["model"], "sample": not rlvr, "label": not rlvr, "rm": not rlvr,
-            "dpo": bool(dpo_methods(cfg)), "certify": not rlvr}
+            "dpo": bool(dpo_methods(cfg)), "certify": not rlvr, "mechanisms": mechanisms_on(cfg)}
     return [name for name, st in STAGES.items() if not st.tool
             and (name in wanted if name in reward_stages else used.get(name, True))]
 
@@ -137,12 +137,30 @@ def _grpo_outputs(P, cfg, method, seed):
             **({"rollouts": P.grpo_rollouts(method, seed)} if rollouts else {})}
 
 
+def mechanisms_on(cfg: dict) -> bool:
+    return bool(cfg.get("mechanisms", {}).get("method")) and not rlvr_task(cfg)
+
+
+MECHANISM_KINDS = ("uwo", "advpo", "bspo")  # the reward kinds whose own signal the mechanisms stage reads
+
+
+def _mechanism_inputs(P, cfg, *_):
+    """The diagnosed method's rollouts (every seed), the SFT policy's labelled completions (the exploit thresholds),
+    the proxy RM, and what the experiment's methods' signals read: UWO's members, AdvPO's M_D^-1, BSPO's ScoreLM."""
+    extra = {name: paths for kind in kinds_of(cfg) if kind.name in MECHANISM_KINDS
+             for name, paths in kind.inputs(P, cfg).items() if name != "rm"}
+    method = cfg["mechanisms"]["method"]
+    return {"rollouts": [P.grpo_rollouts(method, s) for s in cfg["seeds"]], "labels": P.labels, "sft": P.sft,
+            "rm": P.rm, **extra}
+
+
 def _report_inputs(P, cfg, method, seed):
     runs = [(mm, ss) for mm in cfg["methods"] for ss in cfg["seeds"]]
     per_run = {"heldout": [P.grpo_heldout(mm, ss) for mm, ss in runs]} if rlvr_task(cfg) else {"certify": P.certify}
     dpo = [P.evaluation(mm, ss) for mm in dpo_methods(cfg) for ss in cfg["seeds"]]  # after the GRPO runs; no curves
     return {"evals": [P.evaluation(SFT_BASELINE, cfg["seed"])] + [P.evaluation(mm, ss) for mm, ss in runs] + dpo,
-            "metrics": [P.grpo_metrics(mm, ss) for mm, ss in runs], **per_run}
+            "metrics": [P.grpo_metrics(mm, ss) for mm, ss in runs], **per_run,
+            **({"mechanisms": P.mechanisms} if mechanisms_on(cfg) else {})}
 
 
 STAGES: dict[str, Stage] = {st.name: st for st in [
@@ -192,6 +210,11 @@ STAGES: dict[str, Stage] = {st.name: st for st in [
           settings=(*GOLD, *MODEL, *PROXY, "certify"),
           inputs=lambda P, cfg, *_: {"test": P.test, "sft": P.sft, "rm": P.rm},
           outputs=lambda P, cfg, *_: {"certify": P.certify}, priority=10),
+    Stage("mechanisms", "each method's own signal (SignCert's rho, BSPO's support test, UWO's disagreement, AdvPO's "
+          "uncertainty) on one method's rollouts, exploit vs other completions (mechanisms section)",
+          settings=("seeds", "methods", "grpo", "mechanisms", "ensemble", "bspo", *GOLD, *MODEL, *PROXY),
+          inputs=_mechanism_inputs, outputs=lambda P, cfg, *_: {"mechanisms": P.mechanisms},
+          many=("rollouts", "ensemble", "advpo", "bspo")),
     Stage("report", "table and plots over methods x seeds", inputs=_report_inputs, many=("evals", "metrics", "heldout"),
           outputs=lambda P, cfg, *_: {"report": P.report}),
     Stage("bench", "seconds per GRPO step: noreg, gr, signcert, Elastic Reset, each reward kind and TRL's GRPOTrainer "
@@ -245,7 +268,7 @@ def drop(view: dict, fields) -> None:
 def settings_view(cfg: dict, stage: str, method: str | None = None) -> dict:
     """The fields that determine `stage`'s output (for a per-run stage: its method's resolved grpo settings)."""
     view = pick(cfg, STAGES[stage].settings)
-    if "grpo" in view:
+    if "grpo" in view and method is not None:  # a stage over every method (mechanisms) reads the section itself
         view["grpo"] = GRPOSettings.for_method(cfg, method).as_dict()
     if "dpo" in view:
         view["dpo"] = DPOSettings.for_method(cfg, method).as_dict()

@@ -111,6 +111,14 @@ class CertifySettings(Section):
 
 
 @dataclass(frozen=True)
+class MechanismSettings(Section):
+    SECTION: ClassVar[str] = "mechanisms"
+    method: str | None                # the diagnosed method's runs (None: off)
+    proxy_quantile: float             # exploit: proxy reward above this quantile of the SFT policy's completions'
+    gold_quantile: float              # ... and gold reward below this quantile of theirs
+
+
+@dataclass(frozen=True)
 class RLVRSettings(Section):
     """An RLVR experiment's reward and prompts (the section is present only in RLVR configs)."""
     SECTION: ClassVar[str] = "rlvr"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 ENV = "RLHF_STAGE_SERVER"
 PRELOAD = ("rlhf.cli", *(f"rlhf.stages.{m}" for m in ("data", "base", "sft", "sample", "label", "rm", "advpo", "bspo",
-                                                        "grpo", "dpo", "evaluate", "certify", "report")))
+                                                        "grpo", "dpo", "evaluate", "certify", "mechanisms", "report")))
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # Variables libraries may read when first imported (offline switches, caches, kernels, the import path). A stage whose
 # values differ from the server's runs in its own process instead. Left out, as read later: thread counts (every stage

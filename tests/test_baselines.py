@@ -283,6 +283,43 @@ def test_the_baselines_run_through_snakemake_and_are_reported_beside_grpo(micro_
     assert "Nothing to be done" in snakemake(cfg, "-n").stdout  # each member cached
     more = write_config(tmp_path, dpo=DPO, ensemble={"members": 3}, methods=methods)
     assert jobs(snakemake(more, "-n").stdout) == {"rm_member": 1, "grpo": 1, "evaluate": 1, "report": 1, "all": 1}
+    _mechanisms_on_the_baselines_artifacts(tmp_path, root, methods)
+
+
+def _mechanisms_on_the_baselines_artifacts(tmp_path, root, methods):
+    """The mechanisms stage on this DAG's real RMs (proxy, 2 UWO members, AdvPO's matrix, BSPO's ScoreLM): the DAG
+    schedules it before the report once noreg keeps rollouts; run on rollouts made of pi_0's labelled completions (2
+    logged steps of groups of G = 4), it reads each signal with its method's settings and splits every completion."""
+    from rlhf import mechanisms
+    from rlhf.cli import main
+    from rlhf.io import read_json, read_jsonl, write_jsonl
+    from tests.conftest import jobs, snakemake, write_config
+    diagnosed = {**methods, "noreg": {**methods["noreg"], "rollouts_every": 2}}
+    (tmp_path / "mech").mkdir()
+    cfg = write_config(tmp_path / "mech", dpo=DPO, ensemble={"members": 2}, methods=diagnosed,
+                       mechanisms={"method": "noreg"})
+    planned = jobs(snakemake(cfg, "-n").stdout)
+    assert planned["mechanisms"] == 1 and planned["report"] == 1, planned
+    mech_root = tmp_path / "mech" / "results" / "micro"
+    import shutil
+    for part in ("sft", "rm", "pairs", "rm_ensemble", "advpo", "bspo", "data"):
+        shutil.copytree(root / part, mech_root / part)
+    labels = read_jsonl(root / "pairs" / "labels.jsonl")[:16]
+    texts = [r[k] for r in labels for k in ("chosen", "rejected")]
+    rows = [{"step": step, "prompt": labels[(i // 4) % len(labels)]["prompt"], "completion": t, "reward": 0.0}
+            for step in (2, 4) for i, t in enumerate(texts)]
+    write_jsonl(mech_root / "grpo" / "noreg" / "seed0" / "rollouts.jsonl", rows)
+    assert main(["mechanisms", "--config", str(cfg)]) == 0
+    summary = read_json(mech_root / "mechanisms" / "summary.json")
+    assert summary["signals"] == {"signcert": "signcert", "uwo": "uwo", "advpo": "advpo", "bspo": "bspo"}
+    seed = summary["seeds"]["0"]
+    assert seed["n"] == len(rows) and seed["n_exploit"] + seed["n_other"] == len(rows)
+    assert sorted(seed["steps"]) == ["2", "4"] and all(v["n"] == len(texts) for v in seed["steps"].values())
+    for key in ("signcert/rho_negative/other", "signcert/radius_median/other", "bspo/unsupported/other",
+                "uwo/member_std/other", "advpo/uncertainty/other"):
+        assert seed[key] == seed[key], key  # every signal measured (not NaN) on the non-exploit completions
+    table = mechanisms.markdown(summary, {"gr": [1.0]})
+    assert all(name in table for name, _ in mechanisms.SIGNALS.values()) and "GR: realized perturbation" in table
 
 
 def test_uwo_reward_is_the_ensemble_mean_minus_lambda_times_its_disagreement(tiny_lm, tmp_path):

@@ -132,8 +132,17 @@ def test_a_claims_values_are_read_per_seed_from_its_runs(tmp_path):
             {"step": s, "eval/win_rate": w, "eval/validation_win_rate": v}
             for s, w, v in [(0, 0.5, 0.4), (2, 0.7, 0.8), (4, 0.6, 0.5), (6, 0.65, 0.8), (8, 0.2 + seed / 10, 0.1)]])
     assert claim_values(cfg, claims["noreg-overoptimizes"]) == {"noreg": pytest.approx([0.5, 0.4])}  # 0.7 - final
-    with pytest.raises(KeyError, match="mechanism|rho_negative_fraction is not read"):
+    with pytest.raises(KeyError, match="mechanisms/summary.json is missing"):
         claim_values(cfg, claims["signcert-flips-exploits"])
+    # the mechanism claims read the mechanisms stage's summary: one value per seed and side (NaN: no completion there)
+    write_json(P.mechanisms / "summary.json", {"seeds": {
+        "0": {"signcert/rho_negative/exploit": 0.9, "signcert/rho_negative/other": 0.1, "bspo/exploit_share": 0.7},
+        "1": {"signcert/rho_negative/exploit": 0.8, "signcert/rho_negative/other": 0.2, "bspo/exploit_share": None}}})
+    assert claim_values(cfg, claims["signcert-flips-exploits"]) == {"exploit": [0.9, 0.8], "other": [0.1, 0.2]}
+    share = claim_values(cfg, claims["bspo-fires-on-exploits"])["bspo"]
+    assert share[0] == 0.7 and math.isnan(share[1])
+    with pytest.raises(KeyError, match="has no side 'kl'"):
+        claim_values(cfg, dataclasses.replace(claims["signcert-flips-exploits"], comparison="kl - other"))
     del cfg["methods"]["kl"]
     with pytest.raises(KeyError, match="no method 'kl'"):
         claim_values(cfg, claims["kl-above-noreg"])

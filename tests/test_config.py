@@ -189,3 +189,25 @@ def test_the_configuration_reference_is_generated_from_the_schema():
     page = render()
     assert (REPO / "docs" / "configuration.md").read_text() == page, "run `make docs` (python -m rlhf.schema_doc)"
     assert "| `grpo.reward` | string | `\"proxy\"` |" in page and "## `gold.judge`" in page
+
+
+@pytest.mark.parametrize("mechanisms, methods, match", [
+    ({"method": "nope"}, None, r"mechanisms\.method: 'nope' is not a method"),
+    ({"method": "noreg"}, None, r"mechanisms\.method: noreg keeps no rollouts; set grpo\.rollouts_every"),
+])
+def test_the_mechanisms_section_names_what_it_lacks(tmp_path, mechanisms, methods, match):
+    cfg = _mini()
+    cfg["mechanisms"] = mechanisms
+    with pytest.raises(ConfigError, match=match):
+        load_config(_write(tmp_path, cfg))
+    cfg["methods"]["noreg"] = {"rollouts_every": 2}
+    cfg["mechanisms"] = {"method": "noreg"}
+    assert load_config(_write(tmp_path, cfg))["mechanisms"]["gold_quantile"] == 0.5
+
+
+def test_an_rlvr_experiment_has_no_mechanisms(tmp_path):
+    cfg = yaml.safe_load((REPO / "config" / "rlvr-miniature.yaml").read_text())
+    cfg["grpo"] = {**cfg.get("grpo", {}), "rollouts_every": 2}
+    cfg["mechanisms"] = {"method": next(iter(cfg["methods"]))}
+    with pytest.raises(ConfigError, match=r"mechanisms\.method: .*RLVR experiment has no proxy RM"):
+        load_config(_write(tmp_path, cfg))

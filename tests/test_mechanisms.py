@@ -83,3 +83,23 @@ def test_advpo_uncertainty_is_large_off_the_rm_data_and_matches_the_formula():
     out = advpo_by_exploit(e, m_inv, torch.tensor([False, True]))
     assert out["advpo/uncertainty/exploit"] == pytest.approx(1.0)   # ridge 1, no data along that axis
     assert out["advpo/uncertainty/other"] < 0.2
+
+
+def test_the_stage_applies_signcert_per_logged_step_and_pools_each_signal_over_the_steps():
+    """Two logged steps of the crafted groups: SignCert's rule runs on each step's batch (the outliers flipped at each);
+    pooled, every signal is the split of all completions, and each step's own split is kept."""
+    from rlhf.stages.mechanisms import diagnose, signals
+    advantages, features, exploit = _groups()
+    n = len(exploit)
+    members = torch.stack([torch.zeros(n), torch.where(exploit, 2.0, 0.0)])  # the members disagree on the outliers
+    step = {"exploit": exploit, "advantages": advantages, "features": features, "members": members,
+            "unsupported": exploit.clone(), "m_inverse": torch.eye(8)}
+    out = diagnose({2: step, 4: step}, group_size=8, quantile=0.125)
+    assert (out["n"], out["n_exploit"], out["n_other"]) == (2 * n, 8, 2 * n - 8)
+    assert out["signcert/rho_negative/exploit"] == 1.0 and out["signcert/rho_negative/other"] == 0.0
+    assert out["signcert/radius_median/exploit"] < out["signcert/radius_median/other"]
+    assert out["bspo/exploit_share"] == 1.0 and out["uwo/member_std/exploit"] == pytest.approx(2 ** 0.5)
+    assert out["advpo/uncertainty/exploit"] > out["advpo/uncertainty/other"]  # the outliers' features are 5 away
+    assert sorted(out["steps"]) == [2, 4] and out["steps"][2]["n"] == n
+    assert signals({k: v for k, v in step.items()})["uwo/member_std/other"] == 0.0
+    assert "signcert/rho_negative/exploit" not in diagnose({2: step}, group_size=8, quantile=None)

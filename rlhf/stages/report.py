@@ -9,6 +9,8 @@ Files:
   diagnostics.png          gradient norm ||g1|| and sharpness against the step, on-policy BT loss against the
                            step and against ||g1||, on-policy proxy-RM accuracy against KL, SignCert's fraction with rho <= 0
   radius_validation.png    copied from the certify stage (sign robustness by decile of the certified radius)
+  table.md                 also, with the mechanisms stage (mechanisms.method): each regularizer's signal on exploit vs
+                           other completions and GR's realized perturbation (rlhf/mechanisms.py: markdown)
 An RLVR experiment (its evaluations report accuracy, not win rate) gets the GR Table-3 shape instead:
   table.csv / table.md     per method (the base policy first): rule-checked accuracy and the training reward
                            (judge or rule terms) on the test questions, mean +- 95% CI over seeds; and per run the
@@ -27,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from rlhf import mechanisms  # noqa: E402
 from rlhf.difficulty import difficulty_by_method  # noqa: E402
 from rlhf.figures import method_colour  # noqa: E402
 from rlhf.io import atomic_dir, read_json, read_jsonl  # noqa: E402
@@ -278,11 +281,18 @@ def run(cfg, files, args):
         return
     table, over = summarize(pd.DataFrame(evals)), overoptimization(curves)
     certify = files.inputs["certify"]
+    text = markdown(table, over) + certify_markdown(certify)
+    if "mechanisms" in files.inputs:  # the mechanisms stage's table, with GR's realized perturbation from its runs
+        gr = {}
+        for (method, _), c in curves.items():
+            if "gr/realized_perturbation" in c and c["gr/realized_perturbation"].notna().any():
+                gr.setdefault(method, []).append(float(c["gr/realized_perturbation"].mean()))
+        text += mechanisms.markdown(read_json(files.inputs["mechanisms"] / "summary.json"), gr)
     with atomic_dir(folder) as out:
         table.to_csv(out / "table.csv", index=False)
         over.to_csv(out / "overoptimization.csv", index=False)
         shutil.copy(certify / "radius_validation.png", out / "radius_validation.png")
-        (out / "table.md").write_text(markdown(table, over) + certify_markdown(certify))
+        (out / "table.md").write_text(text)
         plot_curves(curves, out)
         plot_diagnostics(curves, out)
     print((folder / "table.md").read_text())
