@@ -110,6 +110,10 @@ def markdown(summary: dict, gr_perturbation: dict[str, list[float]] | None = Non
     if "bspo/exploit_share" in next(iter(seeds.values()), {}):
         lines.append(f"| BSPO: exploit share of its rejections ({summary['signals']['bspo']}) | "
                      f"{_mean_ci(per_seed(summary, 'bspo/exploit_share'))} | | |")
+    if "task_marker/of_exploits" in next(iter(seeds.values()), {}):
+        lines.append(f"| the task's own exploit marker: share carrying it | "
+                     f"{_mean_ci(per_seed(summary, 'task_marker/of_exploits'))} | "
+                     f"{_mean_ci(per_seed(summary, 'task_marker/of_others'))} | |")
     for method, values in (gr_perturbation or {}).items():
         lines.append(f"| GR: realized perturbation / eps g1 (1 = exact; {method}'s own runs) | {_mean_ci(values)} | | |")
     return "\n".join(lines) + "\n"

@@ -14,7 +14,9 @@ samples, scored by the gold when they were labelled) and the gold below mechanis
   uwo       a method with reward uwo: the members' reward std
   advpo     a method with reward advpo: sqrt(e^T M_D^-1 e) of the proxy's features
 
-Each signal is split exploit vs other over all logged steps of a seed, and per logged step (the curve over training).
+Each signal is split exploit vs other over all logged steps of a seed, and per logged step (the curve over training);
+where the task has its own exploit marker (the out-of-distribution miniature's marks), the share of each side that
+carries it is reported beside (task_marker/*).
 Outputs mechanisms/summary.json: {"seeds": {seed: {signal metrics ..., "steps": {step: {...}}}}, "signals": which
 method's settings each signal took, "exploit_thresholds"}. Needs a gold that scores (reward model or programmatic).
 """
@@ -26,15 +28,25 @@ import torch
 
 from rlhf.algorithms.advantages import dr_grpo_advantages
 from rlhf.algorithms.bspo import behavior_supported_rewards
+from rlhf.algorithms.signcert import signcert
+from rlhf.data.miniature import MiniatureSpec, is_exploit
 from rlhf.errors import DataError
 from rlhf.io import atomic_dir, read_jsonl, write_json
 from rlhf.mechanisms import advpo_by_exploit, bspo_by_exploit, exploit_mask, split, uwo_by_exploit
-from rlhf.algorithms.signcert import signcert
 from rlhf.models import tokenizer_of
 from rlhf.rewards.gold import make_gold
 from rlhf.rewards.proxy_rm import load_bspo, load_proxy
 from rlhf.settings import GRPOSettings, MechanismSettings
 from rlhf.stages.common import setup
+
+
+def task_marker(cfg: dict):
+    """The task's own exploit test (text -> bool) where it has one: the out-of-distribution miniature's marks beyond
+    what the gold likes (rlhf/data/miniature.py is_exploit); None elsewhere."""
+    if cfg["data"]["source"] != "miniature" or not cfg["data"]["miniature"].get("emphasis_max"):
+        return None
+    spec = MiniatureSpec.from_config(cfg)
+    return lambda text: is_exploit(text, spec)
 
 
 def signal_methods(cfg: dict) -> dict[str, str]:
@@ -59,7 +71,7 @@ def _by_step(rows: list[dict]) -> dict[int, list[dict]]:
 def signals(t: dict) -> dict:
     """Each signal present in t, exploit vs other: t = {"exploit": [N] bool, "advantages" [N], and per signal its
     input: "rho_negative" and "radius" (SignCert's rule, already applied), "unsupported" (BSPO), "members" [k, N]
-    (UWO), "features" with "m_inverse" (AdvPO)}."""
+    (UWO), "features" with "m_inverse" (AdvPO); and "task_exploit" [N] bool, a task's own exploit marker}."""
     exploit = t["exploit"]
     out = {"n": int(exploit.numel()), "n_exploit": int(exploit.sum())}
     if "rho_negative" in t:  # completions with A = 0 carry no sign: nothing to certify
@@ -76,6 +88,11 @@ def signals(t: dict) -> dict:
         out.update(uwo_by_exploit(t["members"], exploit))
     if "m_inverse" in t:
         out.update(advpo_by_exploit(t["features"], t["m_inverse"], exploit))
+    if "task_exploit" in t:  # the task's own marker beside the claims' definition (config/claims.yaml)
+        marked = t["task_exploit"]
+        out["task_marker/share"] = marked.double().mean().item()
+        out["task_marker/of_exploits"] = marked[exploit].double().mean().item() if exploit.any() else float("nan")
+        out["task_marker/of_others"] = marked[~exploit].double().mean().item() if (~exploit).any() else float("nan")
     out["n_exploit"], out["n_other"] = int(exploit.sum()), int((~exploit).sum())  # all completions, not the signed
     return out
 
@@ -120,6 +137,7 @@ def run(cfg, files, args):
         if "bspo" in used else None
     m_inverse = torch.load(inputs["advpo"][0], weights_only=True)["m_inverse"] if "advpo" in used else None
     quantile = GRPOSettings.for_method(cfg, used["signcert"]).signcert_quantile if "signcert" in used else None
+    marker = task_marker(cfg)
 
     seeds = {}
     for seed, path in zip(cfg["seeds"], inputs["rollouts"]):
@@ -142,6 +160,8 @@ def run(cfg, files, args):
                 t["members"] = torch.stack([member(prompts, texts).rewards for member in members])
             if m_inverse is not None:
                 t["m_inverse"] = m_inverse
+            if marker is not None:
+                t["task_exploit"] = torch.tensor([marker(text) for text in texts])
             steps[step] = t
         seeds[str(seed)] = diagnose(steps, G, quantile)
         print(f"mechanisms: seed {seed}: {seeds[str(seed)]['n_exploit']} of {seeds[str(seed)]['n']} completions "
