@@ -94,7 +94,7 @@ def test_the_stage_applies_signcert_per_logged_step_and_pools_each_signal_over_t
     members = torch.stack([torch.zeros(n), torch.where(exploit, 2.0, 0.0)])  # the members disagree on the outliers
     step = {"exploit": exploit, "advantages": advantages, "features": features, "members": members,
             "unsupported": exploit.clone(), "m_inverse": torch.eye(8)}
-    out = diagnose({2: step, 4: step}, group_size=8, quantile=0.125)
+    out = diagnose({2: step, 4: step}, group_size=8, rule={"quantile": 0.125})
     assert (out["n"], out["n_exploit"], out["n_other"]) == (2 * n, 8, 2 * n - 8)
     assert out["signcert/rho_negative/exploit"] == 1.0 and out["signcert/rho_negative/other"] == 0.0
     assert out["signcert/radius_median/exploit"] < out["signcert/radius_median/other"]
@@ -102,7 +102,7 @@ def test_the_stage_applies_signcert_per_logged_step_and_pools_each_signal_over_t
     assert out["advpo/uncertainty/exploit"] > out["advpo/uncertainty/other"]  # the outliers' features are 5 away
     assert sorted(out["steps"]) == [2, 4] and out["steps"][2]["n"] == n
     assert signals({k: v for k, v in step.items()})["uwo/member_std/other"] == 0.0
-    assert "signcert/rho_negative/exploit" not in diagnose({2: step}, group_size=8, quantile=None)
+    assert "signcert/rho_negative/exploit" not in diagnose({2: step}, group_size=8, rule=None)
 
 
 def test_the_task_marker_is_reported_beside_the_claims_exploit_definition():

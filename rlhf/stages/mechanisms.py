@@ -97,13 +97,14 @@ def signals(t: dict) -> dict:
     return out
 
 
-def diagnose(steps: dict[int, dict], group_size: int, quantile: float | None) -> dict:
+def diagnose(steps: dict[int, dict], group_size: int, rule: dict | None) -> dict:
     """One seed's signals from its logged steps (steps[step]: `signals`' t without SignCert's rule, which is applied
-    here per step: epsilon from that step's batch, as in training): pooled over the steps, and per step."""
+    here per step: epsilon from that step's batch, as in training; rule: signcert's quantile and options, None without
+    a SignCert method): pooled over the steps, and per step."""
     per_step, pooled = {}, {}
     for step, t in sorted(steps.items()):
-        if quantile is not None:
-            cert = signcert(t["advantages"], t["features"], group_size, quantile)
+        if rule is not None:
+            cert = signcert(t["advantages"], t["features"], group_size, **rule)
             t = {**t, "rho_negative": cert.rho < 0, "radius": cert.radius}
         per_step[step] = signals(t)
         for k, v in t.items():
@@ -136,7 +137,11 @@ def run(cfg, files, args):
     bspo = load_bspo(inputs["bspo"][0], cfg, GRPOSettings.for_method(cfg, used["bspo"]), tokenizer, device) \
         if "bspo" in used else None
     m_inverse = torch.load(inputs["advpo"][0], weights_only=True)["m_inverse"] if "advpo" in used else None
-    quantile = GRPOSettings.for_method(cfg, used["signcert"]).signcert_quantile if "signcert" in used else None
+    rule = None
+    if "signcert" in used:  # the worst case's sign is the signal: unclipped whatever the method applies
+        s = GRPOSettings.for_method(cfg, used["signcert"])
+        rule = {"quantile": s.signcert_quantile, "epsilon_from": s.signcert_epsilon_from,
+                "quantile_over": s.signcert_quantile_over}
     marker = task_marker(cfg)
 
     seeds = {}
@@ -163,7 +168,7 @@ def run(cfg, files, args):
             if marker is not None:
                 t["task_exploit"] = torch.tensor([marker(text) for text in texts])
             steps[step] = t
-        seeds[str(seed)] = diagnose(steps, G, quantile)
+        seeds[str(seed)] = diagnose(steps, G, rule)
         print(f"mechanisms: seed {seed}: {seeds[str(seed)]['n_exploit']} of {seeds[str(seed)]['n']} completions "
               f"are exploits ({len(steps)} logged steps of {m.method})")
     summary = {"method": m.method, "signals": used, "seeds": seeds, "proxy_quantile": m.proxy_quantile,
