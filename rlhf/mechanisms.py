@@ -99,7 +99,7 @@ def markdown(summary: dict, gr_perturbation: dict[str, list[float]] | None = Non
              f"policy's p{100 * summary.get('proxy_quantile', 0.9):.0f}, gold below its "
              f"p{100 * summary.get('gold_quantile', 0.5):.0f}; exploits {counts}), mean ± 95 % interval over "
              f"{len(seeds)} seeds:", "",
-             "| signal (settings of) | exploit | other | exploit - other |", "|---|---|---|---|"]
+             "| signal (settings of) | exploit | other | exploit - other (paired by seed) |", "|---|---|---|---|"]
     for signal, (name, key) in SIGNALS.items():
         if f"{key}/exploit" not in next(iter(seeds.values()), {}):
             continue
