@@ -45,10 +45,19 @@ def signcert_by_exploit(advantages: torch.Tensor, features: torch.Tensor, group_
     """SignCert's rule on these groups (eps from the batch's quantile, as in training): rho < 0 fraction and the
     median certified radius, exploit vs other. Completions with A = 0 carry no sign and are left out."""
     cert = signcert(advantages, features, group_size, quantile)
+    return signcert_split(advantages, cert.rho, cert.radius, exploit)
+
+
+def signcert_split(advantages: torch.Tensor, rho: torch.Tensor, radius: torch.Tensor, exploit: torch.Tensor) -> dict:
+    """From SignCert's rule already applied (rho, radius): the rho < 0 fraction and the certified radius (median and
+    interquartile range), exploit vs other. Completions with A = 0 carry no sign and are left out."""
     signed = advantages != 0
-    out = split((cert.rho < 0).double()[signed], exploit[signed], "signcert/rho_negative")
+    out = split((rho < 0).double()[signed], exploit[signed], "signcert/rho_negative")
     for side, mask in (("exploit", exploit & signed), ("other", ~exploit & signed)):
-        out[f"signcert/radius_median/{side}"] = cert.radius[mask].median().item() if mask.any() else float("nan")
+        r = radius[mask].double()
+        out[f"signcert/radius_median/{side}"] = r.median().item() if r.numel() else float("nan")
+        out[f"signcert/radius_iqr/{side}"] = (r.quantile(0.75) - r.quantile(0.25)).item() if r.numel() > 1 \
+            else float("nan")
     return out
 
 

@@ -32,7 +32,7 @@ from rlhf.algorithms.signcert import signcert
 from rlhf.data.miniature import MiniatureSpec, is_exploit
 from rlhf.errors import DataError
 from rlhf.io import atomic_dir, read_jsonl, write_json
-from rlhf.mechanisms import advpo_by_exploit, bspo_by_exploit, exploit_mask, split, uwo_by_exploit
+from rlhf.mechanisms import advpo_by_exploit, bspo_by_exploit, exploit_mask, signcert_split, uwo_by_exploit
 from rlhf.models import tokenizer_of
 from rlhf.rewards.gold import make_gold
 from rlhf.rewards.proxy_rm import load_bspo, load_proxy
@@ -70,18 +70,12 @@ def _by_step(rows: list[dict]) -> dict[int, list[dict]]:
 
 def signals(t: dict) -> dict:
     """Each signal present in t, exploit vs other: t = {"exploit": [N] bool, "advantages" [N], and per signal its
-    input: "rho_negative" and "radius" (SignCert's rule, already applied), "unsupported" (BSPO), "members" [k, N]
+    input: "rho" and "radius" (SignCert's rule, already applied), "unsupported" (BSPO), "members" [k, N]
     (UWO), "features" with "m_inverse" (AdvPO); and "task_exploit" [N] bool, a task's own exploit marker}."""
     exploit = t["exploit"]
     out = {"n": int(exploit.numel()), "n_exploit": int(exploit.sum())}
-    if "rho_negative" in t:  # completions with A = 0 carry no sign: nothing to certify
-        signed = t["advantages"] != 0
-        out.update(split(t["rho_negative"][signed].double(), exploit[signed], "signcert/rho_negative"))
-        for side, mask in (("exploit", exploit & signed), ("other", ~exploit & signed)):
-            r = t["radius"][mask].double()
-            out[f"signcert/radius_median/{side}"] = r.median().item() if r.numel() else float("nan")
-            out[f"signcert/radius_iqr/{side}"] = (r.quantile(0.75) - r.quantile(0.25)).item() if r.numel() > 1 \
-                else float("nan")
+    if "rho" in t:
+        out.update(signcert_split(t["advantages"], t["rho"], t["radius"], exploit))
     if "unsupported" in t:
         out.update(bspo_by_exploit(t["unsupported"], exploit))
     if "members" in t:
@@ -105,7 +99,7 @@ def diagnose(steps: dict[int, dict], group_size: int, rule: dict | None) -> dict
     for step, t in sorted(steps.items()):
         if rule is not None:
             cert = signcert(t["advantages"], t["features"], group_size, **rule)
-            t = {**t, "rho_negative": cert.rho < 0, "radius": cert.radius}
+            t = {**t, "rho": cert.rho, "radius": cert.radius}
         per_step[step] = signals(t)
         for k, v in t.items():
             pooled.setdefault(k, []).append(v)
