@@ -17,7 +17,7 @@ import torch
 
 from rlhf.algorithms.signcert import signcert
 from rlhf.claims import per_seed
-from rlhf.stats import mean_ci
+from rlhf.stats import mean_ci, mean_ci_text
 
 
 def exploit_mask(proxy: torch.Tensor, gold: torch.Tensor, initial_proxy: torch.Tensor, initial_gold: torch.Tensor,
@@ -95,8 +95,7 @@ SIGNALS = {
 
 
 def _mean_ci(values: list[float]) -> str:
-    mean, half = mean_ci(values)
-    return "–" if mean != mean else f"{mean:.3f}" + ("" if half != half else f" ± {half:.3f}")
+    return mean_ci_text(*mean_ci(values))
 
 
 def markdown(summary: dict, gr_perturbation: dict[str, list[float]] | None = None) -> str:

@@ -26,6 +26,13 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
     return float(x.mean()), float(half)
 
 
+def mean_ci_text(mean, half) -> str:
+    """'0.326 ± 0.234' (3 decimals), the mean alone where the half-width is NaN, '–' where the mean is missing."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{mean:.3f}" if half is None or math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
+
+
 def winrate_ci(outcomes, confidence: float = 0.95) -> tuple[float, float, float]:
     """Win rate and its normal-approximation interval over per-prompt outcomes in {0, 0.5, 1} (ties count half).
 

@@ -33,7 +33,7 @@ from rlhf import mechanisms  # noqa: E402
 from rlhf.difficulty import difficulty_by_method  # noqa: E402
 from rlhf.figures import method_colour  # noqa: E402
 from rlhf.io import atomic_dir, read_json, read_jsonl  # noqa: E402
-from rlhf.stats import mean_ci  # noqa: E402
+from rlhf.stats import mean_ci, mean_ci_text  # noqa: E402
 
 TABLE_METRICS = ["win_rate", "gold_reward", "proxy_reward", "kl", "length"]
 RLVR_METRICS = ["accuracy", "reward", "reward/judge_correctness", "reward/correctness", "judge/unparseable_fraction",
@@ -85,10 +85,7 @@ def certify_markdown(folder) -> str:
 
 
 def _cell(row, m) -> str:
-    mean, ci = row.get(f"{m}_mean"), row.get(f"{m}_ci")
-    if mean is None or pd.isna(mean):
-        return "–"
-    return f"{mean:.3f}" if pd.isna(ci) else f"{mean:.3f} ± {ci:.3f}"
+    return mean_ci_text(row.get(f"{m}_mean"), row.get(f"{m}_ci"))
 
 
 def _table_lines(table: pd.DataFrame, metrics) -> list[str]:
