@@ -179,6 +179,7 @@ class GRPOSettings(Section):
     clip_eps: float
     max_grad_norm: float
     micro_batch_size: int             # 0: a rank's whole share in one forward/backward
+    skip_zero_advantage: bool = neutral()  # exact: no backward for micro-batches of zero gradient (trainer)
     backend: str                      # auto | torch | deepspeed
     zero_stage: int
     # KL penalty, Reference Resets, scheduled-beta ablation, Elastic Reset

@@ -63,11 +63,19 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
         advantages = cert.rho * advantages
     policy = update.model
     device = next(policy.parameters()).device
-    advantages, mask = dist.local(advantages).to(device), rollout.completion_mask.to(device).float()
-    n = mask.shape[0]
+    n = rollout.completion_mask.shape[0]
     size = settings.micro_batch_size or n
     chunks = [slice(i, i + size) for i in range(0, n, size)]
+    skipped = zero_gradient_chunks(advantages.view(-1, n), chunks, kl_beta) if settings.skip_zero_advantage else set()
+    stats["update/skipped_fraction"] = len(skipped) / len(chunks)
+    advantages, mask = dist.local(advantages).to(device), rollout.completion_mask.to(device).float()
     at_phi = {}  # per micro-batch: log-probs and entropy sum of the unperturbed policy (the step's statistics)
+
+    def statistics_only(i: int, rows: slice) -> None:
+        """A skipped micro-batch's log-probs and entropy (the step's statistics), without a graph."""
+        with torch.no_grad():
+            logprobs, entropy = token_logprobs(policy, rollout.rows(rows), with_entropy=True)
+        at_phi[i] = (logprobs, (entropy * mask[rows]).sum().item())
 
     def micro_loss(i: int, rows: slice, old_logprobs=None, exp_ratio: bool = False, at_phi_pass: bool = True
                    ) -> torch.Tensor:
@@ -92,6 +100,10 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
         where the authors' code (gr_second_pass_ratio: stored) takes the ratio against the log-probs stored at phi."""
         loss = 0.0
         for i, rows in enumerate(chunks):
+            if i in skipped:  # its gradient is exactly zero (and its loss 0) at phi and at phi'
+                if not perturbed:
+                    statistics_only(i, rows)
+                continue
             part_loss = micro_loss(i, rows, at_phi[i][0] if perturbed and stored_ratio else None,
                                    at_phi_pass=not perturbed)
             update.backward(part_loss, boundary=i == len(chunks) - 1)
@@ -102,8 +114,10 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
         # GR: the gradient of L + (gamma/2)||grad L||^2 on the transformer blocks (rlhf/algorithms/gr.py).
         common = dict(gamma=settings.gr_gamma, g1_clip=settings.gr_g1_clip, excluded_grad=settings.gr_excluded_grad, grads=update)
         if settings.gr_estimator == "hvp":
+            for i in skipped:
+                statistics_only(i, chunks[i])
             gr = hvp_gr(policy, [functools.partial(micro_loss, i, rows, exp_ratio=stored_ratio)
-                                 for i, rows in enumerate(chunks)], **common)
+                                 for i, rows in enumerate(chunks) if i not in skipped], **common)
         else:
             gr = finite_difference_gr(policy, gradient_pass, eps=settings.gr_eps, g2_clip=settings.gr_g2_clip,
                                       on_weights_changed=update.refresh_master_weights
@@ -119,6 +133,23 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
     entropy = sum(at_phi[i][1] for i in range(len(chunks))) / mask.sum().item()
     logprobs = torch.cat([at_phi[i][0] for i in range(len(chunks))])
     return {**stats, "grad_norm": grad_norm, "entropy": entropy, "logprobs": logprobs}
+
+
+def zero_gradient_chunks(advantages: torch.Tensor, chunks: list[slice], kl_beta: float) -> set[int]:
+    """The micro-batches (indices into `chunks`, one rank's rows) whose backward can be skipped: those whose
+    advantages are zero on every rank (`advantages`: [ranks, rows per rank], the gathered batch) when no KL penalty
+    adds a gradient of its own. Their loss is 0 * ratio: its gradient, its Hessian-vector product and its value are
+    exactly zero, so the accumulated gradient is bit for bit the one without them. On RLVR tasks most early groups
+    tie (every completion wrong, or every one right) and such micro-batches are the common case.
+
+    Every rank computes the same set from the same gathered advantages, so their backward calls (each a collective
+    under DeepSpeed) stay matched. The last micro-batch is never skipped: it carries the accumulation boundary (the
+    reduction over ranks) and makes every gradient exist, so the optimizer steps as it would (AdamW moves the
+    weights on a zero gradient too: its momentum and weight decay)."""
+    if kl_beta:
+        return set()
+    zero = advantages == 0
+    return {i for i, rows in enumerate(chunks[:-1]) if bool(zero[:, rows].all())}
 
 
 @dataclass

@@ -38,8 +38,9 @@ SETTINGS = dict(group_size=G, max_new_tokens=T_MAX, clip_eps=0.2, lr=1e-2, weigh
                 micro_batch_size=0, backend="torch", zero_stage=2)
 
 
-def _problem():
-    """The same policy, reference, rollouts and RM outputs in every process (seeded, CPU)."""
+def _problem(tied: tuple[int, ...] = ()):
+    """The same policy, reference, rollouts and RM outputs in every process (seeded, CPU); the groups in `tied`
+    rewarded alike (zero advantages)."""
     model, tok = build_tiny()
     reference = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():  # a reference unlike the policy, so the KL penalty has a gradient
@@ -49,6 +50,8 @@ def _problem():
     rollout = sample(model, tok, PROMPTS, G, T_MAX, 1.0)
     gen = torch.Generator().manual_seed(2)
     scores = Scores(torch.randn(len(PROMPTS) * G, generator=gen), torch.randn(len(PROMPTS) * G, 8, generator=gen))
+    for k in tied:
+        scores.rewards[k * G:(k + 1) * G] = 0.5
     return model, reference, rollout, scores
 
 
@@ -56,8 +59,10 @@ def one_step(dist: Dist, settings: dict) -> tuple[list[torch.Tensor], list[torch
     """One grpo_step on this rank's rows; (gradient given to the optimizer, weights after the step, stats)."""
     from rlhf.trainer import grpo_step
     from tests.conftest import micro_grpo
+    settings = dict(settings)
+    kl_beta, tied = settings.pop("kl_beta", 0.05), settings.pop("tied", ())
     settings = micro_grpo(**settings)
-    model, reference, rollout, scores = _problem()
+    model, reference, rollout, scores = _problem(tied)
     k = rollout.completion_ids.shape[0] // dist.world_size
     rows = slice(dist.rank * k, (dist.rank + 1) * k)
     rollout, scores = rollout.rows(rows), Scores(scores.rewards[rows], scores.features[rows])
@@ -65,7 +70,7 @@ def one_step(dist: Dist, settings: dict) -> tuple[list[torch.Tensor], list[torch
     update = make_update(model, settings, dist)
     params = [p for p in update.model.parameters() if p.requires_grad]
     seen = record_applied_gradient(update)
-    stats = grpo_step(update, dist, rollout, scores, ref_logprobs, 0.05, settings)
+    stats = grpo_step(update, dist, rollout, scores, ref_logprobs, kl_beta, settings)
     stats.pop("logprobs")
     result = seen["grad"], [p.detach().clone() for p in params], dist.mean(stats)
     update.close()
@@ -142,6 +147,24 @@ def test_deepspeed_zero2_step_equals_single_process(world_size, single_process, 
     settings = {**SETTINGS, "backend": "deepspeed", "micro_batch_size": 5}
     _assert_same(run_ranks(world_size, settings, tmp_path), single_process)
 
+
+
+TIED = {**SETTINGS, "kl_beta": 0.0, "tied": (0, 2, 3), "micro_batch_size": 2}
+
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_zero_advantage_micro_batches_are_skipped_alike_on_every_rank(backend, tmp_path):
+    """grpo.skip_zero_advantage on 2 ranks (GR's two passes, SignCert): each rank's micro-batches 0 and 1 hold a tied
+    group, so both ranks skip them (matching collectives: the run finishes); rank 1's 2 and 3 are tied too but rank
+    0's are not, so they run. The update is the single process's that skips nothing."""
+    if backend == "deepspeed" and not deepspeed_available():
+        pytest.skip("deepspeed is not installed")
+    torch.set_num_threads(1)
+    expected = one_step(Dist(), {**TIED, "skip_zero_advantage": False})
+    assert expected[2]["update/skipped_fraction"] == 0
+    result = run_ranks(2, {**TIED, "backend": backend}, tmp_path)
+    assert result[2]["update/skipped_fraction"] == 2 / 4
+    _assert_same(result, expected)
 
 
 @pytest.fixture(scope="module")

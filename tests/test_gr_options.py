@@ -232,3 +232,64 @@ def test_gr_correction_survives_into_a_bf16_update(backend, estimator):
     share = gr_correction_share("cpu", backend, estimator)
     print(f"GR correction share in the bf16 update ({backend}, {estimator}): {share:.4f}")
     assert share > 0.999
+
+
+def _tied(rewards: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """`rewards` with every completion of the given groups rewarded alike (their advantages exactly 0)."""
+    rewards = rewards.clone()
+    for k in groups:
+        rewards[k * G:(k + 1) * G] = 0.5
+    return rewards
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", [{}, {"gr_gamma": GAMMA}, {"gr_gamma": GAMMA, "gr_estimator": "hvp"},
+                                    {"signcert_quantile": 0.3}])
+def test_skipping_zero_advantage_micro_batches_leaves_the_update_bit_for_bit(tiny_lm, dtype, method):
+    """grpo.skip_zero_advantage: the micro-batches of tied groups get no backward (fewer backward calls), and the
+    weights after the step and the step's statistics are those of the run that computes every micro-batch.
+    Groups 0 and 2 of 3 tie: micro-batches 0, 1, 4 and 5 have zero advantages, and all but the last (the
+    accumulation boundary) are skipped."""
+    base, tok = tiny_lm
+    torch.manual_seed(0)
+    prompts = PROMPTS + ["post : carol found the dog . tldr :"]
+    rollout = sample(base, tok, prompts, G, T_MAX, 1.0)
+    rewards = _tied(torch.randn(len(prompts) * G, generator=torch.Generator().manual_seed(1)), [0, 2])
+    scores = Scores(rewards, torch.randn(len(rewards), 3, generator=torch.Generator().manual_seed(2)))
+    runs = {}
+    for skip in (False, True):
+        s = settings(**{"gr_gamma": 0.0, "micro_batch_size": 2, "skip_zero_advantage": skip, **method})
+        model = copy.deepcopy(base).to(dtype)
+        update = make_update(model, s, Dist())
+        calls, backward = [], update.backward
+        update.backward = lambda loss, boundary: (calls.append(boundary), backward(loss, boundary))
+        stats = grpo_step(update, Dist(), rollout, scores, None, 0.0, s)
+        runs[skip] = [p.detach().clone() for p in model.parameters()], stats, calls
+    (weights, stats, calls), (weights_skip, stats_skip, calls_skip) = runs[False], runs[True]
+    passes = 1 if method.get("gr_estimator") == "hvp" else 2 if method.get("gr_gamma") else 1
+    if method.get("gr_estimator") != "hvp":  # hvp differentiates by torch.autograd.grad, not update.backward
+        assert len(calls) == 6 * passes and len(calls_skip) == 3 * passes and calls_skip.count(True) == passes
+    assert stats["update/skipped_fraction"] == 0 and stats_skip["update/skipped_fraction"] == 3 / 6
+    for a, b in zip(weights, weights_skip):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, p.to(dtype)) for a, p in zip(weights, base.parameters()))
+    for key in stats:
+        if key not in ("update/skipped_fraction", "logprobs"):
+            assert stats_skip[key] == pytest.approx(stats[key], rel=1e-6, abs=1e-12), key
+    # hvp runs its passes with SDPA's math kernel (double backward); a skipped micro-batch's statistics come from the
+    # default kernel, which in bf16 rounds differently (the update itself is unaffected: compared exactly above)
+    exact = dtype == torch.float32 or method.get("gr_estimator") != "hvp"
+    torch.testing.assert_close(stats_skip["logprobs"], stats["logprobs"], rtol=0 if exact else 2 ** -8,
+                               atol=0 if exact else 1e-3)
+
+
+def test_no_micro_batch_is_skipped_under_a_kl_penalty_or_when_a_rank_has_signal():
+    """The skip set is computed from the gathered advantages, the same on every rank: a micro-batch is skipped only
+    where all ranks' rows are zero, never the last one, and never when the KL penalty gives zero-advantage rows
+    a gradient."""
+    from rlhf.trainer import zero_gradient_chunks
+    chunks = [slice(0, 2), slice(2, 4), slice(4, 6)]
+    advantages = torch.tensor([[0.0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]])  # 2 ranks x 6 rows
+    assert zero_gradient_chunks(advantages, chunks, 0.0) == {0}
+    assert zero_gradient_chunks(advantages, chunks, 0.05) == set()
+    assert zero_gradient_chunks(torch.zeros(2, 6), chunks, 0.0) == {0, 1}
