@@ -245,3 +245,86 @@ def claim_values(cfg: dict, claim: Claim) -> dict[str, list[float]]:
     P, read = Paths.from_config(cfg), RUN_METRICS[claim.metric]
     return {side: [read(P, method_of(cfg, side), seed) for seed in cfg["seeds"]]
             for side in sides(claim.comparison) if side is not None}
+
+
+# --- tuning: config/claims.yaml's protocol (a 4-value grid per method, tuning seeds, selection on validation) ---------
+
+def final_validation_win_rate(P, method: str, seed: int) -> float:
+    """The validation win rate of the run's last evaluation (data.num_validation prompts)."""
+    return float(_rows_with(P, method, seed, "eval/validation_win_rate", " (set data.num_validation)")[-1]
+                 ["eval/validation_win_rate"])
+
+
+def tuning_runs(cfg: dict) -> list[Path]:
+    """The files a tuning config's runs write: every sweep point's GRPO metrics, for each of its (tuning) seeds."""
+    from rlhf.config import sweep_points
+    P = Paths.from_config(cfg)
+    return [P.grpo_metrics(m, s) for points in sweep_points(cfg).values() for m in points for s in cfg["seeds"]]
+
+
+def tune(cfg: dict) -> dict[str, dict]:
+    """Each sweep's points with their per-seed final validation win rates and mean, and the selected point: the
+    highest mean, the earliest in grid order on a tie (the grids are written smallest strength first)."""
+    from rlhf.config import sweep_points
+    P, out = Paths.from_config(cfg), {}
+    for name, points in sweep_points(cfg).items():
+        rows = {m: [final_validation_win_rate(P, m, s) for s in cfg["seeds"]] for m in points}
+        means = {m: float(np.mean(v)) for m, v in rows.items()}
+        best = max(means.values())
+        out[name] = {"points": {m: {"settings": points[m], "validation": rows[m], "mean": means[m]} for m in points},
+                     "selected": next(m for m in points if means[m] == best)}
+    return out
+
+
+def tuning_table(result: dict[str, dict], seeds: list[int]) -> str:
+    lines = [f"| sweep | point | validation win rate, seeds {', '.join(map(str, seeds))} | mean | selected |",
+             "|---|---|---|---|---|"]
+    for name, sweep in result.items():
+        for m, p in sweep["points"].items():
+            lines.append(f"| {name} | {m} | {' / '.join(f'{v:.3f}' for v in p['validation'])} | {p['mean']:.3f} | "
+                         f"{'**yes**' if m == sweep['selected'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    from rlhf.config import load_config
+    p = argparse.ArgumentParser(prog="python -m rlhf.claims", description="config/claims.yaml's protocol: the tuning "
+                                "runs' targets and selection, and the claims' verdicts.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("targets", help="the tuning config's GRPO runs, as Snakemake targets")
+    t.add_argument("config")
+    t = sub.add_parser("tune", help="each sweep's validation win rates and selected point (markdown; --json)")
+    t.add_argument("config")
+    t.add_argument("--json", action="store_true")
+    v = sub.add_parser("verdicts", help="the claims' verdicts on the tasks given (markdown)")
+    v.add_argument("tasks", nargs="+", metavar="TASK=CONFIG", help=f"a task ({', '.join(TASKS)}) and its config")
+    v.add_argument("--claims", default=str(Path(__file__).resolve().parents[1] / "config" / "claims.yaml"))
+    args = p.parse_args(argv)
+    if args.command == "targets":
+        print(" ".join(str(f) for f in tuning_runs(load_config(args.config))))
+    elif args.command == "tune":
+        cfg = load_config(args.config)
+        result = tune(cfg)
+        print(json.dumps(result, indent=1) if args.json else tuning_table(result, cfg["seeds"]), end="")
+    else:
+        rows, untested = [], []
+        for item in args.tasks:
+            task, _, config = item.partition("=")
+            if task not in TASKS or not config:
+                p.error(f"{item}: expected TASK=CONFIG with TASK one of {', '.join(TASKS)}")
+            cfg = load_config(config)
+            for claim in load_claims(args.claims):
+                if task in claim.tasks:
+                    try:
+                        rows.append((claim, task, judge(claim, claim_values(cfg, claim))))
+                    except (KeyError, FileNotFoundError) as e:  # a run or summary the task has not made
+                        untested.append(f"- {claim.id} on {task}: not tested ({str(e).strip(chr(39))})")
+        print(verdict_table(rows) + ("\n" + "\n".join(untested) + "\n" if untested else ""), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,6 @@
 """The pre-registered claims file and its verdict rule (rlhf/claims.py)."""
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -146,3 +147,38 @@ def test_a_claims_values_are_read_per_seed_from_its_runs(tmp_path):
     del cfg["methods"]["kl"]
     with pytest.raises(KeyError, match="no method 'kl'"):
         claim_values(cfg, claims["kl-above-noreg"])
+
+
+def test_tuning_selects_each_sweeps_best_final_validation_win_rate_smallest_on_a_tie(tmp_path, capsys):
+    """The protocol's selection through the CLI on crafted runs: the mean over the tuning seeds of the LAST
+    evaluation's validation win rate (not the peak, not the test prompts'), ties to the earlier grid point; the
+    targets are every sweep point's runs for the config's seeds; the shipped tuning config loads and has 4 points per
+    sweep."""
+    from rlhf.claims import main, tuning_runs
+    from rlhf.config import load_config, sweep_points
+    from rlhf.io import write_jsonl
+    from rlhf.paths import Paths
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump({
+        "extends": str(REPO / "config" / "micro.yaml"), "results_dir": str(tmp_path / "results"), "seeds": [100, 101],
+        "sweeps": {"kl": {"grid": {"kl_beta": [0.1, 0.3]}}, "gr": {"grid": {"gr_gamma": [1.0, 2.0]}}}},
+        sort_keys=False))
+    cfg = load_config(config)
+    P = Paths.from_config(cfg)
+    final = {("kl-0.1", 100): 0.5, ("kl-0.1", 101): 0.7, ("kl-0.3", 100): 0.65, ("kl-0.3", 101): 0.65,
+             ("gr-1", 100): 0.4, ("gr-1", 101): 0.6, ("gr-2", 100): 0.55, ("gr-2", 101): 0.45}
+    for (method, seed), v in final.items():
+        write_jsonl(P.grpo_metrics(method, seed), [
+            {"step": 0, "eval/validation_win_rate": 0.5, "eval/win_rate": 0.5},
+            {"step": 5, "eval/validation_win_rate": 0.99, "eval/win_rate": 0.99},   # a peak: not what is selected on
+            {"step": 10, "eval/validation_win_rate": v, "eval/win_rate": 1 - v}])
+    assert tuning_runs(cfg) == [P.grpo_metrics(m, s) for m in ("kl-0.1", "kl-0.3", "gr-1", "gr-2") for s in (100, 101)]
+    assert main(["tune", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kl"]["selected"] == "kl-0.3" and result["kl"]["points"]["kl-0.1"]["mean"] == pytest.approx(0.6)
+    assert result["gr"]["selected"] == "gr-1"   # 0.5 and 0.5: the smaller gamma
+    assert main(["tune", str(config)]) == 0 and "| kl | kl-0.3 | 0.650 / 0.650 | 0.650 | **yes** |" in \
+        capsys.readouterr().out
+    shipped = load_config(REPO / "config" / "miniature-ood-tune.yaml")
+    assert shipped["seeds"] == [100, 101] and shipped["experiment"] == "miniature-ood"
+    assert all(len(points) == 4 for points in sweep_points(shipped).values())
