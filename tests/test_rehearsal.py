@@ -77,6 +77,23 @@ def test_the_overlay_of_a_signcert_config_field_by_field():
     assert layer["resources"]["jobs"]["grpo"] == {"cpus": 1, "mem_mb": 3000, "gpus": 0, "nodes": 2}
 
 
+def test_the_overlay_on_one_rank_keeps_the_per_device_batch():
+    """ranks=1 (CI's SignCert slice, CI_RANKS): the data-parallel rules run as one process (no GPUs, no nodes: the
+    launcher is python) with one rank's share of each global batch, and the validated config says so."""
+    from rlhf.cluster import launcher, ranks
+    from rlhf.rehearsal.run import CI_RANKS, CI_SUBSET
+    assert set(CI_RANKS) <= set(CI_SUBSET)
+    path = REPO / "config" / "paper" / "signcert-tldr-pythia-1b.yaml"
+    raw, cfg = _read_yaml(path), load_config(path)
+    for local in (True, False):
+        layer = overlay(raw, cfg, FOLDERS, HUB, URL, local=local, ranks=1)
+        assert layer["sft"]["batch_size"] == 128 // 8 and layer["grpo"]["prompts_per_step"] == 32 // 8
+        assert layer["resources"]["jobs"]["grpo"] == {"cpus": 1, "mem_mb": 3000, "gpus": 0}
+        rehearsed = validate_config(merged(raw, layer), source=str(path))
+        assert all(ranks(rehearsed, stage) == 1 and launcher(rehearsed, stage) == "python"
+                   for stage in ("sft", "rm", "grpo"))
+
+
 def test_every_hub_model_of_the_paper_configs_has_a_stand_in():
     names = set()
     for path in paper_configs():

@@ -72,20 +72,21 @@ def standins_needed(cfg: dict) -> set[str]:
     return {HUB_MODELS[n] for n in names if n in HUB_MODELS} | ({JUDGE} if uses_judge(cfg) else set())
 
 
-def _scaled(value: int, factor: float, what: str) -> int:
+def _scaled(value: int, factor: float, what: str, ranks: int = NODES) -> int:
     scaled = value * factor
     if scaled != int(scaled) or scaled < 1:
-        raise ConfigError(f"{what} = {value} cannot be scaled to {NODES} ranks keeping its per-device batch")
+        raise ConfigError(f"{what} = {value} cannot be scaled to {ranks} rank(s) keeping its per-device batch")
     return int(scaled)
 
 
 def overlay(raw: dict, cfg: dict, folders: dict[str, str], hub: dict[str, str], judge_url: str | None,
-            local: bool = False) -> dict:
+            local: bool = False, ranks: int = NODES) -> dict:
     """The overlay for one paper config. raw: the config file as written (its `extends` merged: rlhf.config's
     _read_yaml); cfg: the same validated (defaults filled, sweeps expanded); folders: stand-in key -> folder; hub:
     data.source -> fixture folder; judge_url: the served stand-in judge. local: for local Snakemake, where the CPU
     ranks of a data-parallel rule are NODES processes under torchrun on this node (gpus NODES: the launcher's rank
-    count) instead of NODES nodes."""
+    count) instead of NODES nodes. ranks: the CPU ranks of such a rule (NODES; 1 runs it as one process, its batches
+    scaled to one rank's: CI's slice of its largest config, rlhf/rehearsal/run.py CI_RANKS)."""
     out: dict = {"resources": {"device": "cpu", "jobs": {}}}
     model = {"name": standin(cfg["model"]["name"], "model.name", folders)}
     out["model"] = model
@@ -111,31 +112,31 @@ def overlay(raw: dict, cfg: dict, folders: dict[str, str], hub: dict[str, str], 
             out.setdefault(section, {})[field] = cap
 
     # GPUs -> CPU ranks, keeping the per-device batch and the accumulation
-    ranks = {}
+    rule_ranks = {}
     for rule in ["default", *(r for r in raw.get("resources", {}).get("jobs", {}) if r != "default")]:
         spec = job_spec(cfg, rule) if rule != "default" else {**cfg["resources"]["jobs"].get("default", {})}
         several = rule != "default" and STAGES[rule].data_parallel and spec.get("gpus", 0) > 1
         entry = {"cpus": 1, "mem_mb": MEM_MB}
         if spec.get("gpus", 0):
-            entry["gpus"] = NODES if several and local else 0
-        if several and not local:
-            entry["nodes"] = NODES
+            entry["gpus"] = ranks if several and local and ranks > 1 else 0
+        if several and not local and ranks > 1:
+            entry["nodes"] = ranks
         out["resources"]["jobs"][rule] = entry
         if rule != "default":
-            ranks[rule] = (spec.get("nodes", 1) * max(spec.get("gpus", 0), 1), NODES if several else 1)
+            rule_ranks[rule] = (spec.get("nodes", 1) * max(spec.get("gpus", 0), 1), ranks if several else 1)
 
     def factor(rule: str) -> float:
-        old, new = ranks.get(rule, (1, 1))
+        old, new = rule_ranks.get(rule, (1, 1))
         return new / old
     for section in ("sft", "rm", "dpo"):
         if section in cfg and factor(section) != 1 and not (section == "rm" and "rlvr" in cfg):
             out.setdefault(section, {})["batch_size"] = _scaled(cfg[section]["batch_size"], factor(section),
-                                                                f"{section}.batch_size")
+                                                                f"{section}.batch_size", ranks)
     grpo = out.setdefault("grpo", {})
     grpo["steps"] = STEPS
     f = factor("grpo")
     if f != 1:
-        grpo["prompts_per_step"] = _scaled(cfg["grpo"]["prompts_per_step"], f, "grpo.prompts_per_step")
+        grpo["prompts_per_step"] = _scaled(cfg["grpo"]["prompts_per_step"], f, "grpo.prompts_per_step", ranks)
     for field in UPDATE_COUNTS:
         if cfg["grpo"][field]:
             grpo[field] = 1
@@ -144,7 +145,8 @@ def overlay(raw: dict, cfg: dict, folders: dict[str, str], hub: dict[str, str], 
         for name, fields in entries.items():
             changed = {k: 1 for k in UPDATE_COUNTS if fields.get(k)}
             if fields.get("prompts_per_step") and f != 1:
-                changed["prompts_per_step"] = _scaled(fields["prompts_per_step"], f, f"{where}.{name}.prompts_per_step")
+                changed["prompts_per_step"] = _scaled(fields["prompts_per_step"], f, f"{where}.{name}.prompts_per_step",
+                                                      ranks)
             if changed:
                 out.setdefault(where, {})[name] = changed if where == "methods" else {"base": changed}
     if dpo_methods(cfg):
