@@ -11,7 +11,8 @@ What it changes and why:
 - data.hub_name -> a local folder in that repository's real layout (rlhf/rehearsal/hub_fixtures.py);
 - gold.judge.base_url -> the stand-in judge served by `vllm serve` under the config's own judge model name;
 - GPUs -> CPU ranks: resources.device cpu; every rule's gpus 0, cpus 1 and a small mem_mb (the private cluster has 2
-  CPUs per node); a data-parallel rule with several GPUs runs on 2 nodes x 1 rank, so ranks stay above 1;
+  CPUs per node); a data-parallel rule with several GPUs runs on 2 nodes x 1 rank, so ranks stay above 1 (CI's slice
+  of its largest config: 1 rank, `ranks`);
 - gold.judge.requests_per_minute: the OpenAI rate limit it paces for is not the stand-in server's;
 - sizes that keep the batch arithmetic: the global batches (sft/rm/dpo batch_size, grpo.prompts_per_step of the grpo
   section, of each method and of each sweep's base) are scaled by new ranks / old ranks, so the per-device batch and
