@@ -7,6 +7,8 @@ interval on the other side; inconclusive: the interval contains the threshold.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rlhf.config import load_config, sweep_points
 from rlhf.errors import ConfigError
 from rlhf.io import read_json, read_jsonl
 from rlhf.paths import Paths
@@ -257,7 +260,6 @@ def final_validation_win_rate(P, method: str, seed: int) -> float:
 
 def tuning_runs(cfg: dict) -> list[Path]:
     """The files a tuning config's runs write: every sweep point's GRPO metrics, for each of its (tuning) seeds."""
-    from rlhf.config import sweep_points
     P = Paths.from_config(cfg)
     return [P.grpo_metrics(m, s) for points in sweep_points(cfg).values() for m in points for s in cfg["seeds"]]
 
@@ -265,7 +267,6 @@ def tuning_runs(cfg: dict) -> list[Path]:
 def tune(cfg: dict) -> dict[str, dict]:
     """Each sweep's points with their per-seed final validation win rates and mean, and the selected point: the
     highest mean, the earliest in grid order on a tie (the grids are written smallest strength first)."""
-    from rlhf.config import sweep_points
     P, out = Paths.from_config(cfg), {}
     for name, points in sweep_points(cfg).items():
         rows = {m: [final_validation_win_rate(P, m, s) for s in cfg["seeds"]] for m in points}
@@ -287,10 +288,6 @@ def tuning_table(result: dict[str, dict], seeds: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-
-    from rlhf.config import load_config
     p = argparse.ArgumentParser(prog="python -m rlhf.claims", description="config/claims.yaml's protocol: the tuning "
                                 "runs' targets and selection, and the claims' verdicts.")
     sub = p.add_subparsers(dest="command", required=True)
