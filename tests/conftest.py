@@ -84,8 +84,7 @@ def write_config(tmp_path: Path, base: str = "micro.yaml", **sections) -> Path:
 
 # `make test` runs two pytest-xdist workers, one test file per work unit (--dist loadfile --no-loadscope-reorder): the
 # files that take longest start first, the short ones fill in after, and both workers finish together.
-LONGEST_FIRST = ("test_rehearsal.py", "test_slurm.py", "test_workflow.py", "test_plan.py", "test_baselines.py",
-                 "test_robustness.py",
+LONGEST_FIRST = ("test_rehearsal.py", "test_slurm.py", "test_workflow.py", "test_baselines.py", "test_robustness.py",
                  "test_tables.py", "test_distributed.py", "test_rlvr_miniature.py", "test_smoke.py", "test_vllm.py",
                  "test_judge.py")
 
