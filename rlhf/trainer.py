@@ -71,12 +71,6 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
     advantages, mask = dist.local(advantages).to(device), rollout.completion_mask.to(device).float()
     at_phi = {}  # per micro-batch: log-probs and entropy sum of the unperturbed policy (the step's statistics)
 
-    def statistics_only(i: int, rows: slice) -> None:
-        """A skipped micro-batch's log-probs and entropy (the step's statistics), without a graph."""
-        with torch.no_grad():
-            logprobs, entropy = token_logprobs(policy, rollout.rows(rows), with_entropy=True)
-        at_phi[i] = (logprobs, (entropy * mask[rows]).sum().item())
-
     def micro_loss(i: int, rows: slice, old_logprobs=None, exp_ratio: bool = False, at_phi_pass: bool = True
                    ) -> torch.Tensor:
         """Micro-batch i's loss weighted by its share of the batch, so the accumulated gradient is the whole
@@ -93,6 +87,9 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
             at_phi[i] = (logprobs.detach(), (entropy.detach() * m).sum().item())
         return loss
 
+    with torch.no_grad():  # a skipped micro-batch's statistics at phi, without a graph
+        for i in skipped:
+            micro_loss(i, chunks[i])
     stored_ratio = settings.gr_second_pass_ratio == "stored"
 
     def gradient_pass(perturbed: bool = False) -> float:
@@ -101,8 +98,6 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
         loss = 0.0
         for i, rows in enumerate(chunks):
             if i in skipped:  # its gradient is exactly zero (and its loss 0) at phi and at phi'
-                if not perturbed:
-                    statistics_only(i, rows)
                 continue
             part_loss = micro_loss(i, rows, at_phi[i][0] if perturbed and stored_ratio else None,
                                    at_phi_pass=not perturbed)
@@ -114,8 +109,6 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
         # GR: the gradient of L + (gamma/2)||grad L||^2 on the transformer blocks (rlhf/algorithms/gr.py).
         common = dict(gamma=settings.gr_gamma, g1_clip=settings.gr_g1_clip, excluded_grad=settings.gr_excluded_grad, grads=update)
         if settings.gr_estimator == "hvp":
-            for i in skipped:
-                statistics_only(i, chunks[i])
             gr = hvp_gr(policy, [functools.partial(micro_loss, i, rows, exp_ratio=stored_ratio)
                                  for i, rows in enumerate(chunks) if i not in skipped], **common)
         else:
