@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from rlhf.config import load_config, sweep_points
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, DataError
 from rlhf.io import read_json, read_jsonl
 from rlhf.paths import Paths
 
@@ -169,9 +169,9 @@ def _rows_with(P, method, seed, key, hint: str = "") -> list[dict]:
     return rows
 
 
-def _logged(key, how):
+def _logged(key, how, hint: str = ""):
     """From the GRPO run's metrics log: `how` of the values of `key` over the rows that carry it, in step order."""
-    return lambda P, method, seed: float(how([r[key] for r in _rows_with(P, method, seed, key)]))
+    return lambda P, method, seed: float(how([r[key] for r in _rows_with(P, method, seed, key, hint)]))
 
 
 def _drop_from_peak(P, method, seed):
@@ -252,10 +252,8 @@ def claim_values(cfg: dict, claim: Claim) -> dict[str, list[float]]:
 
 # --- tuning: config/claims.yaml's protocol (a 4-value grid per method, tuning seeds, selection on validation) ---------
 
-def final_validation_win_rate(P, method: str, seed: int) -> float:
-    """The validation win rate of the run's last evaluation (data.num_validation prompts)."""
-    return float(_rows_with(P, method, seed, "eval/validation_win_rate", " (set data.num_validation)")[-1]
-                 ["eval/validation_win_rate"])
+# The validation win rate of the run's last evaluation (data.num_validation prompts): what tuning selects on.
+final_validation_win_rate = _logged("eval/validation_win_rate", lambda v: v[-1], " (set data.num_validation)")
 
 
 def tuning_runs(cfg: dict) -> list[Path]:
@@ -317,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 if task in claim.tasks:
                     try:
                         rows.append((claim, task, judge(claim, claim_values(cfg, claim))))
-                    except (KeyError, FileNotFoundError) as e:  # a run or summary the task has not made
-                        untested.append(f"- {claim.id} on {task}: not tested ({str(e).strip(chr(39))})")
+                    except (KeyError, DataError) as e:  # a run or summary the task has not made
+                        untested.append(f"- {claim.id} on {task}: not tested ({e.args[0]})")
         print(verdict_table(rows) + ("\n" + "\n".join(untested) + "\n" if untested else ""), end="")
     return 0
 

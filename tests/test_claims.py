@@ -182,3 +182,16 @@ def test_tuning_selects_each_sweeps_best_final_validation_win_rate_smallest_on_a
     shipped = load_config(REPO / "config" / "miniature-ood-tune.yaml")
     assert shipped["seeds"] == [100, 101] and shipped["experiment"] == "miniature-ood"
     assert all(len(points) == 4 for points in sweep_points(shipped).values())
+
+
+def test_verdicts_name_each_claim_a_task_has_no_runs_for(tmp_path, capsys):
+    """`verdicts` on a task whose runs do not exist yet: no traceback, each of its claims listed as not tested with the
+    missing file."""
+    from rlhf.claims import main
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"extends": str(REPO / "config" / "micro.yaml"),
+                                      "results_dir": str(tmp_path / "results")}))
+    assert main(["verdicts", f"miniature={config}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("0 claim-task pairs tested")
+    assert "- kl-above-noreg on miniature: not tested (missing input file: " in out
