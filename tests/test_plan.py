@@ -13,7 +13,7 @@ from rlhf.stages.plan import KNOWN, grpo_memory, plan
 from tests.conftest import REPO
 
 STEP = """
-import copy, json, sys
+import copy, json, os, sys
 import torch
 torch.set_num_threads(1)
 from transformers import AutoModelForSequenceClassification
@@ -33,7 +33,10 @@ def kib(field):
 
 cfg, out = load_config(sys.argv[1]), {}
 tok = miniature_tokenizer(cfg)
-for method in sys.argv[2:]:  # one per process: memory freed by another method would be reused unseen
+for method in sys.argv[2:]:  # one forked process each, after the imports: memory freed by another method would be
+    if os.fork():            # reused unseen in one process
+        assert os.wait()[1] == 0, method
+        continue
     open("/proc/self/clear_refs", "w").write("5")  # Linux: the peak (VmHWM) starts again from here, after imports
     base = kib("VmRSS")
     policy = build_tiny_causal_lm(cfg["model"]["build"], tok, seed=0)
@@ -50,17 +53,17 @@ for method in sys.argv[2:]:  # one per process: memory freed by another method w
     n = len(prompts) * s.group_size
     scores = Scores(torch.randn(n, generator=torch.Generator().manual_seed(0)), torch.zeros(n, 3))
     grpo_step(update, Dist(), rollout, scores, None, 0.0, s)  # AdamW's state is made in this step's update
-    out[method] = {"peak": (kib("VmHWM") - base) * 1024, "prompt_tokens": rollout.prompt_ids.shape[1]}
-    del policy, initial, rm, update, rollout
-print(json.dumps(out))
+    print(json.dumps({method: {"peak": (kib("VmHWM") - base) * 1024, "prompt_tokens": rollout.prompt_ids.shape[1]}}),
+          flush=True)
+    os._exit(0)
 """
 
 
 def test_the_estimate_against_the_measured_peak_of_a_grpo_step_on_the_cpu(tmp_path):
     """A 17M-parameter Qwen2 shape in fp32 (weights, pi_init, a same-size RM, AdamW, 64 completions in micro-batches
     of 16): the peak resident memory of one GRPO step (Linux's VmHWM, reset after the imports), against plan's
-    estimate of the same components, for noreg, GR's finite difference and hvp. Measured 1.1-1.4x the estimate
-    (allocator caching and temporaries): plan warns with a 1.4 margin."""
+    estimate of the same components, for noreg, GR's finite difference and hvp (one process forked for each after
+    the imports). Measured 1.1-1.4x the estimate (allocator caching and temporaries): plan warns with a 1.4 margin."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
     cfg = yaml.safe_load((REPO / "config" / "micro.yaml").read_text())
@@ -70,12 +73,11 @@ def test_the_estimate_against_the_measured_peak_of_a_grpo_step_on_the_cpu(tmp_pa
     cfg["methods"] = {"noreg": {}, "gr": {"gr_gamma": 0.01}, "hvp": {"gr_gamma": 0.01, "gr_estimator": "hvp"}}
     cfg["results_dir"] = str(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    measured = {}
-    for method in cfg["methods"]:
-        done = subprocess.run([sys.executable, "-c", STEP, str(tmp_path / "c.yaml"), method], capture_output=True,
-                              text=True, cwd=REPO, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        measured.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    done = subprocess.run([sys.executable, "-c", STEP, str(tmp_path / "c.yaml"), *cfg["methods"]], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = {k: v for line in done.stdout.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+    assert set(measured) == set(cfg["methods"]), done.stdout[-2000:]
     for method, m in measured.items():
         estimate = sum(grpo_memory(load_config(tmp_path / "c.yaml"), method, 1, m["prompt_tokens"]).values())
         print(f"{method}: measured {m['peak'] / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")

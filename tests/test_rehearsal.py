@@ -8,9 +8,11 @@ import sys
 import pytest
 
 from rlhf.config import _read_yaml, load_config, validate_config
+from rlhf.errors import ConfigError
 from rlhf.rehearsal.overlay import OVERLAID, UPDATE_COUNTS, changes, merged, overlay, standins_needed
 from rlhf.rehearsal.run import CI_SUBSET, ci_slice, paper_configs, slice_targets
 from rlhf.rehearsal.standins import HUB_MODELS, STANDINS
+from rlhf.settings import GRPOSettings
 from tests.conftest import REPO, jobs
 
 FOLDERS = {k: f"/standins/{k}" for k in STANDINS}
@@ -121,6 +123,10 @@ def test_the_ci_slice_keeps_every_stage_and_method_kind_and_one_point_of_each_sw
     kept = ci_slice(cfg)
     assert kept == ["drgrpo", "uwo", "bspo", "signcert-0.1", "advpo-1"]  # SignCert's q sweep, AdvPO's budget sweep
     assert ci_slice(load_config(REPO / "config" / "paper" / "gr-math-qwen2.5-1.5b.yaml")) is None
+    judge = load_config(REPO / "config" / "paper" / "gr-gsm8k-judge-qwen2.5-0.5b.yaml")
+    assert ci_slice(judge) is None and ci_slice(judge, "gr-gsm8k-judge-qwen2.5-0.5b") == ["kl"]  # CI_METHODS
+    with pytest.raises(ConfigError, match=r"CI_METHODS\['gr-gsm8k-judge-qwen2.5-0.5b'\]: kl not among"):
+        ci_slice({**judge, "methods": {"noreg": {}}}, "gr-gsm8k-judge-qwen2.5-0.5b")
 
     def dry(*targets):
         done = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
@@ -133,11 +139,30 @@ def test_the_ci_slice_keeps_every_stage_and_method_kind_and_one_point_of_each_sw
     assert sliced["grpo"] == len(kept) < whole["grpo"] and sliced["evaluate"] == 2  # SFT's and the first method's
 
 
+
+def test_the_ci_slices_rehearse_every_regularizer_and_reward_of_the_ci_subset():
+    """What CI_METHODS leaves out is rehearsed elsewhere in the subset: every regularizer (KL, resets, GR, SignCert,
+    Elastic Reset, none) and every reward kind a CI config's methods use runs in some config's slice."""
+    def kinds(cfg, methods):
+        out = set()
+        for m in methods:
+            s = GRPOSettings.for_method(cfg, m)
+            on = {k for k, v in (("kl", s.kl_beta), ("resets", s.reset_every), ("gr", s.gr_gamma),
+                                 ("signcert", s.signcert_quantile), ("elastic", s.elastic_reset_every)) if v}
+            out |= (on or {"noreg"}) | {f"reward {s.reward}"}
+        return out
+    wanted, kept = set(), set()
+    for name in CI_SUBSET:
+        cfg = load_config(REPO / "config" / "paper" / f"{name}.yaml")
+        wanted |= kinds(cfg, cfg["methods"])
+        kept |= kinds(cfg, ci_slice(cfg, name) or cfg["methods"])
+    assert kept == wanted and {"kl", "resets", "gr", "signcert", "noreg", "reward uwo"} <= kept, wanted - kept
+
 @pytest.mark.slow
 def test_the_ci_subset_of_paper_configs_rehearses_end_to_end(tmp_path):
-    """`python -m rlhf.rehearsal --ci --local`: a config of each kind (CI_SUBSET) through the Snakefile, every stage
-    and method, one point of each sweep (ci_slice: the two configs with sweeps run without their report; the two
-    without, whole; local executor: the Slurm profile costs about twice as long; make rehearse goes through it, and
+    """`python -m rlhf.rehearsal --ci --local`: a config of each kind (CI_SUBSET) through the Snakefile, every stage,
+    every regularizer once (ci_slice: one point of each sweep, CI_METHODS; the sliced configs run without their
+    report; gr-math whole; local executor: the Slurm profile costs about twice as long; make rehearse goes through it, and
     tests/test_slurm.py runs micro DAG jobs on two Slurm nodes) with its checks (non-zero advantages and gradients,
     parseable judge, completions that end and carry their format, every policy moved, every report and paper-table
     cell filled). One test on one pytest-xdist worker: split over both workers (two files, two configs each) the
@@ -150,7 +175,7 @@ def test_the_ci_subset_of_paper_configs_rehearses_end_to_end(tmp_path):
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:], report)
     assert [r["config"] for r in report["configs"]] == list(CI_SUBSET)  # in its order: those asking a judge last
     assert all(r["passed"] and r["jobs"] > 5 for r in report["configs"])
-    assert {r["config"] for r in report["configs"] if r["whole"]} == {"gr-math-qwen2.5-1.5b", "gr-gsm8k-judge-qwen2.5-0.5b"}
+    assert {r["config"] for r in report["configs"] if r["whole"]} == {"gr-math-qwen2.5-1.5b"}
     by_config = {r["config"]: r["signals"] for r in report["configs"]}
     assert float(by_config["gr-gsm8k-judge-qwen2.5-0.5b"]["judge parseable"]) >= 0.5
     assert report["tables"] and all(t["missing"] == 0 for t in report["tables"].values()), report["tables"]

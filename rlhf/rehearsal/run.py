@@ -32,6 +32,7 @@ import yaml
 
 from rlhf.config import _read_yaml, load_config, sweep_points
 from rlhf.data.rlvr import rlvr_task
+from rlhf.errors import ConfigError
 from rlhf.io import atomic_dir, atomic_file
 from rlhf.paths import Paths
 from rlhf.rehearsal import checks
@@ -55,6 +56,14 @@ CI_SUBSET = ("signcert-tldr-pythia-1b", "gr-math-qwen2.5-1.5b", "gr-alpaca-qwen2
 # group means and SignCert's quantile over the gathered batch — tests/test_distributed.py checks against one process,
 # and make rehearse ran this config on 2 Slurm nodes (docs/paper-scale.md).
 CI_RANKS = {"signcert-tldr-pythia-1b": 1}
+# The GRPO methods CI rehearses of a config, where not all (beyond ci_slice's first point of each sweep): every
+# regularizer's path runs once in the subset — noreg, KL and Reference Resets on AlpacaFarm's RM gold, noreg and GR on
+# MATH (bf16, whole: its report and paper tables), KL under the LLM judge, Dr.GRPO, SignCert-PO, UWO, AdvPO and BSPO on
+# TL;DR. A regularizer's update does not read which reward made the advantages, and the reward's path (the gold RM,
+# the judge, math-verify) runs in every GRPO run of its config: GR on AlpacaFarm and noreg and GR under the judge
+# repeated what gr-math and the judge's KL run check, ~110 CPU-s of the suite's ~1,900 (make rehearse runs them all).
+# The judge's correctness reward varies within one run (its two steps), which its check needs.
+CI_METHODS = {"gr-alpaca-qwen2.5-3b": ("noreg", "kl-0.05", "resets-0.2"), "gr-gsm8k-judge-qwen2.5-0.5b": ("kl",)}
 ROWS = {"tldr": {"train": 256, "validation": 64, "test": 64},
         "alpaca_farm": {"sft": 96, "preference": 96, "unlabeled": 96, "val": 96},
         "gsm8k": {"train": 256, "test": 48}, "math": {"train": 256, "test": 48}}
@@ -149,12 +158,18 @@ def snakemake_args(paper: Path, overlay_file: Path, workdir: Path, local: bool) 
             "--seconds-between-status-checks", "2", "--latency-wait", "5"]
 
 
-def ci_slice(cfg: dict) -> list[str] | None:
-    """The methods CI rehearses of a config (`--ci`): all of them, except that a sweep runs its first point only; None
-    where that is all of them. A sweep's other points run the same stages and code with other numbers, and on this
-    CPU each GRPO run with its evaluation costs ~20 CPU-s, two thirds of it imports: the four CI configs' whole DAGs
-    (83 jobs) took 14.5 min alone, the rest of make test 11. The report, which needs every run, then does not run for
-    that config (slice_targets); make rehearse always runs whole DAGs."""
+def ci_slice(cfg: dict, name: str | None = None) -> list[str] | None:
+    """The methods CI rehearses of a config (`--ci`): CI_METHODS[name] where it names them; else all of them, except
+    that a sweep runs its first point only; None where that is all of them. A sweep's other points run the same stages
+    and code with other numbers, and on this CPU each GRPO run with its evaluation costs ~20 CPU-s, two thirds of it
+    imports: the four CI configs' whole DAGs (83 jobs) took 14.5 min alone, the rest of make test 11. The report, which
+    needs every run, then does not run for that config (slice_targets); make rehearse always runs whole DAGs."""
+    if name in CI_METHODS:
+        unknown = [m for m in CI_METHODS[name] if m not in cfg["methods"]]
+        if unknown:
+            raise ConfigError(f"CI_METHODS[{name!r}]: {', '.join(unknown)} not among its methods "
+                              f"({', '.join(cfg['methods'])}): update rlhf/rehearsal/run.py")
+        return list(CI_METHODS[name])
     dropped = {m for points in sweep_points(cfg).values() for m in list(points)[1:]}
     return [m for m in cfg["methods"] if m not in dropped] if dropped else None
 
@@ -191,7 +206,7 @@ def rehearse(paper: Path, out: Path, hub: dict, models: dict, judge_url: str | N
     overlay_file = workdir / "overlay.yaml"
     overlay_file.write_text(f"# rehearsal overlay of {paper.relative_to(REPO)}: sets {', '.join(changes(layer))}\n"
                             + yaml.safe_dump(layer, sort_keys=False))
-    methods = ci_slice(cfg) if sliced else None
+    methods = ci_slice(cfg, name) if sliced else None
     argv = snakemake_args(paper, overlay_file, workdir, local) + (slice_targets(cfg, methods) if methods else [])
     result = {"config": name, "jobs": None, "seconds": None, "passed": False, "problems": [], "signals": {},
               "whole": methods is None}
@@ -233,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", help="config names under config/paper/ (default: all)")
     p.add_argument("--ci", action="store_true", help=f"the CI subset: {', '.join(CI_SUBSET)}; of a config with "
-                   "sweeps, the first point of each and no report (ci_slice)")
+                   "sweeps the first point of each, CI_METHODS' methods where it names them, and then no report "
+                   "(ci_slice)")
     p.add_argument("--local", action="store_true", help="local Snakemake instead of the private Slurm cluster")
     p.add_argument("--out", default=str(REPO / "results" / "rehearsal"), help="where models, data and runs go")
     p.add_argument("--stage-server", action="store_true", help="with --local: stage processes fork from one process "
