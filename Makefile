@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo demo-rlvr demo-baselines tables-miniature test bench env clean-results gpu-wheels gpu-smoke rehearse \
+.PHONY: demo demo-rlvr demo-baselines tables-miniature test test-tasks bench env clean-results gpu-wheels gpu-smoke rehearse \
 	rulegraph docs
 
 env: $(STAMP)
@@ -128,7 +128,11 @@ $(BROWSER_STAMP): $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP) $(BROWSER_STAMP)
 	. $(VENV)/bin/activate && ruff check --quiet rlhf tests \
-		&& $(TEST_ENV) python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12
+		&& $(TEST_ENV) python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12 -m "not task"
+
+# The miniature tasks as trained (minutes each, so not in make test's 15-minute CI budget): the OOD task's design.
+test-tasks: $(STAMP)
+	. $(VENV)/bin/activate && $(TEST_ENV) python -m pytest -q -m task
 
 clean-results:
 	rm -rf results/*

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from rlhf.data.miniature import MiniatureSpec, corrupt, generate_splits, is_exploit, key_facts, true_reward
@@ -114,3 +116,21 @@ def test_the_design_tool_exits_non_zero_naming_the_failed_conditions(tmp_path, m
     err = capsys.readouterr().err
     assert "design checks failed: penalized" in err and "rare" not in err
     assert (tmp_path / "results" / "miniature-ood" / "design" / "design.json").is_file()
+
+
+@pytest.mark.task
+def test_the_ood_task_as_trained_meets_its_design(tmp_path):
+    """The out-of-distribution miniature itself (config/miniature-ood.yaml, unchanged but for where results go): its
+    data, SFT policy and proxy RM built by the Snakefile, then the design checks on them (rlhf/experiments/ood_design):
+    the exploit is rare under pi_0, over-rewarded by the proxy beyond every mark count of its training pairs, and
+    penalized by the gold. ~3 CPU-min: `make test-tasks`, not `make test` (CI's 15-minute budget)."""
+    from rlhf.experiments import ood_design
+    from tests.conftest import snakemake, write_config
+    from rlhf.config import load_config
+    from rlhf.paths import Paths
+    cfg = write_config(tmp_path, "miniature-ood.yaml")
+    built = snakemake(cfg, "--printshellcmds", str(Paths.from_config(load_config(cfg)).rm))  # a flag ends --configfile
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert ood_design.main(["--config", str(cfg)]) == 0
+    out = json.loads((tmp_path / "results" / "miniature-ood" / "design" / "design.json").read_text())
+    assert out["pi0_exploit_share"] <= ood_design.RARE and out["proxy_best_k"] > out["pairs_max_marks"]
