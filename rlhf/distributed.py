@@ -269,11 +269,13 @@ class TorchUpdate(LocalGradients):
                 m.grad = None
         self.written = False
 
-    def read(self, params):
+    def current(self, params):
         if not self.written:
-            return super().read(params)
+            yield from super().current(params)
+            return
         index = {id(p): i for i, p in enumerate(self.params)}
-        return [self.master[index[id(p)]].grad.detach().clone() for p in params]
+        for p in params:
+            yield self.master[index[id(p)]].grad.detach()
 
     def write(self, params, grads):
         if self.master is None:
@@ -281,6 +283,19 @@ class TorchUpdate(LocalGradients):
         index = {id(p): i for i, p in enumerate(self.params)}
         for p, g in zip(params, grads):
             self.master[index[id(p)]].grad = g.detach().float().clone()
+            p.grad = None
+        self.written = True
+
+    def combine(self, params, fn):
+        if self.master is None:
+            return super().combine(params, fn)
+        # read where the gradient is now (the model's bf16 .grad, or the master copies' once written), write whole
+        # to the master copies' fp32 .grad, freeing the model's as each is replaced
+        index, was_written = {id(p): i for i, p in enumerate(self.params)}, self.written
+        for i, p in enumerate(params):
+            m = self.master[index[id(p)]]
+            source = m.grad if was_written else p.grad
+            m.grad = fn(i, torch.zeros_like(m) if source is None else source.detach()).float()
             p.grad = None
         self.written = True
 
@@ -406,18 +421,24 @@ class DeepSpeedUpdate:
             safe_set_full_fp32_param(p, v)
             p.copy_(v)
 
-    def read(self, params):
+    def current(self, params):
         from deepspeed.utils import safe_get_full_grad  # all-gathers the partitions: the full averaged gradient
-        out = []
-        for p in params:
+        for p in params:  # one parameter's full gradient at a time
             g = safe_get_full_grad(p)
-            out.append(torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().clone())
-        return out
+            yield torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach()
+
+    def read(self, params):
+        return [g.clone() for g in self.current(params)]
 
     def write(self, params, grads):
         from deepspeed.utils import safe_set_full_grad  # each rank keeps only its partition of the value
         for p, g in zip(params, grads):
             safe_set_full_grad(p, g.float())
+
+    def combine(self, params, fn):
+        """Parameter by parameter (each gathered, transformed and written back as its partitions): no full copy."""
+        for i, (p, g) in enumerate(zip(params, self.current(params))):
+            self.write([p], [fn(i, g)])
 
     def step(self) -> float:
         self.engine.step()

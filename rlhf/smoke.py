@@ -123,11 +123,22 @@ def gr_correction_share(device: str, backend: str, estimator: str, gamma: float 
                             "gr_estimator": estimator, "backend": backend, "lr": 1e-3})
         update = make_update(copy.deepcopy(base).to(torch.bfloat16), s, Dist(device=torch.device(device)))
         seen = {}
-        for name in ("write", "write_rank_average"):
+        for name in ("write", "write_rank_average"):  # the gradient GR writes: whole (hvp) ...
             def spy(params, grads, real=getattr(update, name)):
                 seen["written"] = torch.cat([x.detach().double().flatten().cpu() for x in grads])
                 return real(params, grads)
             setattr(update, name, spy)
+
+        def combine_spy(params, fn, real=update.combine):  # ... or one parameter at a time (the finite difference)
+            parts = []
+
+            def recorded(i, g):
+                out = fn(i, g)
+                parts.append(out.detach().double().flatten().cpu())
+                return out
+            real(params, recorded)
+            seen["written"] = torch.cat(parts)
+        update.combine = combine_spy
         step, params = update.step, [p for p in update.model.parameters() if p.requires_grad]
 
         def recording_step(step=step, params=params, update=update):

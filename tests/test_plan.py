@@ -1,5 +1,6 @@
 """python -m rlhf plan: the memory estimate against a measured peak, and the warnings a paper config gets."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,9 @@ def test_the_estimate_against_the_measured_peak_of_a_grpo_step_on_the_cpu(tmp_pa
     """A 17M-parameter Qwen2 shape in fp32 (weights, pi_init, a same-size RM, AdamW, 64 completions in micro-batches
     of 16): the peak resident memory of one GRPO step (Linux's VmHWM, reset after the imports), against plan's
     estimate of the same components, for noreg, GR's finite difference and hvp (one process forked for each after
-    the imports). Measured 1.1-1.4x the estimate (allocator caching and temporaries): plan warns with a 1.4 margin."""
+    the imports). Measured (live tensors, see below) 1.09x the estimate for noreg and GR, 0.93x for hvp, whose graph
+    factor (HVP_GRAPH) rounds up; with glibc's default allocator settings the peaks read 1.1-1.4x: plan warns with a 1.4
+    margin."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
     cfg = yaml.safe_load((REPO / "config" / "micro.yaml").read_text())
@@ -73,24 +76,33 @@ def test_the_estimate_against_the_measured_peak_of_a_grpo_step_on_the_cpu(tmp_pa
     cfg["methods"] = {"noreg": {}, "gr": {"gr_gamma": 0.01}, "hvp": {"gr_gamma": 0.01, "gr_estimator": "hvp"}}
     cfg["results_dir"] = str(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    # glibc: every allocation above 64 KiB its own mapping, returned when freed (the default threshold rises to 32 MiB
+    # after the first large free, and freed heap memory stays resident): the peak is then that of the live tensors,
+    # the same to the MiB from run to run, where the default's varied by ~70 MiB
     done = subprocess.run([sys.executable, "-c", STEP, str(tmp_path / "c.yaml"), *cfg["methods"]], capture_output=True,
-                          text=True, cwd=REPO, timeout=600)
+                          text=True, cwd=REPO, timeout=600, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert done.returncode == 0, done.stderr[-2000:]
     measured = {k: v for line in done.stdout.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
     assert set(measured) == set(cfg["methods"]), done.stdout[-2000:]
+    parts = {method: grpo_memory(load_config(tmp_path / "c.yaml"), method, 1, m["prompt_tokens"])
+             for method, m in measured.items()}
     for method, m in measured.items():
-        estimate = sum(grpo_memory(load_config(tmp_path / "c.yaml"), method, 1, m["prompt_tokens"]).values())
+        estimate = sum(parts[method].values())
         print(f"{method}: measured {m['peak'] / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB")
-        assert 1.0 <= m["peak"] / estimate <= 1.6, (method, m["peak"], estimate)
+        assert 0.9 <= m["peak"] / estimate <= 1.6, (method, m["peak"], estimate)
+    # GR's finite difference beyond a plain update: g1 and the perturbed weights, no more (fp32 here: 8 N)
+    extra = measured["gr"]["peak"] - measured["noreg"]["peak"]
+    assert 0.85 <= extra / parts["gr"]["GR extras"] <= 1.15, (extra, parts["gr"]["GR extras"])
 
 
 def test_a_paper_config_is_told_what_will_not_fit_or_not_be_placed(capsys):
-    """GR's finite difference on the 3B AlpacaFarm config holds three fp32 gradient copies (12 N) beside the model;
-    with the margin it does not fit a 40 GiB GPU while noreg does; 8 GPUs on one node and 48 h are named too."""
+    """GR's finite difference on the 3B AlpacaFarm config holds g1 in fp32 and the bf16 weights it perturbs (6 N)
+    beside the model; with the margin it does not fit a 40 GiB GPU while noreg does; 8 GPUs on one node and 48 h are
+    named too."""
     cfg = load_config(REPO / "config" / "paper" / "gr-alpaca-qwen2.5-3b.yaml")
     rows, warnings = plan(cfg, 40)
     by = {r["method"]: r for r in rows if r["stage"] == "grpo"}
-    assert by["gr-0.003"]["parts"]["GR extras"] == pytest.approx(12 * KNOWN["Qwen/Qwen2.5-3B"].params / 2**30)
+    assert by["gr-0.003"]["parts"]["GR extras"] == pytest.approx(6 * KNOWN["Qwen/Qwen2.5-3B"].params / 2**30)
     assert any(w.startswith("plan: grpo gr-0.003: ~") for w in warnings)
     assert not any(w.startswith("plan: grpo noreg:") for w in plan(cfg, 80)[1])
     assert any("8 GPUs on one node" in w and "nodes: 2 with gpus: 4" in w for w in warnings)

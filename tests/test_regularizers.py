@@ -150,11 +150,20 @@ def test_gr_restores_parameters_bit_exactly(tiny_lm):
 
 
 class Recorder(LocalGradients):
-    """Keeps the gradient a GR estimator writes, at full precision (a bf16 .grad would round it)."""
+    """Keeps the gradient a GR estimator writes, at full precision (a bf16 .grad would round it), in parameter order
+    (written whole or one parameter at a time)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.seen = {}
 
     def write(self, params, grads):
-        self.grads = [g.detach().double().clone() for g in grads]
+        self.seen.update({id(p): g.detach().double().clone() for p, g in zip(params, grads)})
         super().write(params, grads)
+
+    @property
+    def grads(self):
+        return [self.seen[id(p)] for p in self.model.parameters() if id(p) in self.seen]
 
 
 @pytest.mark.parametrize("mask", ["all", "blocks"])

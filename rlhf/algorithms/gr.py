@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -71,8 +71,11 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 class GradientAccess(Protocol):
     def zero(self) -> None: ...
+    def current(self, params: list[torch.nn.Parameter]) -> Iterator[torch.Tensor]: ...
     def read(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]: ...
     def write(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None: ...
+    def combine(self, params: list[torch.nn.Parameter],
+                fn: Callable[[int, torch.Tensor], torch.Tensor]) -> None: ...
     def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]: ...
     def write_rank_average(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None: ...
 
@@ -86,13 +89,23 @@ class LocalGradients:
     def zero(self) -> None:
         self.model.zero_grad(set_to_none=True)
 
+    def current(self, params):
+        """Each parameter's full gradient in turn, without a copy where one is not needed (read only)."""
+        for p in params:
+            yield torch.zeros_like(p) if p.grad is None else p.grad.detach()
+
     def read(self, params):
-        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+        return [g.clone() for g in self.current(params)]
 
     def write(self, params, grads):
         """The full gradient, identical on every rank."""
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
+
+    def combine(self, params, fn):
+        """Parameter i's gradient g becomes fn(i, g), one parameter at a time: no second full copy of the gradient."""
+        for i, p in enumerate(params):
+            self.write([p], [fn(i, next(iter(self.current([p]))))])
 
     def mean_over_ranks(self, tensors):
         return tensors
@@ -102,8 +115,8 @@ class LocalGradients:
         self.write(params, grads)
 
 
-def _clip_coef(grads: list[torch.Tensor], max_norm: float) -> tuple[float, float]:
-    """(global norm, scale) with torch.nn.utils.clip_grad_norm_'s convention."""
+def _clip_coef(grads: Iterable[torch.Tensor], max_norm: float) -> tuple[float, float]:
+    """(global norm, scale) with torch.nn.utils.clip_grad_norm_'s convention; grads is read once, in turn."""
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(_fp32(g)) for g in grads])).item()
     return norm, min(1.0, max_norm / (norm + 1e-6))
 
@@ -171,29 +184,31 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[bool], 
     grads.zero()
     try:
         loss_closure(True)
-        g2 = grads.read(params)
     finally:
         with torch.no_grad():
             for p, before in zip(params, saved):
                 if before is not None:
                     p.copy_(before)
+        del saved
         if on_weights_changed:
             on_weights_changed()
-    g2_norm, s2 = _clip_coef(g2, g2_clip)
+    # Memory: g1 (one full copy) and g2 where the backend keeps gradients; the final gradient replaces g2 one
+    # parameter at a time and each part of g1 is dropped once used, so no second or third full copy is made.
+    g2_norm, s2 = _clip_coef(grads.current(params), g2_clip)
+    vd, vv = [], []  # per perturbed parameter: g1_hat . (g2_hat - g1_hat) / eps and g1_hat . g1_hat
 
-    final, v, curvature_term = [], [], []
-    for a, b, s in zip(g1, g2, in_s):
-        a_hat, b_hat = s1 * _fp32(a), s2 * _fp32(b)
-        if s:
-            difference = (b_hat - a_hat) / eps
-            final.append(a_hat + gamma * difference)
-            v.append(a_hat)
-            curvature_term.append(difference)
-        else:
-            final.append({"g1": a_hat, "g2": b_hat, "g2_raw": _fp32(b)}[excluded_grad])
-    curvature = (_dot(v, curvature_term) / _dot(v, v).clamp_min(1e-30)).item()
-    del g1, g2
-    grads.write(params, final)
+    def final(i: int, b: torch.Tensor) -> torch.Tensor:
+        a_hat, b_hat = s1 * _fp32(g1[i]), s2 * _fp32(b)
+        g1[i] = None
+        if not in_s[i]:
+            return {"g1": a_hat, "g2": b_hat, "g2_raw": _fp32(b)}[excluded_grad]
+        difference = (b_hat - a_hat) / eps
+        vd.append((a_hat * difference).sum())
+        vv.append((a_hat * a_hat).sum())
+        return a_hat + gamma * difference
+
+    grads.combine(params, final)
+    curvature = (sum(vd) / sum(vv).clamp_min(1e-30)).item() if vv else float("nan")
     loss_value = loss.item() if isinstance(loss, torch.Tensor) else float(loss or 0.0)
     def ratio(x):
         return (x / intended_sq) ** 0.5 if intended_sq > 0 else float("nan")

@@ -14,12 +14,15 @@ The estimate (bytes, N parameters, R ranks, bf16 weights with fp32 master weight
   grpo: the same update state, pi_init (2N; pi_ref 2N more with Reference Resets), the proxy reward (2N_rm; UWO's
     members, BSPO's ScoreLM), the gold on rank 0 while it evaluates (2N_gold), the KV cache of the rank's B*G/R
     completions while sampling, one micro-batch's activations and fp32 logits, and GR's extras: the finite difference
-    holds g1, g2 and the final gradient as full fp32 copies (12N), hvp g1 and H.g1 (8N) with the double backward's
+    holds g1 as a full fp32 copy and the weights it perturbs, to restore them exactly (4N + 2N; g2 is the gradient a
+    plain update has too, and the final gradient replaces it one parameter at a time), hvp g1 and H.g1 (8N) with the
+    double backward's
     activations on SDPA's math kernel, which stores every layer's L x L attention;
   activations per layer and token (Korthikanti et al. 2022, no recomputation): 34 h bytes, plus 5 a L bytes where the
   attention matrix is kept (math kernel), a the heads, L the sequence length.
 Checked against the measured peak of a GRPO step on the CPU for a 17M-parameter shape (tests/test_plan.py: the
-measured peak was 1.1-1.4 times the estimate for noreg, GR and hvp; a warning keeps a 1.4 margin). On a GPU it is an
+measured peak was 1.1-1.4 times the estimate for noreg, GR and hvp with glibc's default allocator settings, 0.93-1.09
+times for the live tensors alone; a warning keeps a 1.4 margin). On a GPU it is an
 estimate only, not measured here (no GPU was lent): CUDA's allocator and NCCL buffers come on top.
 """
 from __future__ import annotations
@@ -117,10 +120,11 @@ def update_state(n: int, world: int, weight_bytes: int) -> dict:
 
 
 # hvp's double backward keeps the first backward's graph besides the forward's activations: measured on the CPU
-# (tests/test_plan.py, fp32, SDPA math kernel), about 6 times one forward's.
+# (tests/test_plan.py, fp32, SDPA math kernel), about 5-6 times one forward's (6: the estimate then reads 0.93x the
+# peak of the live tensors).
 HVP_GRAPH = 6
-# The measured peak of a GRPO step on the CPU was 1.1-1.4 times this estimate (allocator caching, temporaries):
-# the margin `plan` keeps below --gpu-gib.
+# The measured peak of a GRPO step on the CPU was 1.1-1.4 times this estimate with glibc's default allocator settings
+# (freed memory kept resident), 1.09 for the live tensors alone: the margin `plan` keeps below --gpu-gib.
 MARGIN = 1.4
 TYPICAL_PROMPT_TOKENS = 512  # when the data is not there to measure (TL;DR posts; RLVR chat prompts are shorter)
 
@@ -150,7 +154,7 @@ def grpo_memory(cfg: dict, method: str, world: int, prompt_tokens: int = TYPICAL
         HVP_GRAPH if hvp else 1)
     out["logits (fp32, one micro-batch)"] = micro * length * s.vocab * 4 * 2
     if g.gr_gamma > 0:
-        out["GR extras"] = (8 if hvp else 12) * n
+        out["GR extras"] = 8 * n if hvp else (4 + b) * n
     if g.generation == "vllm":
         out["vLLM (utilization share)"] = g.vllm_gpu_memory_utilization * 80 * GIB
     return out
