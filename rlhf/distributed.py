@@ -286,6 +286,12 @@ class TorchUpdate(LocalGradients):
             p.grad = None
         self.written = True
 
+    def master_weights(self, params):
+        if self.master is None:
+            return None
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return (self.master[index[id(p)]] for p in params)
+
     def combine(self, params, fn):
         if self.master is None:
             return super().combine(params, fn)
@@ -434,6 +440,14 @@ class DeepSpeedUpdate:
         from deepspeed.utils import safe_set_full_grad  # each rank keeps only its partition of the value
         for p, g in zip(params, grads):
             safe_set_full_grad(p, g.float())
+
+    def master_weights(self, params):
+        """The optimizer's fp32 master copy of each parameter, gathered one at a time; None in fp32, where the optimizer
+        steps the model's own weights (no copy apart from them)."""
+        if next(self.model.parameters()).dtype not in (torch.bfloat16, torch.float16):
+            return None
+        from deepspeed.utils import safe_get_full_fp32_param  # lazy: only the DeepSpeed backend needs it
+        return (safe_get_full_fp32_param(p) for p in params)
 
     def combine(self, params, fn):
         """Parameter by parameter (each gathered, transformed and written back as its partitions): no full copy."""

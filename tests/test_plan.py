@@ -1,4 +1,5 @@
 """python -m rlhf plan: the memory estimate against a measured peak, and the warnings a paper config gets."""
+import copy
 import json
 import os
 import subprocess
@@ -96,12 +97,16 @@ def test_the_estimate_against_the_measured_peak_of_a_grpo_step_on_the_cpu(tmp_pa
 
 
 def test_a_paper_config_is_told_what_will_not_fit_or_not_be_placed(capsys):
-    """GR's finite difference on the 3B AlpacaFarm config holds g1 in fp32 and the bf16 weights it perturbs (6 N)
-    beside the model; with the margin it does not fit a 40 GiB GPU while noreg does; 8 GPUs on one node and 48 h are
-    named too."""
+    """GR's finite difference on the 3B AlpacaFarm config holds g1 in fp32 (4 N) beside the model, 6 N with the
+    authors' refresh of the master weights (a copy of the perturbed bf16 weights to restore them); with the margin it
+    does not fit a 40 GiB GPU while noreg does; 8 GPUs on one node and 48 h are named too."""
     cfg = load_config(REPO / "config" / "paper" / "gr-alpaca-qwen2.5-3b.yaml")
     rows, warnings = plan(cfg, 40)
     by = {r["method"]: r for r in rows if r["stage"] == "grpo"}
+    assert by["gr-0.003"]["parts"]["GR extras"] == pytest.approx(4 * KNOWN["Qwen/Qwen2.5-3B"].params / 2**30)
+    refreshing = copy.deepcopy(cfg)
+    refreshing["grpo"]["gr_refresh_master_weights"] = True
+    by = {r["method"]: r for r in plan(refreshing, 40)[0] if r["stage"] == "grpo"}
     assert by["gr-0.003"]["parts"]["GR extras"] == pytest.approx(6 * KNOWN["Qwen/Qwen2.5-3B"].params / 2**30)
     assert any(w.startswith("plan: grpo gr-0.003: ~") for w in warnings)
     assert not any(w.startswith("plan: grpo noreg:") for w in plan(cfg, 80)[1])

@@ -15,7 +15,7 @@ from rlhf.algorithms.signcert import certified_radius, signcert, signcert_weight
 from rlhf.errors import ConfigError
 from rlhf.generation import sample
 from rlhf.policy import token_logprobs
-from tests.conftest import build_tiny
+from tests.conftest import build_tiny, micro_grpo
 
 
 MICRO_BATCHES = (slice(0, 4), slice(4, 8))
@@ -147,6 +147,51 @@ def test_gr_restores_parameters_bit_exactly(tiny_lm):
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="excluded_grad"):
         finite_difference_gr(model, closure, gamma=0.1, eps=1e-3, excluded_grad="g3")
+
+
+@pytest.mark.parametrize("drifted", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_gr_restores_bf16_weights_from_the_master_copies_only_where_they_are_exact(tiny_lm, monkeypatch, backend,
+                                                                                    drifted):
+    """bf16 weights with fp32 master copies (the torch backend's, DeepSpeed's optimizer partitions): the finite
+    difference restores each perturbed tensor from its master, rounded, and keeps no copy of its own; where a weight no
+    longer equals its master rounded (changed outside the optimizer: drifted), it saves copies as before. Either way
+    every weight is restored bit for bit."""
+    from rlhf.algorithms import gr
+    from rlhf.distributed import Dist, deepspeed_available, destroy_process_group, make_update
+    if backend == "deepspeed" and not deepspeed_available():
+        pytest.skip("deepspeed is not installed")
+    update = make_update(copy.deepcopy(tiny_lm[0]).to(torch.bfloat16), micro_grpo(gr_gamma=0.1, backend=backend),
+                         Dist())
+    model = update.model
+    if drifted:
+        with torch.no_grad():
+            model.model.norm.weight.add_(0.5)  # no longer the master rounded
+    torch.manual_seed(0)
+    rollout = sample(model, tiny_lm[1], ["post : alice lost the car . tldr :"], 4, 5, 1.0)
+    adv = dr_grpo_advantages(torch.randn(4), 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    perturbed = default_perturbed_parameters(model)
+    weights, copies, real_clone = {p.data_ptr() for p in perturbed}, [], torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone",
+                        lambda t, *a, **k: copies.append(t.data_ptr() in weights) or real_clone(t, *a, **k))
+
+    def closure(perturbed=False):
+        logp = token_logprobs(model, rollout)
+        loss = dr_grpo_loss(logp, logp.detach(), adv.to(logp.dtype), rollout.completion_mask.to(logp.dtype), 5)
+        update.backward(loss, boundary=True)
+        return loss
+
+    assert (gr._exact_masters(update, perturbed) is None) == drifted
+    stats = finite_difference_gr(model, closure, gamma=0.1, eps=1e-3, grads=update)
+    monkeypatch.undo()
+    update.close()
+    if backend == "deepspeed":
+        destroy_process_group()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert stats.changed_fraction > 0  # the perturbation moved some bf16 weights, which came back
+    assert sum(copies) == (len(perturbed) if drifted else 0)  # copies of the perturbed weights
 
 
 class Recorder(LocalGradients):

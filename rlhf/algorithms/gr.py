@@ -76,6 +76,7 @@ class GradientAccess(Protocol):
     def write(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None: ...
     def combine(self, params: list[torch.nn.Parameter],
                 fn: Callable[[int, torch.Tensor], torch.Tensor]) -> None: ...
+    def master_weights(self, params: list[torch.nn.Parameter]) -> Iterator[torch.Tensor] | None: ...
     def mean_over_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]: ...
     def write_rank_average(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None: ...
 
@@ -101,6 +102,10 @@ class LocalGradients:
         """The full gradient, identical on every rank."""
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
+
+    def master_weights(self, params):
+        """Each parameter's fp32 master copy (kept apart from the model's weights), or None where none is kept."""
+        return None
 
     def combine(self, params, fn):
         """Parameter i's gradient g becomes fn(i, g), one parameter at a time: no second full copy of the gradient."""
@@ -135,6 +140,17 @@ def _split(model, perturb) -> tuple[list[torch.nn.Parameter], list[bool]]:
     return params, [id(p) in ids for p in params]
 
 
+def _exact_masters(grads, params: list[torch.nn.Parameter]) -> Callable[[], Iterator[torch.Tensor]] | None:
+    """A fresh iterator over `params`' fp32 master copies, where the backend keeps masters (`master_weights`) and each
+    parameter equals its master rounded to its dtype (so that restoring from them is exact); else None."""
+    masters = getattr(grads, "master_weights", None)
+    if masters is None or masters(params) is None:
+        return None
+    if not all(torch.equal(p, m.to(p.dtype)) for p, m in zip(params, masters(params))):
+        return None
+    return lambda: masters(params)
+
+
 def _check_excluded(excluded_grad: str) -> None:
     if excluded_grad not in EXCLUDED_GRAD:
         raise ValueError(f"excluded_grad must be one of {', '.join(EXCLUDED_GRAD)}")
@@ -164,11 +180,22 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[bool], 
     g1 = grads.read(params)
     g1_norm, s1 = _clip_coef(g1, g1_clip)
 
-    saved = [p.detach().clone() if s else None for p, s in zip(params, in_s)]
+    # The weights to restore after the second pass: the backend's fp32 master copies where the model's weights are
+    # exactly those rounded (bf16 under either backend; checked here, one tensor at a time), else a saved copy of each
+    # perturbed tensor. Not the masters when on_weights_changed refreshes them from the perturbed weights.
+    s_params = [p for p, s in zip(params, in_s) if s]
+    originals = None if on_weights_changed else _exact_masters(grads, s_params)
+    saved = None if originals else [p.detach().clone() for p in s_params]
+
+    def before_weights() -> Iterator[torch.Tensor]:  # each perturbed tensor's value at phi, in turn
+        return (m.to(p.dtype) for p, m in zip(s_params, originals())) if originals else iter(saved)
+
     moved_sq, error_sq, intended_sq, changed, total = [], [], [], [], 0  # summed on the device: one sync
     with torch.no_grad():
-        for p, g, s, before in zip(params, g1, in_s, saved):
+        befores = before_weights()
+        for p, g, s in zip(params, g1, in_s):
             if s:
+                before = next(befores)
                 step = eps * s1 * _fp32(g)
                 p.copy_((_fp32(p) + step).to(p.dtype))
                 moved = _fp32(p) - _fp32(before)
@@ -186,10 +213,9 @@ def finite_difference_gr(model: torch.nn.Module, loss_closure: Callable[[bool], 
         loss_closure(True)
     finally:
         with torch.no_grad():
-            for p, before in zip(params, saved):
-                if before is not None:
-                    p.copy_(before)
-        del saved
+            for p, before in zip(s_params, before_weights()):
+                p.copy_(before)
+        saved = None
         if on_weights_changed:
             on_weights_changed()
     # Memory: g1 (one full copy) and g2 where the backend keeps gradients; the final gradient replaces g2 one

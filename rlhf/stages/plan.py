@@ -14,9 +14,9 @@ The estimate (bytes, N parameters, R ranks, bf16 weights with fp32 master weight
   grpo: the same update state, pi_init (2N; pi_ref 2N more with Reference Resets), the proxy reward (2N_rm; UWO's
     members, BSPO's ScoreLM), the gold on rank 0 while it evaluates (2N_gold), the KV cache of the rank's B*G/R
     completions while sampling, one micro-batch's activations and fp32 logits, and GR's extras: the finite difference
-    holds g1 as a full fp32 copy and the weights it perturbs, to restore them exactly (4N + 2N; g2 is the gradient a
-    plain update has too, and the final gradient replaces it one parameter at a time), hvp g1 and H.g1 (8N) with the
-    double backward's
+    holds g1 as a full fp32 copy (4N; g2 is the gradient a plain update has too, and the final gradient replaces it
+    one parameter at a time; the perturbed weights are restored from the fp32 master copies, or from a copy of their
+    own, 2N more, under gr_refresh_master_weights), hvp g1 and H.g1 (8N) with the double backward's
     activations on SDPA's math kernel, which stores every layer's L x L attention;
   activations per layer and token (Korthikanti et al. 2022, no recomputation): 34 h bytes, plus 5 a L bytes where the
   attention matrix is kept (math kernel), a the heads, L the sequence length.
@@ -154,7 +154,10 @@ def grpo_memory(cfg: dict, method: str, world: int, prompt_tokens: int = TYPICAL
         HVP_GRAPH if hvp else 1)
     out["logits (fp32, one micro-batch)"] = micro * length * s.vocab * 4 * 2
     if g.gr_gamma > 0:
-        out["GR extras"] = 8 * n if hvp else (4 + b) * n
+        # the finite difference: g1 in fp32, and a copy of the perturbed weights only where no exact fp32 master
+        # copy can restore them (fp32 weights; the authors' refresh of the masters from the perturbed weights)
+        saved = b if b == 4 or g.gr_refresh_master_weights else 0
+        out["GR extras"] = 8 * n if hvp else (4 + saved) * n
     if g.generation == "vllm":
         out["vLLM (utilization share)"] = g.vllm_gpu_memory_utilization * 80 * GIB
     return out
