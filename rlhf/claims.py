@@ -116,6 +116,31 @@ def verdict_table(rows: list[tuple[Claim, str, Verdict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict_table_by_claim(rows: list[tuple[Claim, str, Verdict]]) -> str:
+    """The same verdicts with one row per claim and one column per task (effect, 95 % interval, verdict, seeds): the
+    tasks side by side, in the order first given."""
+    tasks = list(dict.fromkeys(task for _, task, _ in rows))
+    by = {(claim.id, task): v for claim, task, v in rows}
+    claims = list({claim.id: claim for claim, _, _ in rows}.values())
+    lines = [f"{len(rows)} claim-task pairs tested, 95 % intervals, no correction for multiple comparisons.", "",
+             "| claim | paper | comparison | predicted | " + " | ".join(tasks) + " |",
+             "|---|---|---|---|" + "---|" * len(tasks)]
+    for claim in claims:
+        cells = []
+        for task in tasks:
+            v = by.get((claim.id, task))
+            if v is None:
+                cells.append("-")
+                continue
+            interval = "" if math.isnan(v.low) else f" [{v.low:+.3f}, {v.high:+.3f}]"
+            seeds = f"{v.n_a}" + (f" vs {v.n_b}" if v.n_b else "")
+            cells.append(f"{v.effect:+.3f}{interval} **{v.verdict}** ({seeds})")
+        sign = ">" if claim.predicted == "greater" else "<"
+        lines.append(f"| {claim.id} | {claim.paper} | {claim.comparison} | {sign} {claim.threshold:g} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True)
 class Verdict:
     verdict: str        # pass / fail / inconclusive
@@ -297,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verdicts", help="the claims' verdicts on the tasks given (markdown)")
     v.add_argument("tasks", nargs="+", metavar="TASK=CONFIG", help=f"a task ({', '.join(TASKS)}) and its config")
     v.add_argument("--claims", default=str(Path(__file__).resolve().parents[1] / "config" / "claims.yaml"))
+    v.add_argument("--by-claim", action="store_true", help="one row per claim, a column per task")
     args = p.parse_args(argv)
     if args.command == "targets":
         print(" ".join(str(f) for f in tuning_runs(load_config(args.config))))
@@ -317,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append((claim, task, judge(claim, claim_values(cfg, claim))))
                     except (KeyError, DataError) as e:  # a run or summary the task has not made
                         untested.append(f"- {claim.id} on {task}: not tested ({e.args[0]})")
-        print(verdict_table(rows) + ("\n" + "\n".join(untested) + "\n" if untested else ""), end="")
+        table = verdict_table_by_claim(rows) if args.by_claim else verdict_table(rows)
+        print(table + ("\n" + "\n".join(untested) + "\n" if untested else ""), end="")
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.claims import TASKS, decide, judge, load_claims, sides, verdict_table
+from rlhf.claims import TASKS, decide, judge, load_claims, sides, verdict_table, verdict_table_by_claim
 from rlhf.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +98,11 @@ def test_a_claim_is_judged_on_its_sides_values_and_tabled_whatever_its_verdict()
     assert table.startswith("2 claim-task pairs tested")
     assert "| kl-above-noreg | GR | miniature | kl - noreg | 5 vs 5 | +0.260 |" in table and "**pass**" in table
     assert "| noreg-overoptimizes | GR | miniature-ood | noreg | 5 | +0.026 |" in table and "**fail**" in table
+    wide = verdict_table_by_claim([(kl, "miniature", v), (drop, "miniature-ood", small), (kl, "miniature-ood", v)])
+    assert wide.startswith("3 claim-task pairs tested")
+    assert "| claim | paper | comparison | predicted | miniature | miniature-ood |" in wide
+    assert "| kl-above-noreg | GR | kl - noreg | > 0 | +0.260 [" in wide and wide.count("**pass** (5 vs 5)") == 2
+    assert "| noreg-overoptimizes | GR | noreg | > 0.1 | - | +0.026 [" in wide and "**fail** (5) |" in wide
 
 
 def test_a_claims_values_are_read_per_seed_from_its_runs(tmp_path):
