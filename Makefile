@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo demo-rlvr demo-baselines tables-miniature test test-tasks bench env clean-results gpu-wheels gpu-smoke rehearse \
+.PHONY: demo demo-rlvr demo-baselines tables-miniature test test-tasks bench bench-memory env clean-results gpu-wheels gpu-smoke rehearse \
 	rulegraph docs
 
 env: $(STAMP)
@@ -73,6 +73,11 @@ docs: $(STAMP)
 rulegraph: $(STAMP)
 	. $(VENV)/bin/activate && snakemake --rulegraph --configfile config/miniature-baselines.yaml \
 		--config results_dir=$$(mktemp -d) | dot -Tsvg > docs/rulegraph.svg
+
+# Peak memory of one GRPO update per method and what holds it, at Qwen2.5-0.5B's shape in bf16 on the CPU
+# (rlhf/experiments/memory_bench.py; minutes per method; MEMORY_BENCH="--dtype float32 --methods noreg gr" to choose).
+bench-memory: $(STAMP)
+	. $(VENV)/bin/activate && python -m rlhf.experiments.memory_bench $(MEMORY_BENCH)
 
 # Times GRPO steps on the miniature (builds SFT and RM first if needed); prints and writes results/miniature/bench/.
 bench: $(STAMP)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -211,3 +212,47 @@ def encode_completion(tokenizer, completion: str) -> list[int]:
 def rm_input_ids(tokenizer, prompt: str, completion: str) -> list[int]:
     """Prompt + completion + EOS: the reward is read at the EOS, as in TRL's RewardTrainer."""
     return encode_prompt(tokenizer, prompt) + encode_completion(tokenizer, completion) + [tokenizer.eos_token_id]
+
+
+# --- shapes: what a model's parameter count and memory follow from (rlhf plan, the memory bench) ---
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    arch: str = "llama"   # llama (Qwen2, Llama: gated MLP) or gpt_neox
+
+    @property
+    def params(self) -> int:
+        h, hd = self.hidden, self.hidden // self.heads
+        if self.arch == "gpt_neox":
+            layer = 4 * h * h + 4 * h + 2 * h * self.intermediate + self.intermediate + h + 4 * h
+        else:
+            layer = 2 * h * h + 2 * h * self.kv_heads * hd + 3 * h * self.intermediate + 2 * h
+        return self.layers * layer + self.vocab * h * (1 if self.tied else 2) + h
+
+    @classmethod
+    def of_config(cls, c: dict) -> "Shape":
+        arch = "gpt_neox" if c.get("model_type") == "gpt_neox" else "llama"
+        return cls(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                   c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"], c["vocab_size"],
+                   bool(c.get("tie_word_embeddings", arch != "gpt_neox")), arch)
+
+
+# The papers' models, read from their config.json files (so `plan` works before anything is downloaded).
+KNOWN = {
+    "EleutherAI/pythia-410m-deduped": Shape(1024, 24, 16, 16, 4096, 50304, False, "gpt_neox"),
+    "EleutherAI/pythia-1b-deduped": Shape(2048, 16, 8, 8, 8192, 50304, False, "gpt_neox"),
+    "EleutherAI/pythia-2.8b-deduped": Shape(2560, 32, 32, 32, 10240, 50304, False, "gpt_neox"),
+    "Qwen/Qwen2.5-0.5B": Shape(896, 24, 14, 2, 4864, 151936, True),
+    "Qwen/Qwen2.5-1.5B": Shape(1536, 28, 12, 2, 8960, 151936, True),
+    "Qwen/Qwen2.5-3B": Shape(2048, 36, 16, 2, 11008, 151936, True),
+    "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2": Shape(4096, 32, 32, 8, 14336, 128257, False),
+}
+KNOWN["Qwen/Qwen2.5-0.5B-Instruct"] = KNOWN["Qwen/Qwen2.5-0.5B"]
+KNOWN["Qwen/Qwen2.5-1.5B-Instruct"] = KNOWN["Qwen/Qwen2.5-1.5B"]

@@ -1,7 +1,12 @@
 import json
+import subprocess
+import sys
+
+import pytest
 
 from rlhf.cli import main
 from rlhf.stages.bench import cpu_has_bf16, like_for_like, markdown
+from tests.conftest import REPO
 
 
 def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
@@ -42,5 +47,24 @@ def test_bench_refuses_a_ratio_for_different_work():
 def _settings():
     from rlhf.config import load_config
     from rlhf.settings import GRPOSettings
-    from tests.conftest import REPO
     return GRPOSettings(**load_config(REPO / "config" / "micro.yaml")["grpo"])
+
+
+def test_the_memory_bench_attributes_each_methods_extra_memory(tmp_path):
+    """`python -m rlhf.experiments.memory_bench` at a 2M-parameter shape in fp32 (N parameters, 4 N bytes): UWO holds two
+    reward models more than noreg, Reference Resets pi_ref and Elastic Reset its fp32 EMA (4 N each), GR's finite
+    difference adds g1 and the saved weights to the step (8 N), each within 15 %; hvp's double backward more than GR."""
+    done = subprocess.run([sys.executable, "-m", "rlhf.experiments.memory_bench", "--shape", "small", "--dtype",
+                           "float32", "--threads", "1", "--rows", "16", "--prompt", "64", "--completion", "32",
+                           "--methods", "noreg", "gr", "gr-hvp", "uwo", "elastic", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads((tmp_path / "memory.json").read_text())["results"]
+    n4 = 4 * r["noreg"]["params"]
+    held = {m: v["parts"]["held models"] for m, v in r.items()}
+    step = {m: v["parts"]["step"] for m, v in r.items()}
+    assert (held["uwo"] - held["noreg"]) / n4 == pytest.approx(2, rel=0.15)
+    assert (held["elastic"] - held["noreg"]) / n4 == pytest.approx(1, rel=0.15)
+    assert (step["gr"] - step["noreg"]) / n4 == pytest.approx(2, rel=0.15)
+    assert step["gr-hvp"] > step["gr"] and all(v["peak"] >= sum(v["parts"].values()) * 0.99 for v in r.values())
+    assert "| gr | " in (tmp_path / "memory.md").read_text()

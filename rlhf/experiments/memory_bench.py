@@ -1,0 +1,196 @@
+"""Peak memory of one GRPO update per method at a model's shape, on the CPU, and what holds it.
+
+    python -m rlhf.experiments.memory_bench [--shape Qwen/Qwen2.5-0.5B] [--dtype bfloat16] [--rows 16]
+        [--micro-batch 8] [--prompt 256] [--completion 53] [--methods noreg gr ...] [--out results/bench-memory]
+
+Each method runs in a process forked after the imports (memory another method freed would otherwise be reused
+unseen), with a randomly initialised model of the shape (rlhf/models.py KNOWN, or `tiny`), random token ids for
+the rollouts (sampling is not what is measured) and what the GRPO stage holds for that method: pi_init, the reward
+models (one proxy RM; UWO's members; BSPO's ScoreLM instead), pi_ref (Reference Resets), the fp32 EMA (Elastic
+Reset). Memory is Linux's resident set: its peak (VmHWM, reset where a part starts) and the growth of each part, with
+glibc's mmap threshold at 64 KiB (set here by re-executing) so that every tensor is its own mapping and a freed one
+leaves: the numbers are those of the live tensors, the same to the MiB from run to run. Parts: `weights` (the
+policy), `held models`, `update state` (the backend's master copies), `step` (one grpo_step over rows/micro-batch
+micro-batches: activations, gradients, AdamW's states made at the first step, the method's own extras: GR's g1 and
+double-backward graph, SignCert's features, KL's reference log-probs). Writes <out>/memory.json and memory.md.
+No GPU was lent to measure the same there (CUDA's allocator and NCCL buffers come on top).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config
+
+from rlhf.config import load_config
+from rlhf.distributed import Dist, make_update
+from rlhf.generation import Rollout
+from rlhf.models import KNOWN
+from rlhf.policy import token_logprobs
+from rlhf.rewards.proxy_rm import Scores
+from rlhf.settings import GRPOSettings
+from rlhf.trainer import grpo_step
+
+GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+TINY = {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 8, "intermediate": 2048, "vocab": 1024, "tied": True}
+SMALL = {**TINY, "hidden": 256, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 1024}  # the test's
+# each method: the GRPO settings it changes, and what the stage holds for it beyond pi_init and one proxy RM
+METHODS = {
+    "noreg": ({}, {}),
+    "kl": ({"kl_beta": 0.05}, {}),
+    "resets": ({"kl_beta": 0.05, "reset_every": 50}, {"pi_ref": 1}),
+    "gr": ({"gr_gamma": 1e-3}, {}),
+    "gr-hvp": ({"gr_gamma": 1e-3, "gr_estimator": "hvp"}, {}),
+    "signcert": ({"signcert_quantile": 0.4, "kl_beta": 0.01}, {}),
+    "elastic": ({"kl_beta": 0.05, "elastic_reset_every": 25, "elastic_reset_decay": 0.9}, {"ema": 1}),
+    "uwo": ({}, {"rms": 3}),
+    "advpo": ({}, {}),
+    "bspo": ({}, {"rms": 0, "score_lm": 1}),
+}
+
+
+def _kib(field: str) -> int:
+    return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0]) * 1024
+
+
+def _reset_peak() -> int:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) starts again from the current RSS
+    return _kib("VmRSS")
+
+
+def _shape(name: str) -> dict:
+    if name in ("tiny", "small"):
+        return TINY if name == "tiny" else SMALL
+    s = KNOWN[name]
+    return {"hidden": s.hidden, "layers": s.layers, "heads": s.heads, "kv_heads": s.kv_heads,
+            "intermediate": s.intermediate, "vocab": s.vocab, "tied": s.tied}
+
+
+def _models(shape: dict, dtype: torch.dtype):
+    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                         intermediate_size=shape["intermediate"], tie_word_embeddings=shape["tied"],
+                         max_position_embeddings=4096, pad_token_id=0, eos_token_id=1)
+    config._attn_implementation = "sdpa"
+    head = copy.deepcopy(config)
+    head.num_labels = 1
+    return (lambda: AutoModelForCausalLM.from_config(config).to(dtype),
+            lambda: AutoModelForSequenceClassification.from_config(head).to(dtype).eval().requires_grad_(False))
+
+
+def measure(method: str, shape: dict, dtype: torch.dtype, rows: int, micro: int, prompt: int, completion: int,
+            group: int = 8) -> dict:
+    """One method's parts and peak (bytes), in this process: run it in a fresh fork."""
+    changes, holds = METHODS[method]
+    micro_cfg = load_config(Path(__file__).resolve().parents[2] / "config" / "micro.yaml")["grpo"]  # every field
+    s = GRPOSettings(**{**micro_cfg, "group_size": group, "prompts_per_step": rows // group, "micro_batch_size": micro,
+                        "max_new_tokens": completion, "backend": "torch", **changes})
+    new_lm, new_rm = _models(shape, dtype)
+    _models({**shape, "hidden": 8, "heads": 1, "kv_heads": 1, "layers": 1, "intermediate": 8, "vocab": 8},
+            dtype)[0]()  # transformers imports a model's module when it first builds one: not the model's memory
+    parts, start = {}, _reset_peak()
+    mark = start
+
+    def part(name: str) -> None:
+        nonlocal mark
+        now = _kib("VmRSS")
+        parts[name] = now - mark
+        mark = now
+    torch.manual_seed(0)
+    policy = new_lm()
+    part("weights")
+    held = [copy.deepcopy(policy).eval().requires_grad_(False)]  # pi_init
+    held += [copy.deepcopy(held[0]) for _ in range(holds.get("pi_ref", 0))]
+    held += [[p.detach().float().clone() for p in policy.parameters()] for _ in range(holds.get("ema", 0))]
+    held += [new_rm() for _ in range(holds.get("rms", 1))]
+    held += [new_lm().eval().requires_grad_(False) for _ in range(holds.get("score_lm", 0))]
+    part("held models")
+    update = make_update(policy, s, Dist())
+    part("update state")
+    g = torch.Generator().manual_seed(0)
+    rollout = Rollout(torch.randint(2, shape["vocab"], (rows, prompt), generator=g), torch.ones(rows, prompt, dtype=torch.long),
+                      torch.randint(2, shape["vocab"], (rows, completion), generator=g),
+                      torch.ones(rows, completion, dtype=torch.long), [""] * rows)
+    scores = Scores(torch.randn(rows, generator=g), torch.randn(rows, shape["hidden"], generator=g))
+    before_step = _reset_peak()
+    with torch.no_grad():
+        ref = token_logprobs(held[0], rollout) if s.kl_beta else None
+    grpo_step(update, Dist(), rollout, scores, ref, s.kl_beta, s)
+    parts["step"] = _kib("VmHWM") - before_step
+    return {"parts": parts, "peak": before_step - start + parts["step"],
+            "params": sum(p.numel() for p in policy.parameters())}
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    shape, dtype = _shape(args.shape), getattr(torch, args.dtype)
+    results = {}
+    for method in args.methods:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child measures and reports through the pipe
+            os.close(read)
+            out = measure(method, shape, dtype, args.rows, args.micro_batch, args.prompt, args.completion)
+            os.write(write, json.dumps(out).encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            text = f.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not text:
+            raise RuntimeError(f"memory bench: {method} failed (status {status})")
+        results[method] = json.loads(text)
+        print(f"{method}: peak {results[method]['peak'] / 2**20:.0f} MiB", flush=True)
+    return results
+
+
+def markdown(results: dict, args) -> str:
+    gib = 2 ** 30
+    base = results.get("noreg", next(iter(results.values())))["peak"]
+    n = next(iter(results.values()))["params"]
+    names = list(next(iter(results.values()))["parts"])
+    lines = [f"{args.shape} ({n / 1e6:.0f}M parameters), {args.dtype}, {args.rows} completions of {args.prompt} + "
+             f"{args.completion} tokens in micro-batches of {args.micro_batch}, torch backend, CPU, GiB:", "",
+             "| method | " + " | ".join(names) + " | peak | / noreg |", "|---|" + "---|" * (len(names) + 2)]
+    for method, r in results.items():
+        lines.append(f"| {method} | " + " | ".join(f"{r['parts'][k] / gib:.2f}" for k in names)
+                     + f" | {r['peak'] / gib:.2f} | {r['peak'] / base:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m rlhf.experiments.memory_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="Qwen/Qwen2.5-0.5B", help="a model of rlhf/models.py KNOWN, or tiny (17M) / small (3M)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--rows", type=int, default=16, help="completions per update (this rank's)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
+    p.add_argument("--completion", type=int, default=53, help="completion tokens (GR paper's TL;DR: 53)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/bench-memory")
+    args = p.parse_args(argv)
+    if not Path("/proc/self/clear_refs").exists():
+        p.error("needs Linux's /proc/self/clear_refs (the peak resident memory is reset per part)")
+    if any(os.environ.get(k) != v for k, v in GLIBC_ENV.items()):  # glibc reads it at start: run again with it
+        os.execve(sys.executable, [sys.executable, "-m", "rlhf.experiments.memory_bench", *argv],
+                  {**os.environ, **GLIBC_ENV})
+    results = run(args)
+    table = markdown(results, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (out / "memory.md").write_text(table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
