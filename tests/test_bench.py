@@ -53,10 +53,10 @@ def _settings():
 def test_the_memory_bench_attributes_each_methods_extra_memory(tmp_path):
     """`python -m rlhf.experiments.memory_bench` at a 2M-parameter shape in fp32 (N parameters, 4 N bytes): UWO holds two
     reward models more than noreg, Reference Resets pi_ref and Elastic Reset its fp32 EMA (4 N each), GR's finite
-    difference adds g1 and the saved weights to the step (8 N), each within 15 %; hvp's double backward more than GR."""
+    difference adds g1 and the saved weights to the step (8 N), each within 15 %."""
     done = subprocess.run([sys.executable, "-m", "rlhf.experiments.memory_bench", "--shape", "small", "--dtype",
-                           "float32", "--threads", "1", "--rows", "16", "--prompt", "64", "--completion", "32",
-                           "--methods", "noreg", "gr", "gr-hvp", "uwo", "elastic", "--out", str(tmp_path)],
+                           "float32", "--threads", "1", "--rows", "8", "--prompt", "32", "--completion", "16",
+                           "--methods", "noreg", "gr", "uwo", "elastic", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "memory.json").read_text())["results"]
@@ -66,5 +66,5 @@ def test_the_memory_bench_attributes_each_methods_extra_memory(tmp_path):
     assert (held["uwo"] - held["noreg"]) / n4 == pytest.approx(2, rel=0.15)
     assert (held["elastic"] - held["noreg"]) / n4 == pytest.approx(1, rel=0.15)
     assert (step["gr"] - step["noreg"]) / n4 == pytest.approx(2, rel=0.15)
-    assert step["gr-hvp"] > step["gr"] and all(v["peak"] >= sum(v["parts"].values()) * 0.99 for v in r.values())
+    assert all(v["peak"] >= sum(v["parts"].values()) * 0.99 for v in r.values())
     assert "| gr | " in (tmp_path / "memory.md").read_text()

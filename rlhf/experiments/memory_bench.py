@@ -10,9 +10,10 @@ models (one proxy RM; UWO's members; BSPO's ScoreLM instead), pi_ref (Reference 
 Reset). Memory is Linux's resident set: its peak (VmHWM, reset where a part starts) and the growth of each part, with
 glibc's mmap threshold at 64 KiB (set here by re-executing) so that every tensor is its own mapping and a freed one
 leaves: the numbers are those of the live tensors, the same to the MiB from run to run. Parts: `weights` (the
-policy), `held models`, `update state` (the backend's master copies), `step` (one grpo_step over rows/micro-batch
-micro-batches: activations, gradients, AdamW's states made at the first step, the method's own extras: GR's g1 and
-double-backward graph, SignCert's features, KL's reference log-probs). Writes <out>/memory.json and memory.md.
+policy), `held models`, `update state` (the backend's master copies), `after one update` (AdamW's states, which the
+first update makes, and the gradients it leaves), `step` (the second update's growth over rows/micro-batch
+micro-batches, as every later update runs: activations, gradients, the method's own extras: GR's g1 and saved weights
+or double-backward graph, SignCert's features, KL's reference log-probs). Writes <out>/memory.json and memory.md.
 No GPU was lent to measure the same there (CUDA's allocator and NCCL buffers come on top).
 """
 from __future__ import annotations
@@ -117,10 +118,15 @@ def measure(method: str, shape: dict, dtype: torch.dtype, rows: int, micro: int,
                       torch.randint(2, shape["vocab"], (rows, completion), generator=g),
                       torch.ones(rows, completion, dtype=torch.long), [""] * rows)
     scores = Scores(torch.randn(rows, generator=g), torch.randn(rows, shape["hidden"], generator=g))
+
+    def step() -> None:
+        with torch.no_grad():
+            ref = token_logprobs(held[0], rollout) if s.kl_beta else None
+        grpo_step(update, Dist(), rollout, scores, ref, s.kl_beta, s)
+    step()  # the first update makes AdamW's states: every later one runs beside them, as this second one
+    part("after one update")
     before_step = _reset_peak()
-    with torch.no_grad():
-        ref = token_logprobs(held[0], rollout) if s.kl_beta else None
-    grpo_step(update, Dist(), rollout, scores, ref, s.kl_beta, s)
+    step()
     parts["step"] = _kib("VmHWM") - before_step
     return {"parts": parts, "peak": before_step - start + parts["step"],
             "params": sum(p.numel() for p in policy.parameters())}
