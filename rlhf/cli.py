@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "bench":
             s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
             s.add_argument("--timed", type=int, default=20, help="timed steps (mean reported)")
+            s.add_argument("--repeats", type=int, default=3, help="independent repeats of every timing (each in its own "
+                           "method order); ratios are reported as median and min-max over them")
             s.add_argument("--no-vllm", action="store_true", help="skip the HF vs vLLM sampling comparison")
         if name == "plan":
             s.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (GiB; H100: 80)")

@@ -12,23 +12,32 @@ from tests.conftest import REPO
 def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
     """(HF vs vLLM sampling: tests/test_vllm.py; the micro model's head_dim 16 is not one vLLM's CPU kernels take.)"""
     cfg, root = micro_run
-    assert main(["bench", "--config", str(cfg), "--warmup", "1", "--timed", "2", "--no-vllm"]) == 0
+    assert main(["bench", "--config", str(cfg), "--warmup", "1", "--timed", "2", "--no-vllm", "--repeats", "2"]) == 0
     result = json.loads((root / "bench" / "bench.json").read_text())
-    R = result["results"]
-    assert result["ratios"]["gr_update / noreg_update"] == R["gr"]["update"] / R["noreg"]["update"]
-    assert result["ratios"]["signcert_step / noreg_step"] == R["signcert"]["step"] / R["noreg"]["step"]
+    rounds, ratios = result["rounds"], result["ratios"]
+    # a ratio pairs the rows of one round: its values, median and range are those of the rounds' own ratios
+    gr = [a["update"] / b["update"] for a, b in zip(rounds["gr"], rounds["noreg"])]
+    assert len(gr) == 2 and ratios["gr_update / noreg_update"]["values"] == gr
+    assert ratios["gr_update / noreg_update"]["median"] == pytest.approx(sum(gr) / 2)
+    assert ratios["gr_update / noreg_update"]["min"] == min(gr) and ratios["gr_update / noreg_update"]["max"] == max(gr)
+    sc = [a["step"] / b["step"] for a, b in zip(rounds["signcert"], rounds["drgrpo_same_kl"])]
+    assert ratios["signcert_step / drgrpo_same_kl_step"]["values"] == sc
+    assert result["results"]["noreg"]["step"] == pytest.approx(sum(r["step"] for r in rounds["noreg"]) / 2)
+    assert all(r["step_cpu"] > 0 for rows in rounds.values() for r in rows if "step_cpu" in r)
+    # SignCert against Dr.GRPO as SignCert Table 2 runs it: the same KL term (micro: beta 0.01), no radius
+    assert rounds["signcert"][0]["work"]["reference_forward"] and rounds["drgrpo_same_kl"][0]["work"]["reference_forward"]
     precisions = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
     for dtype in precisions:  # what each side actually ran, read back from the trainers, is the same
         ours, trl = (result["results"][f"{name} ({dtype})"]["work"] for name in ("noreg_without_kl_metric", "trl_grpotrainer"))
         assert ours == trl and ours["weights"] == dtype and ours["autocast"] is None
         assert ours["completions_per_step"] == 2 * 4 and not ours["reference_forward"]  # micro: B=2, G=4
-    assert result["ratios"]["elastic_reset_step / noreg_step"] == R["elastic_reset"]["step"] / R["noreg"]["step"]
-    assert set(result["ratios"]) == {"gr_update / noreg_update", "gr_hvp_update / noreg_update", "signcert_step / noreg_step",
-                                     "elastic_reset_step / noreg_step", "uwo_step / noreg_step", "advpo_step / noreg_step",
-                                     "bspo_step / noreg_step", *(f"ours_step / trl_step ({p}, same work)" for p in precisions)}
+    assert set(ratios) == {"gr_update / noreg_update", "gr_hvp_update / noreg_update", "signcert_step / noreg_step",
+                           "signcert_step / drgrpo_same_kl_step", "signcert_step_cpu / drgrpo_same_kl_step_cpu",
+                           "elastic_reset_step / noreg_step", "uwo_step / noreg_step", "advpo_step / noreg_step",
+                           "bspo_step / noreg_step", *(f"ours_step / trl_step ({p}, same work)" for p in precisions)}
     assert result["not_comparable"] == {}
     out = capsys.readouterr().out
-    assert all(f"| {k} | {v:.3f} |" in out for k, v in result["ratios"].items())
+    assert all(f"| {k} | {v['median']:.3f} | {v['min']:.3f}-{v['max']:.3f} |" in out for k, v in ratios.items())
 
 
 def test_bench_refuses_a_ratio_for_different_work():
@@ -41,7 +50,7 @@ def test_bench_refuses_a_ratio_for_different_work():
         "reference_forward: ours True vs TRL False"
     assert like_for_like(ours, {"step": 1.0, "work": dict(work)}) is None
     text = markdown({}, {}, _settings(), 1, not_comparable={"ours_step / trl_step (float32, same work)": "autocast"})
-    assert "| ours_step / trl_step (float32, same work) | not the same work: autocast | – |" in text
+    assert "| ours_step / trl_step (float32, same work) | not the same work: autocast | – | – |" in text
 
 
 def _settings():

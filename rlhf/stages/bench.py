@@ -5,7 +5,9 @@ method / Dr.GRPO ratios —, and for TRL's
 GRPOTrainer configured as Dr.GRPO on the same model, reward model, batch, G and lengths; then sampling with HF
 generate against vLLM (where installed) at the miniature's size and a larger one.
 
-Each timing is the mean over `--timed` steps after `--warmup` steps, from the SFT policy, in this process.
+Each timing is the mean over `--timed` steps after `--warmup` steps, from the SFT policy, in this process, repeated in
+`--repeats` independent rounds (each method loaded afresh, the order rotated per round); a ratio pairs the two rows of
+one round and is reported as median and min-max over the rounds, the table's rows as medians.
 Ours runs exactly the stage's `train_step` (which also computes the KL-from-init metric every step).
 Writes results/<experiment>/bench/bench.{json,md} and prints the table.
 """
@@ -19,6 +21,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from rlhf.errors import ConfigError
 from rlhf.generation import sample
 from rlhf.io import atomic_dir, read_jsonl, write_json
 from rlhf.models import build_tiny_causal_lm, load_causal_lm, tokenizer_of
@@ -32,11 +35,16 @@ from rlhf.trainer import load_run, train_step
 # depend on the values; gr_hvp is the config's gr with the exact Hessian-vector-product estimator.
 METHODS = {"noreg": ("noreg", {}), "gr": ("gr", {"gr_gamma": 0.1}), "gr_hvp": ("gr", {"gr_gamma": 0.1}),
            "signcert": ("signcert", {"signcert_quantile": 0.4}),
+           # Dr.GRPO as SignCert's Table 2 times it: its App. F runs every method with one "KL coefficient" (0.01 for
+           # Pythia 1B), so SignCert's cost is measured against Dr.GRPO with SignCert's own kl_beta; the noreg row
+           # has none (and then skips the backward of micro-batches whose advantages are all zero, which a KL term
+           # forbids: rlhf/trainer.py zero_gradient_chunks)
+           "drgrpo_same_kl": ("signcert", {"signcert_quantile": 0.4}),
            "elastic_reset": ("elastic_reset", {"elastic_reset_every": 260, "kl_beta": 0.02}),
            "uwo": ("uwo", {"reward": "uwo", "uwo_lambda": 0.1, "uwo_penalty": "std"}),
            "advpo": ("advpo", {"reward": "advpo", "advpo_budget": 5.0}),
            "bspo": ("bspo", {"reward": "bspo", "bspo_threshold": 1e-4})}
-EXTRA = {"gr_hvp": {"gr_estimator": "hvp"}}
+EXTRA = {"gr_hvp": {"gr_estimator": "hvp"}, "drgrpo_same_kl": {"signcert_quantile": None}}  # SignCert's run, off
 # TRL with beta = 0 computes no reference log-probs; ours also logs KL from pi_init every step by default
 # (one more forward pass). The comparison with TRL uses the same work: this row turns that metric off.
 SAME_WORK_AS_TRL = "noreg_without_kl_metric"
@@ -55,13 +63,18 @@ def _load(cfg, s: GRPOSettings, device):
 
 
 def time_ours(cfg, s: GRPOSettings, device, warmup: int, timed: int) -> dict:
+    """Mean seconds per step of each phase (wall clock, as the papers report), and `step_cpu`: this process's CPU
+    seconds per step, which another process on the machine inflates far less than the wall clock (it still shares
+    the caches and the memory bus)."""
     run = _load(cfg, s, device)
-    rows = []
+    rows, cpu = [], []
     for step in range(1, warmup + timed + 1):
+        c0 = time.process_time()
         rows.append(train_step(run, run.prompts.batch(s.prompts_per_step), step))
+        cpu.append(time.process_time() - c0)
     keys = ("time/generate", "time/score", "time/update", "time/step")
     out = {k.removeprefix("time/"): float(np.mean([r[k] for r in rows[warmup:]])) for k in keys}
-    return {**out, "work": {"weights": str(next(run.policy.parameters()).dtype).removeprefix("torch."),
+    return {**out, "step_cpu": float(np.mean(cpu[warmup:])), "work": {"weights": str(next(run.policy.parameters()).dtype).removeprefix("torch."),
                             "autocast": None, "completions_per_step": s.prompts_per_step * s.group_size,
                             "max_new_tokens": s.max_new_tokens,
                             "reference_forward": s.kl_beta > 0 or s.kl_metric_every <= warmup + timed}}
@@ -180,22 +193,26 @@ def time_generation(cfg, s: GRPOSettings, prompts: list[str], warmup: int, timed
     return out
 
 
+TARGETS = {"gr_update / noreg_update": "<= 2.2", "gr_hvp_update / noreg_update": "<= 2.5 (floor 2)",
+           "signcert_step / drgrpo_same_kl_step": "<= 1.05 (SignCert Table 2: 0.99-1.01)",
+           "signcert_step / noreg_step": "- (noreg has no KL term)", "elastic_reset_step / noreg_step": "<= 1.05",
+           "uwo_step / noreg_step": "SignCert Table 2: ~1.0 (smaller members)", "advpo_step / noreg_step":
+           "SignCert Table 2: 1.45-1.53", "bspo_step / noreg_step": "SignCert Table 2: 1.25-1.32",
+           "signcert_step_cpu / drgrpo_same_kl_step_cpu": "(CPU seconds of this process)",
+           **{f"ours_step / trl_step ({p}, same work)": "<= 1.0" for p in ("float32", "bfloat16")}}
+
+
 def markdown(results: dict, ratios: dict, s: GRPOSettings, threads: int, generation: dict | None = None,
-             not_comparable: dict | None = None, precisions: list[str] = ("float32",)) -> str:
+             not_comparable: dict | None = None, precisions: list[str] = ("float32",), repeats: int = 1) -> str:
     lines = [f"Seconds per GRPO step, B={s.prompts_per_step} prompts x G={s.group_size} completions, "
-             f"T_max={s.max_new_tokens}, {threads} CPU thread(s):", "",
-             "| method | generate | score | update | step |", "|---|---|---|---|---|"]
+             f"T_max={s.max_new_tokens}, {threads} CPU thread(s); median over {repeats} independent round(s):", "",
+             "| method | generate | score | update | step | step (CPU s) |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        cells = " | ".join(f"{r[k]:.3f}" if k in r else "–" for k in ("generate", "score", "update", "step"))
+        cells = " | ".join(f"{r[k]:.3f}" if k in r else "–" for k in ("generate", "score", "update", "step", "step_cpu"))
         lines.append(f"| {name} | {cells} |")
-    lines += ["", "| ratio | value | target |", "|---|---|---|"]
-    targets = {"gr_update / noreg_update": "<= 2.2", "gr_hvp_update / noreg_update": "<= 2.5 (floor 2)",
-               "signcert_step / noreg_step": "<= 1.05", "elastic_reset_step / noreg_step": "<= 1.05",
-               "uwo_step / noreg_step": "SignCert Table 2: ~1.0 (smaller members)", "advpo_step / noreg_step":
-               "SignCert Table 2: 1.45-1.53", "bspo_step / noreg_step": "SignCert Table 2: 1.25-1.32",
-               **{f"ours_step / trl_step ({p}, same work)": "<= 1.0" for p in ("float32", "bfloat16")}}
-    lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
-    lines += [f"| {k} | not the same work: {why} | – |" for k, why in (not_comparable or {}).items()]
+    lines += ["", "| ratio | median | min-max | target |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['median']:.3f} | {v['min']:.3f}-{v['max']:.3f} | {TARGETS[k]} |" for k, v in ratios.items()]
+    lines += [f"| {k} | not the same work: {why} | – | – |" for k, why in (not_comparable or {}).items()]
     if "bfloat16" not in precisions:
         lines += ["", "No bf16 pair: this CPU has no bf16 instructions (AVX512-BF16 / AMX), so bf16 would be emulated."]
     if generation:
@@ -206,43 +223,77 @@ def markdown(results: dict, ratios: dict, s: GRPOSettings, threads: int, generat
     return "\n".join(lines) + "\n"
 
 
+RATIOS = {"gr_update / noreg_update": ("gr", "noreg", "update"),
+          "gr_hvp_update / noreg_update": ("gr_hvp", "noreg", "update"),
+          "signcert_step / drgrpo_same_kl_step": ("signcert", "drgrpo_same_kl", "step"),
+          **{f"{m}_step / noreg_step": (m, "noreg", "step") for m in ("signcert", "elastic_reset", "uwo", "advpo", "bspo")},
+          "signcert_step_cpu / drgrpo_same_kl_step_cpu": ("signcert", "drgrpo_same_kl", "step_cpu")}
+
+
+def spread(values: list[float]) -> dict:
+    """A ratio over independent repeats: median, min, max and the values themselves."""
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
+            "values": [float(v) for v in values]}
+
+
+def run_repeats(timings: dict, repeats: int) -> tuple[dict, dict]:
+    """`repeats` independent rounds of every timing in `timings` (name -> a function returning its row), each round
+    in another rotation of the order, so that a drift of the machine (another process, frequency, cache) lands on
+    different methods in different rounds. Returns each name's rows per round, and for each ratio of RATIOS whose
+    two sides ran its value in every round (a ratio pairs the two rows of the same round)."""
+    names, rounds = list(timings), {name: [] for name in timings}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rounds[name].append(timings[name]())
+            print(f"bench: round {r + 1}/{repeats}: {name}: {rounds[name][-1]}")
+    ratios = {key: spread([a[col] / b[col] for a, b in zip(rounds[x], rounds[y])])
+              for key, (x, y, col) in RATIOS.items() if x in rounds and y in rounds}
+    return rounds, ratios
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The median over rounds of each timed column; `work` as the rounds ran it (the same in every round)."""
+    cols = [k for k in rows[0] if k != "work"]
+    return {**{k: float(np.median([r[k] for r in rows])) for k in cols}, "work": rows[0]["work"]}
+
+
 def run(cfg, args):
     device = setup(cfg, args)
     P = Paths.from_config(cfg)
     prompts = [r["prompt"] for r in read_jsonl(P.train, required=("prompt",))]
-    warmup, timed = args.warmup, args.timed
-    results, base = {}, GRPOSettings.of(cfg)
+    warmup, timed, repeats = args.warmup, args.timed, args.repeats
+    if repeats < 1:
+        raise ConfigError(f"bench: --repeats must be at least 1, got {repeats}")
+    base, timings = GRPOSettings.of(cfg), {}
     for name, (method, overrides) in METHODS.items():
         s = GRPOSettings.for_method(cfg, method) if method in cfg["methods"] else base.replace(**overrides)
         s = s.replace(**EXTRA.get(name, {}))
-        results[name] = time_ours(cfg, s, device, warmup, timed)
-        print(f"bench: {name}: {results[name]}")
-    ratios = {"gr_update / noreg_update": results["gr"]["update"] / results["noreg"]["update"],
-              "gr_hvp_update / noreg_update": results["gr_hvp"]["update"] / results["noreg"]["update"],
-              "signcert_step / noreg_step": results["signcert"]["step"] / results["noreg"]["step"],
-              **{f"{m}_step / noreg_step": results[m]["step"] / results["noreg"]["step"]
-                 for m in ("elastic_reset", "uwo", "advpo", "bspo")}}
+        timings[name] = lambda s=s: time_ours(cfg, s, device, warmup, timed)
     # Ours against TRL: the same model, batch, lengths and precision (weights in that dtype, no autocast), and no
     # reference forward pass on either side; a pair that differs in any of these gets no ratio.
     precisions = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_has_bf16() else [])
-    not_comparable = {}
     for dtype in precisions:
         cfg_p = {**cfg, "model": {**cfg["model"], "dtype": dtype}}
-        ours = time_ours(cfg_p, base.replace(kl_metric_every=10**9), device, warmup, timed)
-        trl = time_trl(cfg_p, base, prompts, device, warmup, timed)
-        results[f"{SAME_WORK_AS_TRL} ({dtype})"], results[f"trl_grpotrainer ({dtype})"] = ours, trl
-        print(f"bench: ours / trl ({dtype}): {ours} / {trl}")
+        timings[f"{SAME_WORK_AS_TRL} ({dtype})"] = lambda c=cfg_p: time_ours(c, base.replace(kl_metric_every=10**9),
+                                                                             device, warmup, timed)
+        timings[f"trl_grpotrainer ({dtype})"] = lambda c=cfg_p: time_trl(c, base, prompts, device, warmup, timed)
+    rounds, ratios = run_repeats(timings, repeats)
+    not_comparable = {}
+    for dtype in precisions:
         key = f"ours_step / trl_step ({dtype}, same work)"
-        if (reason := like_for_like(ours, trl)) is None:
-            ratios[key] = ours["step"] / trl["step"]
+        ours, trl = rounds[f"{SAME_WORK_AS_TRL} ({dtype})"], rounds[f"trl_grpotrainer ({dtype})"]
+        if (reason := like_for_like(ours[0], trl[0])) is None:
+            ratios[key] = spread([a["step"] / b["step"] for a, b in zip(ours, trl)])
         else:
             not_comparable[key] = reason
             print(f"bench: {key}: no ratio, not the same work: {reason}")
+    results = {name: median_row(rows) for name, rows in rounds.items()}
     generation = {} if args.no_vllm else time_generation(cfg, base, prompts, warmup, timed)
     text = markdown(results, ratios, base, args.threads or cfg["resources"]["threads"], generation,
-                    not_comparable, precisions)
+                    not_comparable, precisions, repeats)
     with atomic_dir(P.root / "bench") as out:
-        write_json(out / "bench.json", {"results": results, "ratios": ratios, "not_comparable": not_comparable,
-                                        "generation": generation, "warmup": warmup, "timed": timed})
+        write_json(out / "bench.json", {"results": results, "rounds": rounds, "ratios": ratios,
+                                        "not_comparable": not_comparable, "generation": generation,
+                                        "warmup": warmup, "timed": timed, "repeats": repeats})
         (out / "bench.md").write_text(text)
     print(text)
