@@ -157,7 +157,7 @@ def run(args) -> dict:
 
 def markdown(results: dict, args) -> str:
     gib = 2 ** 30
-    base = results.get("noreg", next(iter(results.values())))["peak"]
+    base = results["noreg"]["peak"] if "noreg" in results else None  # no ratio without noreg in the same run
     n = next(iter(results.values()))["params"]
     names = list(next(iter(results.values()))["parts"])
     lines = [f"{args.shape} ({n / 1e6:.0f}M parameters), {args.dtype}, {args.rows} completions of {args.prompt} + "
@@ -165,7 +165,7 @@ def markdown(results: dict, args) -> str:
              "| method | " + " | ".join(names) + " | peak | / noreg |", "|---|" + "---|" * (len(names) + 2)]
     for method, r in results.items():
         lines.append(f"| {method} | " + " | ".join(f"{r['parts'][k] / gib:.2f}" for k in names)
-                     + f" | {r['peak'] / gib:.2f} | {r['peak'] / base:.2f} |")
+                     + f" | {r['peak'] / gib:.2f} | " + (f"{r['peak'] / base:.2f} |" if base else "– |"))
     return "\n".join(lines) + "\n"
 
 
