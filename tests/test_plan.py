@@ -25,9 +25,9 @@ def test_the_estimate_against_the_measured_peak_of_a_grpo_step_on_the_cpu(tmp_pa
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
     from rlhf.experiments.memory_bench import TINY
     cfg = yaml.safe_load((REPO / "config" / "micro.yaml").read_text())
-    cfg["model"] = {"build": {"arch": "qwen2", "hidden_size": TINY["hidden"], "num_layers": TINY["layers"],
-                              "num_heads": TINY["heads"], "intermediate_size": TINY["intermediate"],
-                              "vocab_size": TINY["vocab"], "max_position_embeddings": 256}}
+    cfg["model"] = {"build": {"arch": "qwen2", "hidden_size": TINY.hidden, "num_layers": TINY.layers,
+                              "num_heads": TINY.heads, "intermediate_size": TINY.intermediate,
+                              "vocab_size": TINY.vocab, "max_position_embeddings": 256}}
     cfg["grpo"].update(prompts_per_step=2, group_size=8, max_new_tokens=48, micro_batch_size=16)
     cfg["methods"] = {"noreg": {}, "gr": {"gr_gamma": 1e-3}, "gr-hvp": {"gr_gamma": 1e-3, "gr_estimator": "hvp"}}
     cfg["results_dir"] = str(tmp_path)

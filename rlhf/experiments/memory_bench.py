@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -31,15 +32,15 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf.config import load_config
 from rlhf.distributed import Dist, make_update
 from rlhf.generation import Rollout
-from rlhf.models import KNOWN
+from rlhf.models import KNOWN, Shape
 from rlhf.policy import token_logprobs
 from rlhf.rewards.proxy_rm import Scores
 from rlhf.settings import GRPOSettings
 from rlhf.trainer import grpo_step
 
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-TINY = {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 8, "intermediate": 2048, "vocab": 1024, "tied": True}
-SMALL = {**TINY, "hidden": 256, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 1024}  # the test's
+TINY = Shape(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=2048, vocab=1024, tied=True)
+SMALL = dataclasses.replace(TINY, hidden=256, layers=2, heads=4, kv_heads=4, intermediate=1024)  # the test's
 # each method: the GRPO settings it changes, and what the stage holds for it beyond pi_init and one proxy RM
 METHODS = {
     "noreg": ({}, {}),
@@ -64,18 +65,14 @@ def _reset_peak() -> int:
     return _kib("VmRSS")
 
 
-def _shape(name: str) -> dict:
-    if name in ("tiny", "small"):
-        return TINY if name == "tiny" else SMALL
-    s = KNOWN[name]
-    return {"hidden": s.hidden, "layers": s.layers, "heads": s.heads, "kv_heads": s.kv_heads,
-            "intermediate": s.intermediate, "vocab": s.vocab, "tied": s.tied}
+def _shape(name: str) -> Shape:
+    return {"tiny": TINY, "small": SMALL}.get(name) or KNOWN[name]
 
 
-def _models(shape: dict, dtype: torch.dtype):
-    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         intermediate_size=shape["intermediate"], tie_word_embeddings=shape["tied"],
+def _models(shape: Shape, dtype: torch.dtype):
+    config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         intermediate_size=shape.intermediate, tie_word_embeddings=shape.tied,
                          max_position_embeddings=4096, pad_token_id=0, eos_token_id=1)
     config._attn_implementation = "sdpa"
     head = copy.deepcopy(config)
@@ -84,7 +81,7 @@ def _models(shape: dict, dtype: torch.dtype):
             lambda: AutoModelForSequenceClassification.from_config(head).to(dtype).eval().requires_grad_(False))
 
 
-def measure(method: str, shape: dict, dtype: torch.dtype, rows: int, micro: int, prompt: int, completion: int,
+def measure(method: str, shape: Shape, dtype: torch.dtype, rows: int, micro: int, prompt: int, completion: int,
             group: int = 8) -> dict:
     """One method's parts and peak (bytes), in this process: run it in a fresh fork."""
     changes, holds = METHODS[method]
@@ -92,7 +89,7 @@ def measure(method: str, shape: dict, dtype: torch.dtype, rows: int, micro: int,
     s = GRPOSettings(**{**micro_cfg, "group_size": group, "prompts_per_step": rows // group, "micro_batch_size": micro,
                         "max_new_tokens": completion, "backend": "torch", **changes})
     new_lm, new_rm = _models(shape, dtype)
-    _models({**shape, "hidden": 8, "heads": 1, "kv_heads": 1, "layers": 1, "intermediate": 8, "vocab": 8},
+    _models(dataclasses.replace(shape, hidden=8, heads=1, kv_heads=1, layers=1, intermediate=8, vocab=8),
             dtype)[0]()  # transformers imports a model's module when it first builds one: not the model's memory
     parts, start = {}, _reset_peak()
     mark = start
@@ -114,10 +111,10 @@ def measure(method: str, shape: dict, dtype: torch.dtype, rows: int, micro: int,
     update = make_update(policy, s, Dist())
     part("update state")
     g = torch.Generator().manual_seed(0)
-    rollout = Rollout(torch.randint(2, shape["vocab"], (rows, prompt), generator=g), torch.ones(rows, prompt, dtype=torch.long),
-                      torch.randint(2, shape["vocab"], (rows, completion), generator=g),
+    rollout = Rollout(torch.randint(2, shape.vocab, (rows, prompt), generator=g), torch.ones(rows, prompt, dtype=torch.long),
+                      torch.randint(2, shape.vocab, (rows, completion), generator=g),
                       torch.ones(rows, completion, dtype=torch.long), [""] * rows)
-    scores = Scores(torch.randn(rows, generator=g), torch.randn(rows, shape["hidden"], generator=g))
+    scores = Scores(torch.randn(rows, generator=g), torch.randn(rows, shape.hidden, generator=g))
 
     def step() -> None:
         with torch.no_grad():
@@ -173,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m rlhf.experiments.memory_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="Qwen/Qwen2.5-0.5B", help="a model of rlhf/models.py KNOWN, or tiny (17M) / small (3M)")
+    p.add_argument("--shape", default="Qwen/Qwen2.5-0.5B", choices=["tiny", "small", *KNOWN], help="a model of rlhf/models.py KNOWN, or tiny (17M) / small (3M)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--rows", type=int, default=16, help="completions per update (this rank's)")
     p.add_argument("--micro-batch", type=int, default=8)
