@@ -138,10 +138,15 @@ def test_micro_dag_on_two_nodes_through_slurm(cluster, tmp_path):
     log = (results / "logs" / f"grpo_{KILLED}_seed0.log").read_text()
     assert "resumed from step" in log, log[-3000:]
     # Every job through sbatch (the killed one twice), none run locally; the plugin's per-rule logs agree.
-    assert cluster.submitted_jobs() == sum(expected.values()) + 1
     logs = tmp_path / "run" / ".snakemake" / "slurm_logs"
     per_rule = {p.name.removeprefix("rule_"): len(list(p.rglob("*.log"))) for p in logs.iterdir()}
-    assert per_rule == {**expected, "grpo": expected["grpo"] + 1}
+    want = {**expected, "grpo": expected["grpo"] + 1}
+    # Once (2026-12-07, one run in three, not reproduced since) 5 submissions instead of 4: a failure names the rules
+    # submitted more often than expected and ends with their Slurm logs.
+    why = (per_rule, [f.read_text()[-1500:] for rule, n in per_rule.items() if n != want.get(rule)
+                      for f in sorted((logs / f"rule_{rule}").rglob("*.log"))])
+    assert cluster.submitted_jobs() == sum(want.values()), why
+    assert per_rule == want, why
     # Each multi-node job was allocated both nodes and started a torchrun on each.
     allocations = (cluster.root / "slurmctld.log").read_text().count("NodeList=nodea,nodeb")
     assert allocations == sum(expected.get(s, 0) for s in MULTI_NODE) + 1
