@@ -62,10 +62,11 @@ def _settings():
 def test_the_memory_bench_attributes_each_methods_extra_memory(tmp_path):
     """`python -m rlhf.experiments.memory_bench` at a 2M-parameter shape in fp32 (N parameters, 4 N bytes): UWO holds two
     reward models more than noreg, Reference Resets pi_ref and Elastic Reset its fp32 EMA (4 N each), GR's finite
-    difference adds g1 and the saved weights to the step (8 N), each within 15 %."""
+    difference adds g1 and the saved weights to the step (8 N), each within 15 %. With --timed: each method's update
+    seconds in every round (rounds apart: fresh processes), its ratio to noreg's paired per round."""
     done = subprocess.run([sys.executable, "-m", "rlhf.experiments.memory_bench", "--shape", "small", "--dtype",
                            "float32", "--threads", "1", "--rows", "8", "--prompt", "32", "--completion", "16",
-                           "--methods", "noreg", "gr", "uwo", "elastic", "--out", str(tmp_path)],
+                           "--methods", "noreg", "gr", "uwo", "elastic", "--out", str(tmp_path), "--timed", "1", "--repeats", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "memory.json").read_text())["results"]
@@ -76,4 +77,9 @@ def test_the_memory_bench_attributes_each_methods_extra_memory(tmp_path):
     assert (held["elastic"] - held["noreg"]) / n4 == pytest.approx(1, rel=0.15)
     assert (step["gr"] - step["noreg"]) / n4 == pytest.approx(2, rel=0.15)
     assert all(v["peak"] >= sum(v["parts"].values()) * 0.99 for v in r.values())
-    assert "| gr | " in (tmp_path / "memory.md").read_text()
+    assert all(len(v["rounds"]) == 2 and v["update_s"] > 0 for v in r.values())
+    assert r["noreg"]["time_ratio"]["values"] == [1.0, 1.0]
+    gr = r["gr"]["time_ratio"]
+    assert gr["values"] == [a["update_s"] / b["update_s"] for a, b in zip(r["gr"]["rounds"], r["noreg"]["rounds"])]
+    assert gr["min"] <= gr["median"] <= gr["max"]
+    assert "| gr | " in (tmp_path / "memory.md").read_text() and "update s" in (tmp_path / "memory.md").read_text()

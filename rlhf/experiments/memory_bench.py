@@ -8,23 +8,30 @@ unseen), with a randomly initialised model of the shape (rlhf/models.py KNOWN, o
 the rollouts (sampling is not what is measured) and what the GRPO stage holds for that method: pi_init, the reward
 models (one proxy RM; UWO's members; BSPO's ScoreLM instead), pi_ref (Reference Resets), the fp32 EMA (Elastic
 Reset). Memory is Linux's resident set: its peak (VmHWM, reset where a part starts) and the growth of each part, with
-glibc's mmap threshold at 64 KiB (set here by re-executing) so that every tensor is its own mapping and a freed one
+glibc's mmap threshold at 64 KiB (mallopt, in the measuring process) so that every tensor is its own mapping and a freed one
 leaves: the numbers are those of the live tensors, the same to the MiB from run to run. Parts: `weights` (the
 policy), `held models`, `update state` (the backend's master copies), `after one update` (AdamW's states, which the
 first update makes, and the gradients it leaves), `step` (the second update's growth over rows/micro-batch
 micro-batches, as every later update runs: activations, gradients, the method's own extras: GR's g1 and saved weights
-or double-backward graph, SignCert's features, KL's reference log-probs). Writes <out>/memory.json and memory.md.
+or double-backward graph, SignCert's features, KL's reference log-probs). With `--timed K`, `--repeats` rounds more
+in rotated order, each method in a fresh fork under glibc's default allocator: one update, then K timed ones (the
+whole update: KL's reference forward pass, GR's second gradient, SignCert's worst case; not the scoring, where UWO's
+members and BSPO's ScoreLM cost). Writes <out>/memory.json and memory.md.
 No GPU was lent to measure the same there (CUDA's allocator and NCCL buffers come on top).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config
@@ -36,9 +43,10 @@ from rlhf.models import KNOWN, Shape
 from rlhf.policy import token_logprobs
 from rlhf.rewards.proxy_rm import Scores
 from rlhf.settings import GRPOSettings
+from rlhf.stages.bench import spread
 from rlhf.trainer import grpo_step
 
-GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 TINY = Shape(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=2048, vocab=1024, tied=True)
 SMALL = dataclasses.replace(TINY, hidden=256, layers=2, heads=4, kv_heads=4, intermediate=1024)  # the test's
 # each method: the GRPO settings it changes, and what the stage holds for it beyond pi_init and one proxy RM
@@ -82,8 +90,11 @@ def _models(shape: Shape, dtype: torch.dtype):
 
 
 def measure(method: str, shape: Shape, dtype: torch.dtype, rows: int, micro: int, prompt: int, completion: int,
-            group: int = 8) -> dict:
-    """One method's parts and peak (bytes), in this process: run it in a fresh fork."""
+            group: int = 8, timed: int = 0) -> dict:
+    """One method's parts and peak (bytes), in this process: run it in a fresh fork. With `timed`, instead the median
+    wall-clock and CPU seconds of that many updates after the first, under glibc's default allocator."""
+    if not timed:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     changes, holds = METHODS[method]
     micro_cfg = load_config(Path(__file__).resolve().parents[2] / "config" / "micro.yaml")["grpo"]  # every field
     s = GRPOSettings(**{**micro_cfg, "group_size": group, "prompts_per_step": rows // group, "micro_batch_size": micro,
@@ -122,6 +133,14 @@ def measure(method: str, shape: Shape, dtype: torch.dtype, rows: int, micro: int
         grpo_step(update, Dist(), rollout, scores, ref, s.kl_beta, s)
     step()  # the first update makes AdamW's states: every later one runs beside them, as this second one
     part("after one update")
+    if timed:  # instead of the memory: `timed` updates after that first one
+        wall, cpu = [], []
+        for _ in range(timed):
+            w, c = time.perf_counter(), time.process_time()
+            step()
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+        return {"update_s": float(np.median(wall)), "update_cpu_s": float(np.median(cpu))}
     before_step = _reset_peak()
     step()
     parts["step"] = _kib("VmHWM") - before_step
@@ -129,40 +148,68 @@ def measure(method: str, shape: Shape, dtype: torch.dtype, rows: int, micro: int
             "params": sum(p.numel() for p in policy.parameters())}
 
 
+def _fork(method: str, shape: Shape, dtype: torch.dtype, args, timed: int) -> dict:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child measures and reports through the pipe
+        os.close(read)
+        out = measure(method, shape, dtype, args.rows, args.micro_batch, args.prompt, args.completion, timed=timed)
+        os.write(write, json.dumps(out).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not text:
+        raise RuntimeError(f"memory bench: {method} failed (status {status})")
+    return json.loads(text)
+
+
 def run(args) -> dict:
+    """Each method once for its memory (the same to the MiB from run to run); with --timed, --repeats rounds in
+    rotated order (a drift of the machine lands on different methods in different rounds), each method's update
+    seconds per round and, per round, its ratio to noreg's (rlhf/stages/bench.py's spread over the rounds)."""
     torch.set_num_threads(args.threads)
     shape, dtype = _shape(args.shape), getattr(torch, args.dtype)
-    results = {}
-    for method in args.methods:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child measures and reports through the pipe
-            os.close(read)
-            out = measure(method, shape, dtype, args.rows, args.micro_batch, args.prompt, args.completion)
-            os.write(write, json.dumps(out).encode())
-            os._exit(0)
-        os.close(write)
-        with os.fdopen(read) as f:
-            text = f.read()
-        _, status = os.waitpid(pid, 0)
-        if status != 0 or not text:
-            raise RuntimeError(f"memory bench: {method} failed (status {status})")
-        results[method] = json.loads(text)
+    results, methods = {}, list(args.methods)
+    for method in methods:
+        results[method] = {**_fork(method, shape, dtype, args, 0), "rounds": []}
         print(f"{method}: peak {results[method]['peak'] / 2**20:.0f} MiB", flush=True)
+    for r in range(args.repeats if args.timed else 0):
+        for method in methods[r % len(methods):] + methods[:r % len(methods)]:
+            out = _fork(method, shape, dtype, args, args.timed)
+            results[method]["rounds"].append({k: out[k] for k in ("update_s", "update_cpu_s")})
+            print(f"round {r + 1}: {method}: update {out['update_s']:.2f} s", flush=True)
+    for method, res in results.items():
+        if res["rounds"]:
+            res["update_s"] = float(np.median([x["update_s"] for x in res["rounds"]]))
+            res["update_cpu_s"] = float(np.median([x["update_cpu_s"] for x in res["rounds"]]))
+            if "noreg" in results:
+                res["time_ratio"] = spread([a["update_s"] / b["update_s"]
+                                            for a, b in zip(res["rounds"], results["noreg"]["rounds"])])
     return results
 
 
 def markdown(results: dict, args) -> str:
     gib = 2 ** 30
     base = results["noreg"]["peak"] if "noreg" in results else None  # no ratio without noreg in the same run
+    timed = bool(args.timed)
     n = next(iter(results.values()))["params"]
     names = list(next(iter(results.values()))["parts"])
     lines = [f"{args.shape} ({n / 1e6:.0f}M parameters), {args.dtype}, {args.rows} completions of {args.prompt} + "
              f"{args.completion} tokens in micro-batches of {args.micro_batch}, torch backend, CPU, GiB:", "",
-             "| method | " + " | ".join(names) + " | peak | / noreg |", "|---|" + "---|" * (len(names) + 2)]
+             "| method | " + " | ".join(names) + " | peak | / noreg |" + timed * " update s | / noreg (min-max) |",
+             "|---|" + "---|" * (len(names) + 2 + 2 * timed)]
     for method, r in results.items():
-        lines.append(f"| {method} | " + " | ".join(f"{r['parts'][k] / gib:.2f}" for k in names)
-                     + f" | {r['peak'] / gib:.2f} | " + (f"{r['peak'] / base:.2f} |" if base else "– |"))
+        row = (f"| {method} | " + " | ".join(f"{r['parts'][k] / gib:.2f}" for k in names)
+               + f" | {r['peak'] / gib:.2f} | " + (f"{r['peak'] / base:.2f} |" if base else "– |"))
+        if timed:
+            q = r.get("time_ratio")
+            row += f" {r['update_s']:.2f} | " + (f"{q['median']:.2f} ({q['min']:.2f}-{q['max']:.2f}) |" if q else "– |")
+        lines.append(row)
+    if timed:
+        lines += ["", f"update s: the median over {args.repeats} round(s) of each round's median over {args.timed} "
+                      "updates after a first (wall clock, fresh processes); the ratio pairs the two rows of one round."]
     return "\n".join(lines) + "\n"
 
 
@@ -178,13 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--completion", type=int, default=53, help="completion tokens (GR paper's TL;DR: 53)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timed", type=int, default=0, help="time this many more updates per method (0: memory only)")
+    p.add_argument("--repeats", type=int, default=3, help="with --timed: independent rounds, in rotated order")
     p.add_argument("--out", default="results/bench-memory")
     args = p.parse_args(argv)
     if not Path("/proc/self/clear_refs").exists():
         p.error("needs Linux's /proc/self/clear_refs (the peak resident memory is reset per part)")
-    if any(os.environ.get(k) != v for k, v in GLIBC_ENV.items()):  # glibc reads it at start: run again with it
-        os.execve(sys.executable, [sys.executable, "-m", "rlhf.experiments.memory_bench", *argv],
-                  {**os.environ, **GLIBC_ENV})
     results = run(args)
     table = markdown(results, args)
     out = Path(args.out)
