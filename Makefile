@@ -74,8 +74,10 @@ rulegraph: $(STAMP)
 	. $(VENV)/bin/activate && snakemake --rulegraph --configfile config/miniature-baselines.yaml \
 		--config results_dir=$$(mktemp -d) | dot -Tsvg > docs/rulegraph.svg
 
-# Peak memory of one GRPO update per method and what holds it, at Qwen2.5-0.5B's shape in bf16 on the CPU
-# (rlhf/experiments/memory_bench.py; minutes per method; MEMORY_BENCH="--dtype float32 --methods noreg gr" to choose).
+# Peak memory of one GRPO update per method and what holds it, and each update's time over 3 rounds, at Qwen2.5-0.5B's
+# shape in bf16 on the CPU (rlhf/experiments/memory_bench.py; README's cost table; ~1 hour on 2 cores; a method that
+# does not fit is reported as such; MEMORY_BENCH="--dtype float32 --methods noreg gr" to choose).
+MEMORY_BENCH ?= --rows 8 --micro-batch 8 --timed 1 --repeats 3
 bench-memory: $(STAMP)
 	. $(VENV)/bin/activate && python -m rlhf.experiments.memory_bench $(MEMORY_BENCH)
 

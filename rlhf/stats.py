@@ -45,3 +45,9 @@ def winrate_ci(outcomes, confidence: float = 0.95) -> tuple[float, float, float]
     half = z * x.std(ddof=1) / math.sqrt(x.size) if x.size > 1 else math.nan
     m = float(x.mean())
     return m, max(0.0, m - half), min(1.0, m + half)
+
+
+def spread(values: list[float]) -> dict:
+    """A ratio over independent repeats: median, min, max and the values themselves."""
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
+            "values": [float(v) for v in values]}

@@ -83,3 +83,23 @@ def test_the_memory_bench_attributes_each_methods_extra_memory(tmp_path):
     assert gr["values"] == [a["update_s"] / b["update_s"] for a, b in zip(r["gr"]["rounds"], r["noreg"]["rounds"])]
     assert gr["min"] <= gr["median"] <= gr["max"]
     assert "| gr | " in (tmp_path / "memory.md").read_text() and "update s" in (tmp_path / "memory.md").read_text()
+
+
+def test_a_method_that_does_not_fit_is_reported_and_the_others_still_measured(tmp_path, monkeypatch):
+    """A measuring process the kernel kills (hvp at 0.5B on a 23 GiB machine: the OOM killer's SIGKILL) is a row that
+    says so, not a lost run."""
+    import os
+    import signal
+    from rlhf.experiments import memory_bench
+    real = memory_bench.measure
+
+    def measure(method, *args, **kwargs):
+        if method == "gr-hvp":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(method, *args, **kwargs)
+    monkeypatch.setattr(memory_bench, "measure", measure)
+    assert memory_bench.main(["--shape", "small", "--dtype", "float32", "--threads", "1", "--rows", "8", "--prompt",
+                              "16", "--completion", "8", "--methods", "noreg", "gr-hvp", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "memory.json").read_text())
+    assert out["failed"] == ["gr-hvp"] and list(out["results"]) == ["noreg"]
+    assert "| gr-hvp | – | – | – | – | – | killed (did not fit) | – |" in (tmp_path / "memory.md").read_text()

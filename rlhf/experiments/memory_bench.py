@@ -43,7 +43,7 @@ from rlhf.models import KNOWN, Shape
 from rlhf.policy import token_logprobs
 from rlhf.rewards.proxy_rm import Scores
 from rlhf.settings import GRPOSettings
-from rlhf.stages.bench import spread
+from rlhf.stats import spread
 from rlhf.trainer import grpo_step
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -148,7 +148,8 @@ def measure(method: str, shape: Shape, dtype: torch.dtype, rows: int, micro: int
             "params": sum(p.numel() for p in policy.parameters())}
 
 
-def _fork(method: str, shape: Shape, dtype: torch.dtype, args, timed: int) -> dict:
+def _fork(method: str, shape: Shape, dtype: torch.dtype, args, timed: int) -> dict | None:
+    """measure() in a fresh child; None where the child died (the kernel's OOM killer: a method that does not fit)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child measures and reports through the pipe
@@ -161,23 +162,32 @@ def _fork(method: str, shape: Shape, dtype: torch.dtype, args, timed: int) -> di
         text = f.read()
     _, status = os.waitpid(pid, 0)
     if status != 0 or not text:
-        raise RuntimeError(f"memory bench: {method} failed (status {status})")
+        print(f"memory bench: {method} failed (wait status {status}: signal {status & 0x7f} is 9 where the OOM killer "
+              f"ended it)", file=sys.stderr)
+        return None
     return json.loads(text)
 
 
 def run(args) -> dict:
     """Each method once for its memory (the same to the MiB from run to run); with --timed, --repeats rounds in
     rotated order (a drift of the machine lands on different methods in different rounds), each method's update
-    seconds per round and, per round, its ratio to noreg's (rlhf/stages/bench.py's spread over the rounds)."""
+    seconds per round and, per round, its ratio to noreg's (rlhf/stats.py's spread over the rounds)."""
     torch.set_num_threads(args.threads)
     shape, dtype = _shape(args.shape), getattr(torch, args.dtype)
-    results, methods = {}, list(args.methods)
+    results, methods, failed = {}, list(args.methods), []
     for method in methods:
-        results[method] = {**_fork(method, shape, dtype, args, 0), "rounds": []}
+        out = _fork(method, shape, dtype, args, 0)
+        if out is None:  # the others are still measured; the table says which did not fit
+            failed.append(method)
+            continue
+        results[method] = {**out, "rounds": []}
         print(f"{method}: peak {results[method]['peak'] / 2**20:.0f} MiB", flush=True)
+    methods = [m for m in methods if m in results]
     for r in range(args.repeats if args.timed else 0):
         for method in methods[r % len(methods):] + methods[:r % len(methods)]:
             out = _fork(method, shape, dtype, args, args.timed)
+            if out is None:
+                raise RuntimeError(f"memory bench: {method}'s timed run died after its memory run had passed")
             results[method]["rounds"].append({k: out[k] for k in ("update_s", "update_cpu_s")})
             print(f"round {r + 1}: {method}: update {out['update_s']:.2f} s", flush=True)
     for method, res in results.items():
@@ -187,10 +197,10 @@ def run(args) -> dict:
             if "noreg" in results:
                 res["time_ratio"] = spread([a["update_s"] / b["update_s"]
                                             for a, b in zip(res["rounds"], results["noreg"]["rounds"])])
-    return results
+    return results, failed
 
 
-def markdown(results: dict, args) -> str:
+def markdown(results: dict, args, failed: list[str] = ()) -> str:
     gib = 2 ** 30
     base = results["noreg"]["peak"] if "noreg" in results else None  # no ratio without noreg in the same run
     timed = bool(args.timed)
@@ -207,6 +217,8 @@ def markdown(results: dict, args) -> str:
             q = r.get("time_ratio")
             row += f" {r['update_s']:.2f} | " + (f"{q['median']:.2f} ({q['min']:.2f}-{q['max']:.2f}) |" if q else "– |")
         lines.append(row)
+    lines += [f"| {method} | " + "– | " * len(names) + "killed (did not fit) | – |" + " – | – |" * timed
+              for method in failed]
     if timed:
         lines += ["", f"update s: the median over {args.repeats} round(s) of each round's median over {args.timed} "
                       "updates after a first (wall clock, fresh processes); the ratio pairs the two rows of one round."]
@@ -231,11 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not Path("/proc/self/clear_refs").exists():
         p.error("needs Linux's /proc/self/clear_refs (the peak resident memory is reset per part)")
-    results = run(args)
-    table = markdown(results, args)
+    results, failed = run(args)
+    if not results:
+        print("memory bench: every method failed", file=sys.stderr)
+        return 1
+    table = markdown(results, args, failed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (out / "memory.json").write_text(json.dumps({"args": vars(args), "results": results, "failed": failed}, indent=1))
     (out / "memory.md").write_text(table)
     print(table, end="")
     return 0

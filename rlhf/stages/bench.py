@@ -28,6 +28,7 @@ from rlhf.models import build_tiny_causal_lm, load_causal_lm, tokenizer_of
 from rlhf.paths import Paths
 from rlhf.rewards.kinds import reward_kind
 from rlhf.settings import GRPOSettings, ModelSettings
+from rlhf.stats import spread
 from rlhf.stages.common import setup
 from rlhf.trainer import load_run, train_step
 
@@ -228,12 +229,6 @@ RATIOS = {"gr_update / noreg_update": ("gr", "noreg", "update"),
           "signcert_step / drgrpo_same_kl_step": ("signcert", "drgrpo_same_kl", "step"),
           **{f"{m}_step / noreg_step": (m, "noreg", "step") for m in ("signcert", "elastic_reset", "uwo", "advpo", "bspo")},
           "signcert_step_cpu / drgrpo_same_kl_step_cpu": ("signcert", "drgrpo_same_kl", "step_cpu")}
-
-
-def spread(values: list[float]) -> dict:
-    """A ratio over independent repeats: median, min, max and the values themselves."""
-    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
-            "values": [float(v) for v in values]}
 
 
 def run_repeats(timings: dict, repeats: int) -> tuple[dict, dict]:
