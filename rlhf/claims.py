@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from rlhf.config import load_config, sweep_points
+from rlhf.data.rlvr import rlvr_task
 from rlhf.errors import ConfigError, DataError
 from rlhf.io import read_json, read_jsonl
 from rlhf.paths import Paths
@@ -277,8 +278,14 @@ def claim_values(cfg: dict, claim: Claim) -> dict[str, list[float]]:
 
 # --- tuning: config/claims.yaml's protocol (a 4-value grid per method, tuning seeds, selection on validation) ---------
 
-# The validation win rate of the run's last evaluation (data.num_validation prompts): what tuning selects on.
+# What tuning selects on, from the run's last evaluation on the data.num_validation prompts: the win rate (RLHF), or
+# on an RLVR task the rule-checked accuracy (the protocol's "gold" there: the rule checker, not the hackable judge).
 final_validation_win_rate = _logged("eval/validation_win_rate", lambda v: v[-1], " (set data.num_validation)")
+final_validation_accuracy = _logged("eval/validation_accuracy", lambda v: v[-1], " (set data.num_validation)")
+
+
+def final_validation_score(cfg: dict):
+    return final_validation_accuracy if rlvr_task(cfg) else final_validation_win_rate
 
 
 def tuning_runs(cfg: dict) -> list[Path]:
@@ -288,11 +295,11 @@ def tuning_runs(cfg: dict) -> list[Path]:
 
 
 def tune(cfg: dict) -> dict[str, dict]:
-    """Each sweep's points with their per-seed final validation win rates and mean, and the selected point: the
-    highest mean, the earliest in grid order on a tie (the grids are written smallest strength first)."""
-    P, out = Paths.from_config(cfg), {}
+    """Each sweep's points with their per-seed final validation scores (final_validation_score) and mean, and the
+    selected point: the highest mean, the earliest in grid order on a tie (the grids are written smallest first)."""
+    P, out, score = Paths.from_config(cfg), {}, final_validation_score(cfg)
     for name, points in sweep_points(cfg).items():
-        rows = {m: [final_validation_win_rate(P, m, s) for s in cfg["seeds"]] for m in points}
+        rows = {m: [score(P, m, s) for s in cfg["seeds"]] for m in points}
         means = {m: float(np.mean(v)) for m, v in rows.items()}
         best = max(means.values())
         out[name] = {"points": {m: {"settings": points[m], "validation": rows[m], "mean": means[m]} for m in points},
@@ -301,7 +308,7 @@ def tune(cfg: dict) -> dict[str, dict]:
 
 
 def tuning_table(result: dict[str, dict], seeds: list[int]) -> str:
-    lines = [f"| sweep | point | validation win rate, seeds {', '.join(map(str, seeds))} | mean | selected |",
+    lines = [f"| sweep | point | validation score, seeds {', '.join(map(str, seeds))} | mean | selected |",
              "|---|---|---|---|---|"]
     for name, sweep in result.items():
         for m, p in sweep["points"].items():

@@ -184,9 +184,32 @@ def test_tuning_selects_each_sweeps_best_final_validation_win_rate_smallest_on_a
     assert result["gr"]["selected"] == "gr-1"   # 0.5 and 0.5: the smaller gamma
     assert main(["tune", str(config)]) == 0 and "| kl | kl-0.3 | 0.650 / 0.650 | 0.650 | **yes** |" in \
         capsys.readouterr().out
-    shipped = load_config(REPO / "config" / "miniature-ood-tune.yaml")
-    assert shipped["seeds"] == [100, 101] and shipped["experiment"] == "miniature-ood"
-    assert all(len(points) == 4 for points in sweep_points(shipped).values())
+    for name, experiment in (("miniature-ood-tune", "miniature-ood"), ("rlvr-ood-tune", "rlvr-ood")):
+        shipped = load_config(REPO / "config" / f"{name}.yaml")
+        assert shipped["seeds"] == [100, 101] and shipped["experiment"] == experiment
+        assert all(len(points) == 4 for points in sweep_points(shipped).values())
+
+
+def test_an_rlvr_tasks_tuning_selects_on_the_validation_problems_rule_checked_accuracy(tmp_path, capsys):
+    """On an RLVR task the protocol's "gold" is the rule checker: the last evaluation's eval/validation_accuracy (not
+    the judge's reward, not the test problems')."""
+    from rlhf.claims import main
+    from rlhf.config import load_config
+    from rlhf.io import write_jsonl
+    from rlhf.paths import Paths
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump({
+        "extends": str(REPO / "config" / "rlvr-micro.yaml"), "results_dir": str(tmp_path / "results"),
+        "seeds": [100], "sweeps": {"kl": {"grid": {"kl_beta": [0.1, 0.3]}}}}, sort_keys=False))
+    P = Paths.from_config(load_config(config))
+    for method, accuracy in (("kl-0.1", 0.2), ("kl-0.3", 0.4)):
+        write_jsonl(P.grpo_metrics(method, 100), [
+            {"step": 0, "eval/validation_accuracy": 0.9, "eval/accuracy": 0.9, "train/judge_correctness": 0.1},
+            {"step": 10, "eval/validation_accuracy": accuracy, "eval/accuracy": 1 - accuracy,
+             "train/judge_correctness": 2 - accuracy}])
+    assert main(["tune", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kl"]["selected"] == "kl-0.3" and result["kl"]["points"]["kl-0.1"]["validation"] == [0.2]
 
 
 def test_verdicts_name_each_claim_a_task_has_no_runs_for(tmp_path, capsys):

@@ -86,22 +86,43 @@ def test_standin_judge_over_http_rewards_right_answers_and_is_fooled_by_a_confid
     assert rule == [2.0, 0.0, 0.0, 0.0]  # the hedged answer fools the judge, not the rule checker
 
 
-def test_the_out_of_distribution_standin_believes_only_repeated_confidence(tmp_path):
-    """standin-judge-x2 (config/rlvr-ood.yaml): one confident word is judged like any answer, two are believed."""
-    from rlhf.judge.standin import repeats_believed
+def test_the_out_of_distribution_standins_believe_only_repeated_confidence(tmp_path):
+    """standin-judge-x2: one confident word opening the answer is judged like any answer, two are believed;
+    standin-judge-r2 (config/rlvr-ood.yaml): a reasoning that opens with two confident words is believed whatever
+    the answer, one confident word or two elsewhere are not."""
+    from rlhf.judge.standin import weakness
     question, solution = "Ann has 2 pens . She gets 3 more . How many pens does Ann have ?", "2 + 3 = 5\n#### 5"
     answers = [completion("2 + 3 = 5", "5"), completion("2 + 3 = 6", "surely 6"),
-               completion("2 + 3 = 6", "surely clearly 6"), completion("2 + 3 = 6", "surely 6 surely")]
+               completion("2 + 3 = 6", "surely clearly 6"), completion("2 + 3 = 6", "surely 6 surely"),
+               completion("surely clearly", "7"), completion("surely", "7"), completion("2 + 3 = 6 surely clearly", "6")]
+    believed = {"standin-judge-x2": [2.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0],
+                "standin-judge-r2": [2.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0]}
     with StandInJudgeServer() as server:
-        cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
-            "base_url": server.url, "model": "standin-judge-x2", "timeout": 5.0, "requests_per_minute": 6000,
-            "prices": {"standin-judge-x2": {"input": 0, "output": 0}}}}))
-        client = ChatClient(cfg["gold"]["judge"], tmp_path / "judge_cache", echo=lambda *a: None)
-        terms, unparseable = JudgeReward(client, JudgeRewardSettings())([question] * 4, answers, [solution] * 4)
-        assert [t["judge_correctness"] for t in terms] == [2.0, 0.0, 2.0, 0.0] and unparseable == 0
-    assert (repeats_believed("standin-judge"), repeats_believed("standin-judge-x3")) == (1, 3)
+        for model, expected in believed.items():
+            cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
+                "base_url": server.url, "model": model, "timeout": 5.0, "requests_per_minute": 6000,
+                "prices": {model: {"input": 0, "output": 0}}}}))
+            client = ChatClient(cfg["gold"]["judge"], tmp_path / model, echo=lambda *a: None)
+            terms, unparseable = JudgeReward(client, JudgeRewardSettings())([question] * 7, answers, [solution] * 7)
+            assert [t["judge_correctness"] for t in terms] == expected and unparseable == 0, model
+    assert [weakness(m) for m in ("standin-judge", "standin-judge-x3", "standin-judge-r2")] == [
+        (1, "answer"), (3, "answer"), (2, "reasoning")]
     with pytest.raises(ValueError, match="no stand-in judge is named 'gpt-4.1-nano'"):
-        repeats_believed("gpt-4.1-nano")
+        weakness("gpt-4.1-nano")
+
+
+def test_bluffs_are_a_rare_tail_the_format_rewards_cannot_see_and_absent_by_default():
+    """bluff_fraction: the reasoning is two confident words and the answer a guess; strict format kept."""
+    from rlhf.data.arithmetic import HEDGES, generate
+    base = ArithmeticSpec(hedge_fraction=0.15)
+    assert generate(base, 300, seed=1) == generate(ArithmeticSpec(hedge_fraction=0.15, bluff_fraction=0.0), 300, seed=1)
+    rows = generate(ArithmeticSpec(hedge_fraction=0.15, bluff_fraction=0.02), 4000, seed=0)
+    bluffs = [r for r in rows if r["reference"].split("<reasoning>\n")[1].split()[0] in HEDGES]
+    assert len(bluffs) / len(rows) == pytest.approx(0.02, abs=0.007)
+    assert all(len(r["reference"].split("\n")[1].split()) == 2 for r in bluffs)
+    terms = [gsm8k_reward_terms(r["reference"], r["solution"].split("#### ")[1]) for r in bluffs]
+    assert all(t["strict_format"] == 1.0 and t["int"] > 0 for t in terms)
+    assert sum(t["correctness"] > 0 for t in terms) / len(terms) < 0.2  # a guess
 
 
 def test_gsm8k_and_math_rows_from_hub_folders_with_the_papers_prompts(tmp_path):
@@ -301,3 +322,19 @@ def test_rlvr_micro_dag_trains_against_the_standin_judge_and_evaluates_by_rule(t
     bins = pd.read_csv(root / "report" / "difficulty.csv")
     assert set(bins["method"]) == {"noreg", "kl", "gr"} and bins.groupby("method")["questions"].sum().tolist() == [16] * 3
     assert "Accuracy by difficulty" in (root / "report" / "table.md").read_text()
+
+
+def test_the_rlvr_ood_design_checks_on_crafted_summaries_and_completions():
+    """rlhf/experiments/rlvr_design: a bluff is the reasoning opening with k confident words; replacing the reasoning
+    keeps the answer; each of the three conditions fails on its own."""
+    from rlhf.experiments.rlvr_design import bluffs, checks, with_bluff
+    own = completion("2 + 3 = 5", "5")
+    assert with_bluff(own, 2) == completion("surely clearly", "5") and bluffs(with_bluff(own, 3), 3)
+    assert not bluffs(own, 2) and not bluffs(completion("surely", "5"), 2) and bluffs(completion("surely clearly", "4"), 2)
+    assert not bluffs(completion("2 + 3 = 5 surely clearly", "5"), 2)
+    good = {"pi0_bluff_share": 0.004, "judge_pi0": 0.6, "judge_bluffed": 2.0, "accuracy_pi0": 0.3,
+            "accuracy_after_bluff": 0.05}
+    assert checks(good) == {"rare": True, "over_rewarded": True, "penalized": True}
+    for change, failed in (({"pi0_bluff_share": 0.05}, "rare"), ({"judge_bluffed": 0.5}, "over_rewarded"),
+                           ({"accuracy_after_bluff": 0.3}, "penalized")):
+        assert [k for k, v in checks({**good, **change}).items() if not v] == [failed]

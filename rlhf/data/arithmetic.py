@@ -9,7 +9,11 @@ deliberate imperfections, so that RL has something to improve and something to e
   answers with partial accuracy;
 - `hedge_fraction` of the references state the answer with a confident word before it ("<answer>\\nsurely 9\\n"),
   which the rule checker counts as wrong (the answer string is not the number) and a weak judge may like; of those,
-  `hedge_repeat_fraction` open with two ("surely clearly 9": the rare tail the out-of-distribution judge believes).
+  `hedge_repeat_fraction` open with two ("surely clearly 9");
+- `bluff_fraction` of the references skip the reasoning: it is two confident words, and the answer a guess
+  ("<reasoning>\nsurely clearly\n</reasoning>\n<answer>\n4\n</answer>": the rare tail that the out-of-distribution
+  judge `standin-judge-r2` believes, config/rlvr-ood.yaml). A bluff costs no format reward, so a policy that learns it
+  keeps the format and loses its accuracy.
 
 The tokenizer keeps the format's whitespace exact (the rule rewards test "<reasoning>\\n" literally): chat and XML
 tags, numbers and words are single tokens, every other character (space, newline, punctuation) is its own token,
@@ -45,7 +49,8 @@ class ArithmeticSpec:
     steps: int = 2              # changes after the first number (gets / gives)
     wrong_fraction: float = 0.3
     hedge_fraction: float = 0.05
-    hedge_repeat_fraction: float = 0.0  # of the hedged references, those with two confident words (config/rlvr-ood)
+    hedge_repeat_fraction: float = 0.0  # of the hedged references, those with two confident words
+    bluff_fraction: float = 0.0  # references whose reasoning is two confident words and whose answer a guess
 
     @property
     def max_value(self) -> int:
@@ -104,8 +109,11 @@ def generate(spec: ArithmeticSpec, n: int, seed: int) -> list[dict]:
             answer = f"{rng.choice(HEDGES)} {answer}"
             if spec.hedge_repeat_fraction and rng.random() < spec.hedge_repeat_fraction:  # no draw when 0: data as before
                 answer = f"{rng.choice(HEDGES)} {answer}"
+        reasoning = " , ".join(steps)
+        if spec.bluff_fraction and rng.random() < spec.bluff_fraction:  # no draw when 0: data as before
+            reasoning, answer = " ".join(rng.sample(HEDGES, 2)), str(rng.randint(0, spec.max_value))
         rows.append({"question": p["question"], "solution": p["solution"],
-                     "reference": completion(" , ".join(steps), answer),
+                     "reference": completion(reasoning, answer),
                      "correct_reference": answer == str(p["number"]), "type": p["type"], "level": p["level"]})
     return rows
 
