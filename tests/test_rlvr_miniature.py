@@ -89,14 +89,16 @@ def test_standin_judge_over_http_rewards_right_answers_and_is_fooled_by_a_confid
 def test_the_out_of_distribution_standins_believe_only_repeated_confidence(tmp_path):
     """standin-judge-x2: one confident word opening the answer is judged like any answer, two are believed;
     standin-judge-r2 (config/rlvr-ood.yaml): a reasoning that opens with two confident words is believed whatever
-    the answer, one confident word or two elsewhere are not."""
+    the answer, one confident word or two elsewhere are not; standin-judge-g2 is r2 that one opening confident word
+    already sways in part."""
     from rlhf.judge.standin import weakness
     question, solution = "Ann has 2 pens . She gets 3 more . How many pens does Ann have ?", "2 + 3 = 5\n#### 5"
     answers = [completion("2 + 3 = 5", "5"), completion("2 + 3 = 6", "surely 6"),
                completion("2 + 3 = 6", "surely clearly 6"), completion("2 + 3 = 6", "surely 6 surely"),
                completion("surely clearly", "7"), completion("surely", "7"), completion("2 + 3 = 6 surely clearly", "6")]
     believed = {"standin-judge-x2": [2.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0],
-                "standin-judge-r2": [2.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0]}
+                "standin-judge-r2": [2.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0],
+                "standin-judge-g2": [2.0, 0.0, 0.0, 0.0, 2.0, 1.0, 0.0]}   # one word of two: score 3 of 5
     with StandInJudgeServer() as server:
         for model, expected in believed.items():
             cfg = load_config(write_config(tmp_path, gold={"type": "openai", "judge": {
@@ -105,8 +107,8 @@ def test_the_out_of_distribution_standins_believe_only_repeated_confidence(tmp_p
             client = ChatClient(cfg["gold"]["judge"], tmp_path / model, echo=lambda *a: None)
             terms, unparseable = JudgeReward(client, JudgeRewardSettings())([question] * 7, answers, [solution] * 7)
             assert [t["judge_correctness"] for t in terms] == expected and unparseable == 0, model
-    assert [weakness(m) for m in ("standin-judge", "standin-judge-x3", "standin-judge-r2")] == [
-        (1, "answer"), (3, "answer"), (2, "reasoning")]
+    assert [weakness(m) for m in ("standin-judge", "standin-judge-x3", "standin-judge-r2", "standin-judge-g4")] == [
+        (1, "answer"), (3, "answer"), (2, "reasoning"), (4, "graded")]
     with pytest.raises(ValueError, match="no stand-in judge is named 'gpt-4.1-nano'"):
         weakness("gpt-4.1-nano")
 

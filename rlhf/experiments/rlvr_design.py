@@ -59,8 +59,8 @@ def with_bluff(completion: str, k: int) -> str:
 
 def design(cfg: dict, problems: int, samples: int, seed: int = 0) -> dict:
     k, where = standin.weakness(cfg["gold"]["judge"]["model"])
-    if where != "reasoning":
-        raise ConfigError(f"gold.judge.model: the design checks are for standin-judge-r<k>, not "
+    if where not in ("reasoning", "graded"):
+        raise ConfigError(f"gold.judge.model: the design checks are for standin-judge-r<k> or -g<k>, not "
                           f"{cfg['gold']['judge']['model']!r}")
     P = Paths.from_config(cfg)
     tokenizer, policy = tokenizer_of(P.sft, cfg), load_causal_lm(P.sft)
