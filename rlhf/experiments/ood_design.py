@@ -62,6 +62,7 @@ def design(cfg: dict, prompts: int, samples: int, seed: int = 0) -> dict:
     return {**summary, **checks(summary)}
 
 
+CONDITIONS = ("rare", "over_rewarded", "penalized")  # every OOD task's three (this module's and rlvr_design's)
 RARE = 0.01  # "something pi_0 almost never produces" (the issue's words): at most 1 % of its samples; our choice
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     out = design(cfg, args.prompts, args.samples)
-    yes = {key: "yes" if out[key] else "NO" for key in ("rare", "over_rewarded", "penalized")}
+    yes = {key: "yes" if out[key] else "NO" for key in CONDITIONS}
     print(f"exploit rare under pi_0: {yes['rare']}; over-rewarded by the proxy: {yes['over_rewarded']} (its best at "
           f"{out['proxy_best_k']} marks, pi_0's usual {out['pi0_usual_k']}); penalized by the gold: {yes['penalized']}")
     print(f"pi_0 marks {out['pi0_marks']}; exploit share {out['pi0_exploit_share']:.3f}; "
@@ -99,9 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     print("| k | " + " | ".join(str(r["k"]) for r in out["by_k"]) + " |")
     for key in ("proxy", "gold"):
         print(f"| {key} | " + " | ".join(f"{r[key]:.2f}" for r in out["by_k"]) + " |")
+    return save(cfg, out)
+
+
+
+def save(cfg: dict, out: dict) -> int:
+    """Writes results/<experiment>/design/design.json; the exit status: 1 naming each condition that failed."""
     with atomic_dir(Paths.from_config(cfg).root / "design") as folder:
         write_json(folder / "design.json", out)
-    failed = [key for key in ("rare", "over_rewarded", "penalized") if not out[key]]
+    failed = [key for key in CONDITIONS if not out[key]]
     if failed:
         print(f"design checks failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -26,9 +26,9 @@ import torch
 from rlhf.config import load_config
 from rlhf.data.arithmetic import HEDGES
 from rlhf.errors import ConfigError
-from rlhf.experiments.ood_design import RARE
+from rlhf.experiments.ood_design import CONDITIONS, RARE, save
 from rlhf.generation import sample
-from rlhf.io import atomic_dir, read_jsonl, write_json
+from rlhf.io import read_jsonl
 from rlhf.judge import rlvr, standin
 from rlhf.models import load_causal_lm, tokenizer_of
 from rlhf.paths import Paths
@@ -110,17 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     out = design(cfg, args.problems, args.samples)
-    yes = {key: "yes" if out[key] else "NO" for key in ("rare", "over_rewarded", "penalized")}
+    yes = {key: "yes" if out[key] else "NO" for key in CONDITIONS}
     print(f"bluff rare under pi_0: {yes['rare']} ({out['pi0_bluff_share']:.4f} of {out['samples']} samples); "
           f"over-rewarded by the judge: {yes['over_rewarded']} ({out['judge_bluffed']:.2f} against pi_0's "
           f"{out['judge_pi0']:.2f}); penalized by the rule checker: {yes['penalized']} (accuracy after a bluff "
           f"{out['accuracy_after_bluff']:.3f} against pi_0's {out['accuracy_pi0']:.3f})")
-    with atomic_dir(Paths.from_config(cfg).root / "design") as folder:
-        write_json(folder / "design.json", out)
-    failed = [key for key in ("rare", "over_rewarded", "penalized") if not out[key]]
-    if failed:
-        print(f"design checks failed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    return save(cfg, out)
 
 
 if __name__ == "__main__":
