@@ -82,7 +82,9 @@ def input_args(stage):
 
 
 def rlhf(stage):
-    """The shell command of a rule: the stage CLI given its view of the config and its declared files, logging to {log}.
+    """The shell command of a rule: the stage CLI given its view of the config and its declared files, logging to {log}
+    (a failed attempt's log also copied to {log}.failed, which Snakemake does not delete before the next attempt: a
+    job the profile retried keeps why it failed).
     The text depends on the stage only (and on which files it declares), never on the experiment's settings."""
     st = STAGES[stage]
     names = lambda kind: list(_files(stage, kind))
@@ -91,7 +93,7 @@ def rlhf(stage):
     run = (" --method {wildcards.method} --seed {wildcards.seed}" if st.per_run
            else " --member {wildcards.member}" if st.per_member else "")
     return (f"{{params.launcher}} -m rlhf {stage} --settings {{params.settings:q}} --threads {{threads}}{run} {files} "
-            "> {log:q} 2>&1")
+            "> {log:q} 2>&1 || {{ status=$?; cp -f {log:q} {log:q}.failed; exit $status; }}")
 
 
 def threads(rule):

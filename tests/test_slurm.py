@@ -137,6 +137,8 @@ def test_micro_dag_on_two_nodes_through_slurm(cluster, tmp_path):
     assert seen["left"] == [], seen
     log = (results / "logs" / f"grpo_{KILLED}_seed0.log").read_text()
     assert "resumed from step" in log, log[-3000:]
+    first = (results / "logs" / f"grpo_{KILLED}_seed0.log.failed").read_text()  # the killed attempt's log, kept
+    assert "rlhf.launch: node" in first and "resumed from step" not in first, first[-3000:]
     # Every job through sbatch (the killed one twice), none run locally; the plugin's per-rule logs agree.
     logs = tmp_path / "run" / ".snakemake" / "slurm_logs"
     per_rule = {p.name.removeprefix("rule_"): len(list(p.rglob("*.log"))) for p in logs.iterdir()}
@@ -144,7 +146,8 @@ def test_micro_dag_on_two_nodes_through_slurm(cluster, tmp_path):
     # Once (2026-12-07, one run in three, not reproduced since) 5 submissions instead of 4: a failure names the rules
     # submitted more often than expected and ends with their Slurm logs.
     why = (per_rule, [f.read_text()[-1500:] for rule, n in per_rule.items() if n != want.get(rule)
-                      for f in sorted((logs / f"rule_{rule}").rglob("*.log"))])
+                      for f in [*sorted((logs / f"rule_{rule}").rglob("*.log")),
+                                *(results / "logs").glob(f"{rule}*.failed")]])  # the failed attempt's own log
     assert cluster.submitted_jobs() == sum(want.values()), why
     assert per_rule == want, why
     # Each multi-node job was allocated both nodes and started a torchrun on each.
