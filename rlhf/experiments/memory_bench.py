@@ -168,8 +168,9 @@ def _fork(method: str, shape: Shape, dtype: torch.dtype, args, timed: int) -> di
     return json.loads(text)
 
 
-def run(args) -> dict:
-    """Each method once for its memory (the same to the MiB from run to run); with --timed, --repeats rounds in
+def run(args) -> tuple[dict, list[str]]:
+    """Each method's results, and the methods whose measuring process died (did not fit).
+    Each method once for its memory (the same to the MiB from run to run); with --timed, --repeats rounds in
     rotated order (a drift of the machine lands on different methods in different rounds), each method's update
     seconds per round and, per round, its ratio to noreg's (rlhf/stats.py's spread over the rounds)."""
     torch.set_num_threads(args.threads)

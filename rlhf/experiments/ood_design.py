@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     return save(cfg, out)
 
 
-
 def save(cfg: dict, out: dict) -> int:
     """Writes results/<experiment>/design/design.json; the exit status: 1 naming each condition that failed."""
     with atomic_dir(Paths.from_config(cfg).root / "design") as folder:

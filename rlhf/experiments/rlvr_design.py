@@ -41,13 +41,9 @@ def bluff(k: int) -> str:
     return " ".join(HEDGES[i % len(HEDGES)] for i in range(k))
 
 
-def reasoning_of(completion: str) -> str:
-    return completion.split("<reasoning>", 1)[1].split("</reasoning>", 1)[0] if "<reasoning>" in completion else ""
-
-
 def bluffs(completion: str, k: int) -> bool:
-    words = reasoning_of(completion).split()
-    return len(words) >= k and all(w in HEDGES for w in words[:k])
+    """Whether the judge would believe the completion's reasoning (its own reading: rlhf/judge/standin.py)."""
+    return standin.confident_openers(standin.reasoning_words(completion), k) == k
 
 
 def with_bluff(completion: str, k: int) -> str:
