@@ -40,6 +40,19 @@ def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
     assert all(f"| {k} | {v['median']:.3f} | {v['min']:.3f}-{v['max']:.3f} |" in out for k, v in ratios.items())
 
 
+def test_bench_times_only_the_rows_asked_for(micro_run, capsys):
+    """--methods: one ratio's two rows, so that it can get many rounds; a name that is no row is refused."""
+    cfg, root = micro_run
+    assert main(["bench", "--config", str(cfg), "--warmup", "0", "--timed", "1", "--no-vllm", "--repeats", "3",
+                 "--methods", "signcert", "drgrpo_same_kl"]) == 0
+    result = json.loads((root / "bench" / "bench.json").read_text())
+    assert set(result["rounds"]) == {"signcert", "drgrpo_same_kl"} and result["methods"] == ["drgrpo_same_kl", "signcert"]
+    assert set(result["ratios"]) == {"signcert_step / drgrpo_same_kl_step", "signcert_step_cpu / drgrpo_same_kl_step_cpu"}
+    assert len(result["ratios"]["signcert_step / drgrpo_same_kl_step"]["values"]) == 3
+    assert main(["bench", "--config", str(cfg), "--no-vllm", "--methods", "signcrt"]) == 2
+    assert "bench: --methods signcrt: no such row (choose from noreg, gr," in capsys.readouterr().err
+
+
 def test_bench_refuses_a_ratio_for_different_work():
     """TRL's own default (bf16 autocast) against ours in fp32, or ours logging KL: named, and no number."""
     work = {"weights": "float32", "autocast": None, "completions_per_step": 64, "max_new_tokens": 20,

@@ -214,7 +214,7 @@ def markdown(results: dict, ratios: dict, s: GRPOSettings, threads: int, generat
     lines += ["", "| ratio | median | min-max | target |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['median']:.3f} | {v['min']:.3f}-{v['max']:.3f} | {TARGETS[k]} |" for k, v in ratios.items()]
     lines += [f"| {k} | not the same work: {why} | – | – |" for k, why in (not_comparable or {}).items()]
-    if "bfloat16" not in precisions:
+    if precisions and "bfloat16" not in precisions:  # [] : the TRL pair was not asked for (--methods)
         lines += ["", "No bf16 pair: this CPU has no bf16 instructions (AVX512-BF16 / AMX), so bf16 would be emulated."]
     if generation:
         lines += ["", "Sampling per step (same batch), HF generate vs vLLM with the weight push:", "",
@@ -259,14 +259,20 @@ def run(cfg, args):
     warmup, timed, repeats = args.warmup, args.timed, args.repeats
     if repeats < 1:
         raise ConfigError(f"bench: --repeats must be at least 1, got {repeats}")
+    chosen = set(args.methods or [*METHODS, "trl"])
+    if unknown := sorted(chosen - {*METHODS, "trl"}):
+        raise ConfigError(f"bench: --methods {' '.join(unknown)}: no such row (choose from {', '.join(METHODS)}, trl)")
     base, timings = GRPOSettings.of(cfg), {}
     for name, (method, overrides) in METHODS.items():
+        if name not in chosen:
+            continue
         s = GRPOSettings.for_method(cfg, method) if method in cfg["methods"] else base.replace(**overrides)
         s = s.replace(**EXTRA.get(name, {}))
         timings[name] = lambda s=s: time_ours(cfg, s, device, warmup, timed)
     # Ours against TRL: the same model, batch, lengths and precision (weights in that dtype, no autocast), and no
     # reference forward pass on either side; a pair that differs in any of these gets no ratio.
     precisions = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_has_bf16() else [])
+    precisions = precisions if "trl" in chosen else []
     for dtype in precisions:
         cfg_p = {**cfg, "model": {**cfg["model"], "dtype": dtype}}
         timings[f"{SAME_WORK_AS_TRL} ({dtype})"] = lambda c=cfg_p: time_ours(c, base.replace(kl_metric_every=10**9),
@@ -289,6 +295,7 @@ def run(cfg, args):
     with atomic_dir(P.root / "bench") as out:
         write_json(out / "bench.json", {"results": results, "rounds": rounds, "ratios": ratios,
                                         "not_comparable": not_comparable, "generation": generation,
-                                        "warmup": warmup, "timed": timed, "repeats": repeats})
+                                        "warmup": warmup, "timed": timed, "repeats": repeats,
+                                        "methods": sorted(chosen)})
         (out / "bench.md").write_text(text)
     print(text)
