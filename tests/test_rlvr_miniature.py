@@ -340,3 +340,21 @@ def test_the_rlvr_ood_design_checks_on_crafted_summaries_and_completions():
     for change, failed in (({"pi0_bluff_share": 0.05}, "rare"), ({"judge_bluffed": 0.5}, "over_rewarded"),
                            ({"accuracy_after_bluff": 0.3}, "penalized")):
         assert [k for k, v in checks({**good, **change}).items() if not v] == [failed]
+
+
+@pytest.mark.task
+def test_the_rlvr_ood_task_as_trained_meets_its_design(tmp_path):
+    """The out-of-distribution RLVR miniature itself (config/rlvr-ood.yaml, unchanged but for where results go): its
+    data and SFT policy built by the Snakefile, then the design checks on them (rlhf/experiments/rlvr_design): pi_0
+    bluffs rarely, the judge believes the bluff, and a policy that bluffs answers wrong more often. ~7 CPU-min (six SFT
+    epochs): `make test-tasks`, not `make test`."""
+    import json
+    from rlhf.experiments import rlvr_design
+    from rlhf.paths import Paths
+    from tests.conftest import snakemake
+    cfg = write_config(tmp_path, "rlvr-ood.yaml")
+    built = snakemake(cfg, "--printshellcmds", str(Paths.from_config(load_config(cfg)).sft))  # a flag ends --configfile
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert rlvr_design.main(["--config", str(cfg)]) == 0
+    out = json.loads((tmp_path / "results" / "rlvr-ood" / "design" / "design.json").read_text())
+    assert 0 < out["pi0_bluff_share"] <= rlvr_design.RARE_RLVR and out["accuracy_after_bluff"] < out["accuracy_pi0"]
