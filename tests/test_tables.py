@@ -175,7 +175,8 @@ def test_the_miniature_tables_dag_builds_from_a_clean_directory(tmp_path):
     scheduled = jobs(out.stdout)
     assert {k for k in scheduled if k.startswith(("table_", "figure_"))} == _table_rules("miniature")
     assert {k.rsplit("_", 1)[0] for k in scheduled if k.endswith("_sft")} == {
-        "miniature", "miniature_small", "miniature_data3", "miniature_small_data3", "rlvr_miniature", "miniature_ood"}
+        "miniature", "miniature_small", "miniature_data3", "miniature_small_data3", "rlvr_miniature", "miniature_ood",
+        "rlvr_ood"}
 
 
 def test_every_paper_table_dry_runs_through_the_slurm_profile(tmp_path):
