@@ -161,6 +161,10 @@ class SlurmCluster:
         memory = _real_memory()
         nodes = "".join(f"NodeName={n} NodeAddr={self.nodes[n].addr} CPUs={self.cpus} RealMemory={memory} "
                         "State=UNKNOWN\n" for n in self.names)
+        # SlurmdTimeout / MessageTimeout: the nodes share the host's cores (and memory) with the rest of a test suite,
+        # and a starved slurmd is not a failed node. At the defaults (300 s / 10 s) a loaded host got both nodes marked
+        # DOWN mid-job; Slurm requeued the running rm job, whose `srun` then failed ("Unable to confirm allocation for
+        # job 2: Job is pending execution") and the profile's retry ran it again: the two-node test's extra submission.
         self.conf.write_text(f"""\
 ClusterName=rlhfci
 SlurmctldHost={self.names[0]}({self.login.addr})
@@ -188,6 +192,8 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=600
 KillWait=5
+SlurmdTimeout=3600
+MessageTimeout=60
 {nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
