@@ -67,9 +67,9 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--repeats", type=int, default=3, help="independent repeats of every timing (each in its own "
                            "method order); ratios are reported as median and min-max over them")
             s.add_argument("--no-vllm", action="store_true", help="skip the HF vs vLLM sampling comparison")
-            s.add_argument("--methods", nargs="+", metavar="NAME", help="time only these rows (noreg, gr, gr_hvp, "
-                           "signcert, drgrpo_same_kl, elastic_reset, uwo, advpo, bspo; trl: ours against TRL's "
-                           "GRPOTrainer), so that one ratio gets many rounds; default: all")
+            s.add_argument("--methods", nargs="+", metavar="NAME", help="time only these rows (rlhf/stages/bench.py "
+                           "METHODS; trl: ours against TRL's GRPOTrainer), so that one ratio gets many rounds; "
+                           "default: all")
         if name == "plan":
             s.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (GiB; H100: 80)")
         if name == "judge-cost":

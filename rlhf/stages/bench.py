@@ -271,8 +271,8 @@ def run(cfg, args):
         timings[name] = lambda s=s: time_ours(cfg, s, device, warmup, timed)
     # Ours against TRL: the same model, batch, lengths and precision (weights in that dtype, no autocast), and no
     # reference forward pass on either side; a pair that differs in any of these gets no ratio.
-    precisions = ["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_has_bf16() else [])
-    precisions = precisions if "trl" in chosen else []
+    precisions = (["float32"] + (["bfloat16"] if device.type == "cuda" or cpu_has_bf16() else [])
+                  if "trl" in chosen else [])
     for dtype in precisions:
         cfg_p = {**cfg, "model": {**cfg["model"], "dtype": dtype}}
         timings[f"{SAME_WORK_AS_TRL} ({dtype})"] = lambda c=cfg_p: time_ours(c, base.replace(kl_metric_every=10**9),
