@@ -50,6 +50,7 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
     """One Dr.GRPO update on this rank's rollouts (its share of the global batch); the step's statistics."""
     G = settings.group_size
     # Group means and SignCert's quantile are over the global batch: every rank's rewards and features.
+    t_advantages = time.perf_counter()
     rewards = dist.gather(scores.rewards)
     advantages = dr_grpo_advantages(rewards, G)
     # 0 when every group's rewards tie (the policy gets no gradient from the reward): the rehearsal's hollow-path check
@@ -61,6 +62,9 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
                         clip_negative=settings.signcert_clip_negative)
         stats.update(signcert_stats(cert, rewards, G))
         advantages = cert.rho * advantages
+    # the advantages' own seconds (SignCert's worst case and its statistics included): make bench attributes
+    # SignCert's cost with it, free of the other steps' work, which differs as the two policies drift apart
+    stats["time/advantages"] = time.perf_counter() - t_advantages
     policy = update.model
     device = next(policy.parameters()).device
     n = rollout.completion_mask.shape[0]

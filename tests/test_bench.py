@@ -22,6 +22,10 @@ def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
     assert ratios["gr_update / noreg_update"]["min"] == min(gr) and ratios["gr_update / noreg_update"]["max"] == max(gr)
     sc = [a["step"] / b["step"] for a, b in zip(rounds["signcert"], rounds["drgrpo_same_kl"])]
     assert ratios["signcert_step / drgrpo_same_kl_step"]["values"] == sc
+    # on the same work: Dr.GRPO's step plus SignCert's own advantages' extra seconds (its worst case and statistics)
+    same = [1 + (a["advantages"] - b["advantages"]) / b["step"] for a, b in zip(rounds["signcert"], rounds["drgrpo_same_kl"])]
+    assert ratios["signcert_step / drgrpo_same_kl_step, same work"]["values"] == same
+    assert all(0 < r["advantages"] < r["update"] and r["length"] > 0 for r in rounds["signcert"] + rounds["noreg"])
     assert result["results"]["noreg"]["step"] == pytest.approx(sum(r["step"] for r in rounds["noreg"]) / 2)
     assert all(r["step_cpu"] > 0 for rows in rounds.values() for r in rows if "step_cpu" in r)
     # SignCert against Dr.GRPO as SignCert Table 2 runs it: the same KL term (micro: beta 0.01), no radius
@@ -33,7 +37,7 @@ def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
         assert ours["completions_per_step"] == 2 * 4 and not ours["reference_forward"]  # micro: B=2, G=4
     assert set(ratios) == {"gr_update / noreg_update", "gr_hvp_update / noreg_update", "signcert_step / noreg_step",
                            "signcert_step / drgrpo_same_kl_step", "signcert_step_cpu / drgrpo_same_kl_step_cpu",
-                           "elastic_reset_step / noreg_step", "uwo_step / noreg_step", "advpo_step / noreg_step",
+                           "signcert_step / drgrpo_same_kl_step, same work", "elastic_reset_step / noreg_step", "uwo_step / noreg_step", "advpo_step / noreg_step",
                            "bspo_step / noreg_step", *(f"ours_step / trl_step ({p}, same work)" for p in precisions)}
     assert result["not_comparable"] == {}
     out = capsys.readouterr().out
@@ -47,7 +51,8 @@ def test_bench_times_only_the_rows_asked_for(micro_run, capsys):
                  "--methods", "signcert", "drgrpo_same_kl"]) == 0
     result = json.loads((root / "bench" / "bench.json").read_text())
     assert set(result["rounds"]) == {"signcert", "drgrpo_same_kl"} and result["methods"] == ["drgrpo_same_kl", "signcert"]
-    assert set(result["ratios"]) == {"signcert_step / drgrpo_same_kl_step", "signcert_step_cpu / drgrpo_same_kl_step_cpu"}
+    assert set(result["ratios"]) == {"signcert_step / drgrpo_same_kl_step", "signcert_step_cpu / drgrpo_same_kl_step_cpu",
+                                     "signcert_step / drgrpo_same_kl_step, same work"}
     assert len(result["ratios"]["signcert_step / drgrpo_same_kl_step"]["values"]) == 3
     assert main(["bench", "--config", str(cfg), "--no-vllm", "--methods", "signcrt"]) == 2
     assert "bench: --methods signcrt: no such row (choose from noreg, gr," in capsys.readouterr().err
@@ -96,6 +101,24 @@ def test_the_memory_bench_attributes_each_methods_extra_memory(tmp_path):
     assert gr["values"] == [a["update_s"] / b["update_s"] for a, b in zip(r["gr"]["rounds"], r["noreg"]["rounds"])]
     assert gr["min"] <= gr["median"] <= gr["max"]
     assert "| gr | " in (tmp_path / "memory.md").read_text() and "update s" in (tmp_path / "memory.md").read_text()
+
+
+def test_the_memory_bench_measures_a_shape_with_fewer_layers(tmp_path):
+    """--layers: the shape's width and vocabulary with fewer decoder layers (where the whole model does not fit)."""
+    from rlhf.experiments.memory_bench import SMALL
+    args = ["--shape", "small", "--dtype", "float32", "--threads", "1", "--rows", "8", "--micro-batch", "8", "--prompt",
+            "8", "--completion", "4", "--methods", "noreg"]
+    params = []
+    for layers in (None, 1):
+        out = tmp_path / str(layers)
+        done = subprocess.run([sys.executable, "-m", "rlhf.experiments.memory_bench", *args, "--out", str(out),
+                               *(["--layers", str(layers)] if layers else [])],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        params.append(json.loads((out / "memory.json").read_text())["results"]["noreg"]["params"])
+    per_layer = 4 * SMALL.hidden ** 2 + 3 * SMALL.hidden * SMALL.intermediate + 2 * SMALL.hidden + 3 * SMALL.hidden
+    assert params[0] - params[1] == per_layer * (SMALL.layers - 1)
+    assert (out / "memory.md").read_text().startswith("small with 1 layer (")
 
 
 def test_a_method_that_does_not_fit_is_reported_and_the_others_still_measured(tmp_path, monkeypatch):

@@ -274,7 +274,7 @@ def test_skipping_zero_advantage_micro_batches_leaves_the_update_bit_for_bit(tin
         assert torch.equal(a, b)
     assert not all(torch.equal(a, p.to(dtype)) for a, p in zip(weights, base.parameters()))
     for key in stats:
-        if key not in ("update/skipped_fraction", "logprobs"):
+        if key not in ("update/skipped_fraction", "logprobs") and not key.startswith("time/"):
             assert stats_skip[key] == pytest.approx(stats[key], rel=1e-6, abs=1e-12), key
     # hvp runs its passes with SDPA's math kernel (double backward); a skipped micro-batch's statistics come from the
     # default kernel, which in bf16 rounds differently (the update itself is unaffected: compared exactly above)

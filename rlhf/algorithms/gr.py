@@ -285,25 +285,36 @@ def hvp_gr(model: torch.nn.Module, micro_losses: Sequence[Callable[[], torch.Ten
                 acc += x.detach()
             kept = [x for x, s in zip(g, in_s) if s] if keep_graph else None
             loss_value += loss.item()
+        # Memory: one fp32 gradient, which becomes v and then the GR gradient in place, and Hv's accumulator (none
+        # with one micro-batch). g1 is the rank average (one process: g1_local itself); every rank then writes
+        # s1 g1 + gamma Hv_rank, whose rank average is the GR gradient, so this rank's g1 is not kept beside it.
         g1 = grads.mean_over_ranks(g1_local)
+        del g1_local
         g1_norm, s1 = _clip_coef(g1, g1_clip)
-        v = [s1 * g for g, s in zip(g1, in_s) if s]
-        hv_local = [torch.zeros_like(x) for x in v]
+        for g, s in zip(g1, in_s):
+            if s:
+                g.mul_(s1)
+        v = [g for g, s in zip(g1, in_s) if s]  # s1 g1 on S: aliases of g1's tensors
+        hv_local = [torch.zeros_like(x) for x in v] if len(micro_losses) > 1 else None
         for micro_loss in micro_losses:
             g_s = kept if keep_graph else _grad(micro_loss(), s_params, create_graph=True)
-            for acc, x in zip(hv_local, _grad(_dot(g_s, v), s_params, create_graph=False)):
-                acc += x.detach()
-            kept = None
+            hv = [x.detach() for x in _grad(_dot(g_s, v), s_params, create_graph=False)]
+            kept = g_s = None
+            if hv_local is None:  # one micro-batch: its H v as computed, in the weights' dtype
+                hv_local = hv
+            else:
+                for acc, x in zip(hv_local, hv):
+                    acc += x
+            del hv
 
     vhv, vv = grads.mean_over_ranks([_dot(v, hv_local).double().reshape(1)])[0].item(), _dot(v, v).item()
-    del g1, v
     hv = iter(hv_local)
-    for g, s in zip(g1_local, in_s):  # in place: this rank's part of the GR gradient, one full copy less
+    for g, s in zip(g1, in_s):  # in place: s1 g1 + gamma H v on S, s1 g1 (or g1) elsewhere
         if s:
-            g.mul_(s1).add_(next(hv), alpha=gamma)
+            g.add_(next(hv), alpha=gamma)
         elif excluded_grad != "g2_raw":
             g.mul_(s1)
-    del hv_local, hv
+    del v, hv_local, hv
     grads.zero()
-    grads.write_rank_average(params, g1_local)
+    grads.write_rank_average(params, g1)
     return GRStats(g1_norm, float("nan"), loss_value, vhv / max(vv, 1e-30))

@@ -175,8 +175,11 @@ def run(args) -> tuple[dict, list[str]]:
     seconds per round and, per round, its ratio to noreg's (rlhf/stats.py's spread over the rounds)."""
     torch.set_num_threads(args.threads)
     shape, dtype = _shape(args.shape), getattr(torch, args.dtype)
+    if args.layers:  # the shape's width and vocabulary with fewer layers: what a part costs per layer, where the
+        shape = dataclasses.replace(shape, layers=args.layers)  # whole model does not fit this machine
     results, methods, failed = {}, list(args.methods), []
     for method in methods:
+        print(f"{method}: measuring one update's memory ...", flush=True)  # minutes per method at 0.5B on a CPU
         out = _fork(method, shape, dtype, args, 0)
         if out is None:  # the others are still measured; the table says which did not fit
             failed.append(method)
@@ -207,7 +210,8 @@ def markdown(results: dict, args, failed: list[str] = ()) -> str:
     timed = bool(args.timed)
     n = next(iter(results.values()))["params"]
     names = list(next(iter(results.values()))["parts"])
-    lines = [f"{args.shape} ({n / 1e6:.0f}M parameters), {args.dtype}, {args.rows} completions of {args.prompt} + "
+    layers = f" with {args.layers} layer{'s' * (args.layers != 1)}" if args.layers else ""
+    lines = [f"{args.shape}{layers} ({n / 1e6:.0f}M parameters), {args.dtype}, {args.rows} completions of {args.prompt} + "
              f"{args.completion} tokens in micro-batches of {args.micro_batch}, torch backend, CPU, GiB:", "",
              "| method | " + " | ".join(names) + " | peak | / noreg |" + timed * " update s | / noreg (min-max) |",
              "|---|" + "---|" * (len(names) + 2 + 2 * timed)]
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="Qwen/Qwen2.5-0.5B", choices=["tiny", "small", *KNOWN], help="a model of rlhf/models.py KNOWN, or tiny (17M) / small (3M)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--layers", type=int, default=None,
+                   help="the shape with this many decoder layers (default: the shape's own)")
     p.add_argument("--rows", type=int, default=16, help="completions per update (this rank's)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens")

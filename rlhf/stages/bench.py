@@ -73,7 +73,7 @@ def time_ours(cfg, s: GRPOSettings, device, warmup: int, timed: int) -> dict:
         c0 = time.process_time()
         rows.append(train_step(run, run.prompts.batch(s.prompts_per_step), step))
         cpu.append(time.process_time() - c0)
-    keys = ("time/generate", "time/score", "time/update", "time/step")
+    keys = ("time/generate", "time/score", "time/update", "time/step", "time/advantages", "length")
     out = {k.removeprefix("time/"): float(np.mean([r[k] for r in rows[warmup:]])) for k in keys}
     return {**out, "step_cpu": float(np.mean(cpu[warmup:])), "work": {"weights": str(next(run.policy.parameters()).dtype).removeprefix("torch."),
                             "autocast": None, "completions_per_step": s.prompts_per_step * s.group_size,
@@ -200,6 +200,7 @@ TARGETS = {"gr_update / noreg_update": "<= 2.2", "gr_hvp_update / noreg_update":
            "uwo_step / noreg_step": "SignCert Table 2: ~1.0 (smaller members)", "advpo_step / noreg_step":
            "SignCert Table 2: 1.45-1.53", "bspo_step / noreg_step": "SignCert Table 2: 1.25-1.32",
            "signcert_step_cpu / drgrpo_same_kl_step_cpu": "(CPU seconds of this process)",
+           "signcert_step / drgrpo_same_kl_step, same work": "<= 1.05 (SignCert's advantages beyond Dr.GRPO's)",
            **{f"ours_step / trl_step ({p}, same work)": "<= 1.0" for p in ("float32", "bfloat16")}}
 
 
@@ -207,10 +208,12 @@ def markdown(results: dict, ratios: dict, s: GRPOSettings, threads: int, generat
              not_comparable: dict | None = None, precisions: list[str] = ("float32",), repeats: int = 1) -> str:
     lines = [f"Seconds per GRPO step, B={s.prompts_per_step} prompts x G={s.group_size} completions, "
              f"T_max={s.max_new_tokens}, {threads} CPU thread(s); median over {repeats} independent round(s):", "",
-             "| method | generate | score | update | step | step (CPU s) |", "|---|---|---|---|---|---|"]
+             "| method | generate | score | update | step | step (CPU s) | advantages | tokens/completion |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        cells = " | ".join(f"{r[k]:.3f}" if k in r else "–" for k in ("generate", "score", "update", "step", "step_cpu"))
-        lines.append(f"| {name} | {cells} |")
+        cells = " | ".join(f"{r[k]:.3f}" if k in r else "–" for k in ("generate", "score", "update", "step", "step_cpu",
+                                                                       "advantages"))
+        lines.append(f"| {name} | {cells} | " + (f"{r['length']:.1f} |" if "length" in r else "– |"))
     lines += ["", "| ratio | median | min-max | target |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['median']:.3f} | {v['min']:.3f}-{v['max']:.3f} | {TARGETS[k]} |" for k, v in ratios.items()]
     lines += [f"| {k} | not the same work: {why} | – | – |" for k, why in (not_comparable or {}).items()]
@@ -229,6 +232,9 @@ RATIOS = {"gr_update / noreg_update": ("gr", "noreg", "update"),
           "signcert_step / drgrpo_same_kl_step": ("signcert", "drgrpo_same_kl", "step"),
           **{f"{m}_step / noreg_step": (m, "noreg", "step") for m in ("signcert", "elastic_reset", "uwo", "advpo", "bspo")},
           "signcert_step_cpu / drgrpo_same_kl_step_cpu": ("signcert", "drgrpo_same_kl", "step_cpu")}
+# SignCert's own cost on the same work: Dr.GRPO's step plus what SignCert's advantages took beyond Dr.GRPO's. The
+# whole-step ratio also carries what the policies write: they drift apart within the timed steps (tokens/completion)
+SAME_WORK = {"signcert_step / drgrpo_same_kl_step, same work": ("signcert", "drgrpo_same_kl")}
 
 
 def run_repeats(timings: dict, repeats: int) -> tuple[dict, dict]:
@@ -243,6 +249,8 @@ def run_repeats(timings: dict, repeats: int) -> tuple[dict, dict]:
             print(f"bench: round {r + 1}/{repeats}: {name}: {rounds[name][-1]}")
     ratios = {key: spread([a[col] / b[col] for a, b in zip(rounds[x], rounds[y])])
               for key, (x, y, col) in RATIOS.items() if x in rounds and y in rounds}
+    ratios |= {key: spread([1 + (a["advantages"] - b["advantages"]) / b["step"] for a, b in zip(rounds[x], rounds[y])])
+               for key, (x, y) in SAME_WORK.items() if x in rounds and y in rounds}
     return rounds, ratios
 
 

@@ -117,7 +117,9 @@ def grpo_memory(cfg: dict, method: str, world: int, prompt_tokens: int = TYPICAL
         # the finite difference: g1 in fp32, and a copy of the perturbed weights only where no exact fp32 master
         # copy can restore them (fp32 weights; the authors' refresh of the masters from the perturbed weights)
         saved = b if b == 4 or g.gr_refresh_master_weights else 0
-        out["GR extras"] = 8 * n if hvp else (4 + saved) * n
+        # hvp: g1 in fp32 (it becomes v, then the GR gradient, in place) and H v: in the weights' dtype as computed
+        # from one micro-batch, an fp32 accumulator over several (rlhf/algorithms/gr.py hvp_gr)
+        out["GR extras"] = (4 + (4 if micro < rows else b)) * n if hvp else (4 + saved) * n
     if g.generation == "vllm":
         out["vLLM (utilization share)"] = g.vllm_gpu_memory_utilization * 80 * GIB
     return out
