@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CORES  ?= 2
 CONFIG ?= config/miniature.yaml
 
-.PHONY: demo demo-rlvr demo-baselines tables-miniature test test-tasks bench bench-memory env clean-results gpu-wheels gpu-smoke rehearse \
+.PHONY: demo demo-ood demo-rlvr demo-baselines tables-miniature test test-tasks bench bench-memory env clean-results gpu-wheels gpu-smoke rehearse \
 	rulegraph docs
 
 env: $(STAMP)
@@ -37,6 +37,17 @@ demo: $(STAMP)
 demo-rlvr: $(STAMP)
 	. $(VENV)/bin/activate && time snakemake --cores $(CORES) --configfile config/rlvr-miniature.yaml \
 		&& cat results/rlvr-miniature/report/table.md
+
+# The out-of-distribution miniatures (docs/miniature.md): exploits the SFT policy (almost) never writes — RLHF: runs
+# of "!" marks the proxy over-rewards and the gold penalizes; RLVR: a two-word bluff a stand-in judge believes — and
+# what each method does there, seed 0 (the claims' five seeds: config/miniature-ood.yaml, config/rlvr-ood.yaml). The
+# two DAGs run side by side, one core each (the RLVR one's log: results/rlvr-ood/demo-ood.log).
+demo-ood: $(STAMP)
+	. $(VENV)/bin/activate && mkdir -p results/rlvr-ood && time { \
+		snakemake --cores 1 --configfile config/rlvr-ood-demo.yaml > results/rlvr-ood/demo-ood.log 2>&1 & rlvr=$$!; \
+		snakemake --cores 1 --configfile config/miniature-ood-demo.yaml; rlhf=$$?; \
+		wait $$rlvr || { tail -n 30 results/rlvr-ood/demo-ood.log; exit 1; }; test $$rlhf = 0; } \
+		&& cat results/miniature-ood/report/table.md results/rlvr-ood/report/table.md
 
 # The miniature with the papers' baselines added (DPO, TR-DPO, Elastic Reset, UWO, AdvPO, BSPO): reuses the demo's runs.
 demo-baselines: $(STAMP)

@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("tasks", nargs="+", metavar="TASK=CONFIG", help=f"a task ({', '.join(TASKS)}) and its config")
     v.add_argument("--claims", default=str(Path(__file__).resolve().parents[1] / "config" / "claims.yaml"))
     v.add_argument("--by-claim", action="store_true", help="one row per claim, a column per task")
+    v.add_argument("--results-dir", help="where the runs are (the configs' results_dir otherwise): a repeat made with "
+                   "snakemake --config results_dir=DIR")
     args = p.parse_args(argv)
     if args.command == "targets":
         print(" ".join(str(f) for f in tuning_runs(load_config(args.config))))
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             task, _, config = item.partition("=")
             if task not in TASKS or not config:
                 p.error(f"{item}: expected TASK=CONFIG with TASK one of {', '.join(TASKS)}")
-            cfg = load_config(config)
+            cfg = load_config(config, [f"results_dir={args.results_dir}"] if args.results_dir else [])
             for claim in load_claims(args.claims):
                 if task in claim.tasks:
                     try:

@@ -223,3 +223,23 @@ def test_verdicts_name_each_claim_a_task_has_no_runs_for(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("0 claim-task pairs tested")
     assert "- kl-above-noreg on miniature: not tested (missing input file: " in out
+    elsewhere = tmp_path / "repeat"  # --results-dir: the same config's runs made under another results_dir
+    assert main(["verdicts", f"miniature={config}", "--results-dir", str(elsewhere)]) == 0
+    assert f"missing input file: {elsewhere / 'micro'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("demo, claims", [("miniature-ood-demo", "miniature-ood"), ("rlvr-ood-demo", "rlvr-ood")])
+def test_make_demo_ood_runs_are_the_claims_runs_seed_0(demo, claims):
+    """`make demo-ood` runs seed 0 of some of the claims' methods in the claims' experiment folder: every stage it
+    runs has the claims config's settings there, so Snakemake reuses one's runs for the other (and no stage of the
+    demo is one the claims lack)."""
+    from rlhf.config import load_config
+    from rlhf.registry import STAGES, settings_view, used_stages
+    d, c = (load_config(REPO / "config" / f"{name}.yaml") for name in (demo, claims))
+    assert d["experiment"] == c["experiment"] and d["seeds"] == [0] and 0 in c["seeds"]
+    assert set(d["methods"]) <= set(c["methods"]) and {"noreg", "kl", "gr"} <= set(d["methods"])
+    stages = set(used_stages(d)) - {"report"}  # the report is over every method: it differs
+    assert stages <= set(used_stages(c))
+    for stage in stages:
+        for method in d["methods"] if STAGES[stage].per_run else [None]:
+            assert settings_view(d, stage, method) == settings_view(c, stage, method), (stage, method)
