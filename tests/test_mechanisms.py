@@ -108,12 +108,11 @@ def test_the_stage_applies_signcert_per_logged_step_and_pools_each_signal_over_t
 def test_the_task_marker_is_reported_beside_the_claims_exploit_definition():
     """On the out-of-distribution miniature a completion with more marks than the gold likes is the task's exploit; the
     stage reports which share of each side (the claims' exploit definition, the rest) carries that marker."""
-    import yaml
     from rlhf.config import load_config
     from rlhf.stages.mechanisms import signals, task_marker
     from tests.conftest import REPO
-    marker = task_marker(load_config(REPO / "config" / "miniature-ood.yaml"))
-    liked = yaml.safe_load((REPO / "config" / "miniature-ood.yaml").read_text())["data"]["miniature"]["emphasis_liked"]
+    cfg = load_config(REPO / "config" / "miniature-ood.yaml")
+    marker, liked = task_marker(cfg), cfg["data"]["miniature"]["emphasis_liked"]
     assert marker("bob lost ring " + "! " * (liked + 1)) and not marker("bob lost ring " + "! " * liked)
     assert task_marker(load_config(REPO / "config" / "miniature.yaml")) is None
     exploit = torch.tensor([True, True, False, False])
