@@ -43,11 +43,12 @@ demo-rlvr: $(STAMP)
 # what each method does there, seed 0 (the claims' five seeds: config/miniature-ood.yaml, config/rlvr-ood.yaml). The
 # two DAGs run side by side, one core each (the RLVR one's log: results/rlvr-ood/demo-ood.log).
 demo-ood: $(STAMP)
-	. $(VENV)/bin/activate && mkdir -p results/rlvr-ood && time { \
+	. $(VENV)/bin/activate && mkdir -p results/rlvr-ood && start=$$(date +%s) && { \
 		snakemake --cores 1 --configfile config/rlvr-ood-demo.yaml > results/rlvr-ood/demo-ood.log 2>&1 & rlvr=$$!; \
 		snakemake --cores 1 --configfile config/miniature-ood-demo.yaml; rlhf=$$?; \
 		wait $$rlvr || { tail -n 30 results/rlvr-ood/demo-ood.log; exit 1; }; test $$rlhf = 0; } \
-		&& cat results/miniature-ood/report/table.md results/rlvr-ood/report/table.md
+		&& cat results/miniature-ood/report/table.md results/rlvr-ood/report/table.md \
+		&& echo "demo-ood: $$(( $$(date +%s) - start )) s"
 
 # The miniature with the papers' baselines added (DPO, TR-DPO, Elastic Reset, UWO, AdvPO, BSPO): reuses the demo's runs.
 demo-baselines: $(STAMP)
