@@ -50,8 +50,8 @@ def grpo_step(update: Update, dist: Dist, rollout, scores, ref_logprobs, kl_beta
     """One Dr.GRPO update on this rank's rollouts (its share of the global batch); the step's statistics."""
     G = settings.group_size
     # Group means and SignCert's quantile are over the global batch: every rank's rewards and features.
-    t_advantages = time.perf_counter()
     rewards = dist.gather(scores.rewards)
+    t_advantages = time.perf_counter()  # after the gather: waiting for the slowest rank's scoring is not this work
     advantages = dr_grpo_advantages(rewards, G)
     # 0 when every group's rewards tie (the policy gets no gradient from the reward): the rehearsal's hollow-path check
     stats = {"advantage/nonzero_fraction": (advantages != 0).float().mean().item()}

@@ -23,7 +23,8 @@ def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
     sc = [a["step"] / b["step"] for a, b in zip(rounds["signcert"], rounds["drgrpo_same_kl"])]
     assert ratios["signcert_step / drgrpo_same_kl_step"]["values"] == sc
     # on the same work: Dr.GRPO's step plus SignCert's own advantages' extra seconds (its worst case and statistics)
-    same = [1 + (a["advantages"] - b["advantages"]) / b["step"] for a, b in zip(rounds["signcert"], rounds["drgrpo_same_kl"])]
+    same = [1 + (a["advantages"] - b["advantages"]) / b["step"]
+            for a, b in zip(rounds["signcert"], rounds["drgrpo_same_kl"])]
     assert ratios["signcert_step / drgrpo_same_kl_step, same work"]["values"] == same
     assert all(0 < r["advantages"] < r["update"] and r["length"] > 0 for r in rounds["signcert"] + rounds["noreg"])
     assert result["results"]["noreg"]["step"] == pytest.approx(sum(r["step"] for r in rounds["noreg"]) / 2)
@@ -37,8 +38,8 @@ def test_bench_times_ours_and_trl_on_the_same_work(micro_run, capsys):
         assert ours["completions_per_step"] == 2 * 4 and not ours["reference_forward"]  # micro: B=2, G=4
     assert set(ratios) == {"gr_update / noreg_update", "gr_hvp_update / noreg_update", "signcert_step / noreg_step",
                            "signcert_step / drgrpo_same_kl_step", "signcert_step_cpu / drgrpo_same_kl_step_cpu",
-                           "signcert_step / drgrpo_same_kl_step, same work", "elastic_reset_step / noreg_step", "uwo_step / noreg_step", "advpo_step / noreg_step",
-                           "bspo_step / noreg_step", *(f"ours_step / trl_step ({p}, same work)" for p in precisions)}
+                           "signcert_step / drgrpo_same_kl_step, same work", "elastic_reset_step / noreg_step",
+                           "uwo_step / noreg_step", "advpo_step / noreg_step", "bspo_step / noreg_step", *(f"ours_step / trl_step ({p}, same work)" for p in precisions)}
     assert result["not_comparable"] == {}
     out = capsys.readouterr().out
     assert all(f"| {k} | {v['median']:.3f} | {v['min']:.3f}-{v['max']:.3f} |" in out for k, v in ratios.items())
@@ -119,6 +120,9 @@ def test_the_memory_bench_measures_a_shape_with_fewer_layers(tmp_path):
     per_layer = 4 * SMALL.hidden ** 2 + 3 * SMALL.hidden * SMALL.intermediate + 2 * SMALL.hidden + 3 * SMALL.hidden
     assert params[0] - params[1] == per_layer * (SMALL.layers - 1)
     assert (out / "memory.md").read_text().startswith("small with 1 layer (")
+    refused = subprocess.run([sys.executable, "-m", "rlhf.experiments.memory_bench", *args, "--layers", "0"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--layers 0: a shape needs at least one decoder layer" in refused.stderr
 
 
 def test_a_method_that_does_not_fit_is_reported_and_the_others_still_measured(tmp_path, monkeypatch):

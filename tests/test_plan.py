@@ -19,8 +19,8 @@ def test_the_estimate_against_the_measured_peak_of_a_grpo_step_on_the_cpu(tmp_pa
     pi_init, a same-size RM, AdamW, 16 completions of 16 + 48 tokens in one micro-batch; one process forked per
     method; the live tensors' peak) against plan's estimate of the same parts, the sampling's KV cache aside (the bench
     does not sample), for noreg, GR's finite difference and hvp: measured 1.09x, 1.07x and 0.85x the estimate (for
-    hvp, whose graph factor HVP_GRAPH rounds up; 0.95x before hvp kept one fp32 gradient less); plan warns with a 1.4 margin. GR's measured extra memory is its
-    estimate's (g1 and the saved weights in fp32: 8 N) within 15 %."""
+    hvp, whose graph factor HVP_GRAPH rounds up; 0.95x before hvp kept one fp32 gradient less); plan warns with a
+    1.4 margin. GR's measured extra memory is its estimate's (g1 and the saved weights in fp32: 8 N) within 15 %."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
     from rlhf.experiments.memory_bench import TINY

@@ -211,8 +211,8 @@ def markdown(results: dict, args, failed: list[str] = ()) -> str:
     n = next(iter(results.values()))["params"]
     names = list(next(iter(results.values()))["parts"])
     layers = f" with {args.layers} layer{'s' * (args.layers != 1)}" if args.layers else ""
-    lines = [f"{args.shape}{layers} ({n / 1e6:.0f}M parameters), {args.dtype}, {args.rows} completions of {args.prompt} + "
-             f"{args.completion} tokens in micro-batches of {args.micro_batch}, torch backend, CPU, GiB:", "",
+    lines = [f"{args.shape}{layers} ({n / 1e6:.0f}M parameters), {args.dtype}, {args.rows} completions of "
+             f"{args.prompt} + {args.completion} tokens in micro-batches of {args.micro_batch}, torch backend, CPU, GiB:", "",
              "| method | " + " | ".join(names) + " | peak | / noreg |" + timed * " update s | / noreg (min-max) |",
              "|---|" + "---|" * (len(names) + 2 + 2 * timed)]
     for method, r in results.items():
@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="with --timed: independent rounds, in rotated order")
     p.add_argument("--out", default="results/bench-memory")
     args = p.parse_args(argv)
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers {args.layers}: a shape needs at least one decoder layer")
     if not Path("/proc/self/clear_refs").exists():
         p.error("needs Linux's /proc/self/clear_refs (the peak resident memory is reset per part)")
     results, failed = run(args)
